@@ -1,0 +1,160 @@
+"""Configuration dataclass and the named presets of the paper (MODEL.md section 8).
+
+One flat dataclass holds the model, diffusion-prior and training hyperparameters, so
+that a single object drives the model constructor, the CLI flags and the checkpoint
+JSON. Unknown keys and unknown preset names raise instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("relu", "silu", "elu", "gelu")
+LIKELIHOODS = ("bernoulli", "logistic_mixture")
+
+
+@dataclass
+class Config:
+    """All hyperparameters of a DVP-VAE run. Field names drive the CLI overrides."""
+
+    # data
+    dataset: str = "mnist"
+    image_channels: int = 1
+    image_size: int = 28
+    # model
+    likelihood: str = "bernoulli"
+    num_mix: int = 1
+    ctx_size: int = 7
+    latent_scales: tuple[int, ...] = (4, 4)  # fine -> coarse
+    latent_width: tuple[int, ...] = (1, 1)  # fine -> coarse
+    activation: str = "silu"
+    num_ch: int = 32
+    scale_ch_mult: float = 1.0
+    block_ch_mult: float = 1.0
+    start_scale_at_x: bool = False
+    enc_blocks_per_scale: int = 3
+    dec_blocks_per_scale: int = 1
+    num_postprocess_blocks: int = 0
+    min_logvar: float = -10.0
+    beta: float = 1.0
+    # diffusion prior over the pseudoinputs
+    unet_channels: int = 16
+    unet_res_blocks: int = 2
+    unet_dropout: float = 0.0
+    unet_heads: int = 1
+    diffusion_steps: int = 25
+    gamma_min: float = -6.0
+    gamma_max: float = 7.0
+    # training recipe
+    batch_size: int = 250
+    test_batch_size: int = 500
+    lr: float = 1e-2
+    weight_decay: float = 1e-6
+    adam_eps: float = 1e-8
+    epochs: int = 300
+    warmup_epochs: int = 2
+    eta_min: float = 1e-5
+    grad_clip: float = 5.0
+    grad_skip_thr: float = 0.0  # 0 disables skipping large-gradient updates
+    ema_rate: float = 0.999
+    val_size: int = 5000
+    is_k: int = 1000
+    seed: int = 123
+    dct_scale_images: int = 50000
+
+    def __post_init__(self):
+        self.latent_scales = tuple(int(v) for v in self.latent_scales)
+        self.latent_width = tuple(int(v) for v in self.latent_width)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.likelihood == "logistic_mixture" and self.image_channels not in (1, 3):
+            raise ValueError("logistic_mixture likelihood supports 1 or 3 image channels")
+        if len(self.latent_scales) != len(self.latent_width):
+            raise ValueError(
+                f"latent_scales {self.latent_scales} and latent_width {self.latent_width} "
+                "must have the same length")
+        if sum(self.latent_scales) < 1:
+            raise ValueError("latent_scales must contain at least one latent")
+        if not 1 <= self.ctx_size <= self.image_size:
+            raise ValueError(f"ctx_size must be in [1, image_size], got {self.ctx_size}")
+        n_down = len(self.latent_scales) - (1 if self.start_scale_at_x else 0)
+        if self.image_size % (2 ** n_down) != 0:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**{n_down} "
+                "(one pooling per latent scale)")
+        if self.diffusion_steps <= 0:
+            raise ValueError(f"diffusion_steps must be positive, got {self.diffusion_steps}")
+        if not self.gamma_min < self.gamma_max:
+            raise ValueError("gamma_min must be smaller than gamma_max")
+        if self.unet_channels % 16 != 0:
+            raise ValueError("unet_channels must be a multiple of 16 (GroupNorm with 16 groups)")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_channels, self.image_size, self.image_size)
+
+    @property
+    def num_ladder_latents(self) -> int:
+        return sum(self.latent_scales)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with ``overrides`` applied; unknown keys raise."""
+        check_keys(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["latent_scales"] = list(self.latent_scales)
+        d["latent_width"] = list(self.latent_width)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        check_keys(d)
+        return cls(**d)
+
+
+def check_keys(d: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+
+
+PRESETS: dict[str, Config] = {
+    "mnist": Config(),
+    "omniglot": Config(
+        dataset="omniglot", ctx_size=5, num_ch=80, block_ch_mult=0.5,
+        unet_channels=32, unet_res_blocks=3, unet_dropout=0.05, diffusion_steps=50,
+        test_batch_size=1000, epochs=500, eta_min=1e-4, grad_clip=2.0, val_size=1000),
+    "cifar10": Config(
+        dataset="cifar10", image_channels=3, image_size=32, likelihood="logistic_mixture",
+        num_mix=10, latent_scales=(10, 8, 6, 4), latent_width=(3, 3, 3, 3), num_ch=128,
+        block_ch_mult=0.75, start_scale_at_x=True, enc_blocks_per_scale=4,
+        unet_channels=32, unet_res_blocks=3, gamma_min=-10.0, batch_size=128,
+        test_batch_size=512, lr=3e-3, epochs=3000, warmup_epochs=5, eta_min=1e-4,
+        grad_clip=150.0, val_size=5000),
+    # A few-thousand-parameter model with the MNIST structure, for fast tests.
+    "tiny": Config(
+        dataset="mnist", num_ch=16, latent_scales=(2, 1), enc_blocks_per_scale=1,
+        ctx_size=5, unet_channels=16, unet_res_blocks=1, diffusion_steps=5,
+        batch_size=16, test_batch_size=16, val_size=16, is_k=8, dct_scale_images=512),
+}
+
+
+def get_config(preset: str | Config, **overrides: Any) -> Config:
+    """Return the named preset (or a copy of a Config) with ``overrides`` applied."""
+    if isinstance(preset, Config):
+        base = preset
+    else:
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; available presets: {sorted(PRESETS)}")
+        base = PRESETS[preset]
+    return base.replace(**overrides)

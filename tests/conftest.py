@@ -5,7 +5,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.environ.get("DVPVAE_GOLDEN", os.path.join(ROOT, "..", "shared", "golden"))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
 
 
 @pytest.fixture(autouse=True)

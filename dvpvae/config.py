@@ -33,6 +33,7 @@ class Config:
     scale_ch_mult: float = 1.0
     block_ch_mult: float = 1.0
     start_scale_at_x: bool = False
+    standardize_input: bool = False  # encoder sees (pixel - 120.63838) / 64.16736 (CIFAR10)
     enc_blocks_per_scale: int = 3
     dec_blocks_per_scale: int = 1
     num_postprocess_blocks: int = 0
@@ -80,8 +81,11 @@ class Config:
             raise ValueError(
                 f"latent_scales {self.latent_scales} and latent_width {self.latent_width} "
                 "must have the same length")
-        if sum(self.latent_scales) < 1:
-            raise ValueError("latent_scales must contain at least one latent")
+        if not self.latent_scales or min(self.latent_scales) < 1:
+            raise ValueError(f"every entry of latent_scales must be >= 1, got {self.latent_scales}")
+        if len(set(self.latent_width)) != 1:
+            raise ValueError("all latent_width entries must be equal: the likelihood sums the "
+                             f"upsampled latents, got {self.latent_width}")
         if not 1 <= self.ctx_size <= self.image_size:
             raise ValueError(f"ctx_size must be in [1, image_size], got {self.ctx_size}")
         n_down = len(self.latent_scales) - (1 if self.start_scale_at_x else 0)
@@ -137,7 +141,7 @@ PRESETS: dict[str, Config] = {
     "cifar10": Config(
         dataset="cifar10", image_channels=3, image_size=32, likelihood="logistic_mixture",
         num_mix=10, latent_scales=(10, 8, 6, 4), latent_width=(3, 3, 3, 3), num_ch=128,
-        block_ch_mult=0.75, start_scale_at_x=True, enc_blocks_per_scale=4,
+        block_ch_mult=0.75, start_scale_at_x=True, standardize_input=True, enc_blocks_per_scale=4,
         unet_channels=32, unet_res_blocks=3, gamma_min=-10.0, batch_size=128,
         test_batch_size=512, lr=3e-3, epochs=3000, warmup_epochs=5, eta_min=1e-4,
         grad_clip=150.0, val_size=5000),

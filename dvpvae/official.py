@@ -1,0 +1,157 @@
+"""Load weights saved by the authors' research code (AKuzina/dvp_vae) into ``DVPVAE``.
+
+The research code names parameters after its module nesting (``decoder.decoder_blocks.3
+.s_to_p.net.1.net.0.weight``); the rules below translate each name to ours. Buffers the
+research code stores as parameters (DCT bases, the fixed residual gates, the noise
+schedule) are checked or dropped, never silently mismatched.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+
+from dvpvae.config import Config, get_config
+
+_RES_ENC = {"0": "conv_in", "1": "conv_mid1", "2": "conv_mid2", "3": "conv_out"}
+_UNET_RES = {"in_layers.0": "norm_in", "in_layers.2": "conv_in", "emb_layers.1": "film",
+             "out_layers.0": "norm_out", "out_layers.3": "conv_out", "skip_connection": "skip"}
+
+
+def _resblock_tail(tail: str) -> str:
+    """Translate the part of a name inside a research-code ResBlock."""
+    if tail.startswith("beta"):
+        return "gate"
+    m = re.fullmatch(r"net\.(\d)\.net\.[01]\.(weight|bias)", tail)
+    if m:
+        return f"{_RES_ENC[m.group(1)]}.{m.group(2)}"
+    m = re.fullmatch(r"net\.3\.(weight|bias)", tail)
+    if m:
+        return f"conv_out.{m.group(1)}"
+    m = re.fullmatch(r"skip\.(weight|bias)", tail)
+    if m:
+        return tail
+    raise KeyError(tail)
+
+
+def _unet_tail(tail: str) -> str:
+    m = re.fullmatch(r"input_blocks\.0\.0\.(weight|bias)", tail)
+    if m:
+        return f"input_conv.{m.group(1)}"
+    m = re.fullmatch(r"time_embed\.(\d)\.(weight|bias)", tail)
+    if m:
+        return tail
+    m = re.fullmatch(r"out\.0\.(weight|bias)", tail)
+    if m:
+        return f"out_norm.{m.group(1)}"
+    m = re.fullmatch(r"out\.2\.(weight|bias)", tail)
+    if m:
+        return f"out_conv.{m.group(1)}"
+    m = re.fullmatch(r"middle_block\.1\.(norm|qkv|proj_out)\.(weight|bias)", tail)
+    if m:
+        return f"mid_attn.{'proj' if m.group(1) == 'proj_out' else m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:0\.)?(\w+\.\d|skip_connection)\.(weight|bias)", tail)
+    if m:
+        group, idx, layer, kind = m.groups()
+        idx = int(idx)
+        if group == "input_blocks":
+            head = f"down.{idx - 1}"
+        elif group == "middle_block":
+            head = {0: "mid1", 2: "mid2"}[idx]
+        else:
+            head = f"up.{idx}"
+        return f"{head}.{_UNET_RES[layer]}.{kind}"
+    raise KeyError(tail)
+
+
+def official_key(name: str) -> str | None:
+    """Our parameter name for a research-code name; None for entries we do not keep."""
+    if name.startswith("decoder.decoder_blocks.0.ctx_prior.") or ".dct." in name \
+            or ".noise_schedule." in name:
+        return None  # alias of decoder.z_L_prior / fixed DCT basis / fixed schedule
+    try:
+        if name.startswith("encoder.pre_process.0."):
+            return "encoder.input_conv." + name.rsplit(".", 1)[1]
+        m = re.fullmatch(r"encoder\.encoder_blocks\.(\d+)\.(\d+)\.(.+)", name)
+        if m:
+            return f"encoder.scales.{m.group(1)}.{m.group(2)}.{_resblock_tail(m.group(3))}"
+        if name == "decoder.decoder_blocks.0.q_logvar":
+            return "decoder.pseudoinput.q_logvar"
+        if name == "decoder.decoder_blocks.0.dct_scale":
+            return "decoder.pseudoinput.dct_scale"
+        if name.startswith("decoder.z_L_prior.model."):
+            return "decoder.pseudoinput.prior.unet." + _unet_tail(name[len("decoder.z_L_prior.model."):])
+        m = re.fullmatch(r"decoder\.decoder_blocks\.(\d+)\.(z_up|resnet\.\d+|s_to_p|s_to_q)\.?(.*)", name)
+        if m:
+            block, part, tail = int(m.group(1)) - 1, m.group(2), m.group(3)
+            if part == "z_up":
+                return f"decoder.blocks.{block}.z_proj.{tail}"
+            ours = {"s_to_p": "prior_net", "s_to_q": "posterior_net"}.get(part, part)
+            return f"decoder.blocks.{block}.{ours}.{_resblock_tail(tail)}"
+        if name.startswith("decoder.post_process.0."):
+            return "decoder.out_conv." + name.rsplit(".", 1)[1]
+        if name.startswith("decoder.z_to_features."):
+            return name
+    except KeyError:
+        pass
+    raise KeyError(f"unrecognised research-code parameter name {name!r}")
+
+
+def config_from_official(cfg: Mapping[str, Any], base: str = "mnist") -> Config:
+    """Our Config from the research code's composed hydra config (a nested dict)."""
+    model, enc, dec = cfg["model"], cfg["encoder"], cfg["decoder"]
+    unet, prior, sched = cfg["unet"], cfg["z_L_prior"], cfg["noise_schedule"]
+    c, h, _ = cfg["dataset"]["image_size"]
+    if model.get("ctx_type", "dct") != "dct" or dec.get("decoder_res_mode", "2x3") != "2x3":
+        raise ValueError("only the DCT context and the '2x3' decoder blocks are supported")
+    if model.get("batch_norm") or model.get("weight_norm"):
+        raise ValueError("batch_norm / weight_norm variants are not part of the paper's configs")
+    if enc.get("num_init_blocks", 0) != 0:
+        raise ValueError("num_init_blocks > 0 is not supported")
+    return get_config(
+        base, dataset=cfg["dataset"]["name"], image_channels=c, image_size=h,
+        likelihood=model["likelihood"], num_mix=model["num_mix"], ctx_size=model["ctx_size"],
+        latent_scales=tuple(model["latent_scales"]), latent_width=tuple(model["latent_width"]),
+        activation=model["activation"], num_ch=model["num_ch"], scale_ch_mult=model["scale_ch_mult"],
+        block_ch_mult=model["block_ch_mult"], start_scale_at_x=model["start_scale_at_x"],
+        standardize_input=cfg["dataset"]["name"] == "cifar10",
+        enc_blocks_per_scale=enc["num_blocks_per_scale"], dec_blocks_per_scale=dec["num_blocks_per_scale"],
+        num_postprocess_blocks=dec["num_postprocess_blocks"], min_logvar=float(dec["min_logvar"]),
+        unet_channels=unet["model_channels"], unet_res_blocks=unet["num_res_blocks"],
+        unet_dropout=float(unet["dropout"]), unet_heads=unet["num_heads"],
+        diffusion_steps=prior["T"], gamma_min=float(sched["gamma_min"]), gamma_max=float(sched["gamma_max"]))
+
+
+def from_official(state_dict: Mapping[str, torch.Tensor], preset_or_config: str | Config | Mapping):
+    """Build a ``DVPVAE`` holding the weights of a research-code ``state_dict``.
+
+    ``preset_or_config``: a preset name, a ``Config``, or the research code's config dict.
+    """
+    from dvpvae.model import DVPVAE
+
+    if isinstance(preset_or_config, Mapping):
+        cfg = config_from_official(preset_or_config)
+    else:
+        cfg = get_config(preset_or_config)
+    model = DVPVAE(cfg)
+    ours = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for name, value in state_dict.items():
+        key = official_key(name)
+        if key is None:
+            if name.endswith("noise_schedule.gamma_min") or name.endswith("noise_schedule.gamma_max"):
+                expect = cfg.gamma_min if name.endswith("gamma_min") else cfg.gamma_max
+                if abs(float(value.reshape(-1)[0]) - expect) > 1e-6:
+                    raise ValueError(f"{name} = {float(value.reshape(-1)[0])} does not match the config ({expect})")
+            continue
+        if key not in ours:
+            raise KeyError(f"research-code parameter {name!r} maps to {key!r}, which this config lacks")
+        mapped[key] = value.reshape(ours[key].shape) if value.numel() == ours[key].numel() else value
+        if mapped[key].shape != ours[key].shape:
+            raise ValueError(f"shape mismatch for {name!r}: {tuple(value.shape)} vs ours {tuple(ours[key].shape)}")
+    missing = sorted(set(ours) - set(mapped))
+    if missing:
+        raise KeyError(f"research-code state_dict lacks entries for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    model.load_state_dict(mapped)
+    return model

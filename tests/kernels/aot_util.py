@@ -11,7 +11,8 @@ One wrinkle: the kernel tests set ``TRITON_INTERPRET=1`` before Triton is import
 (nor may a compiled kernel reference them as helpers). ``jit_function`` rebuilds a real
 ``JITFunction`` from the wrapped Python function, recursively for the ``@triton.jit``
 helpers it calls, on a private copy of the module globals so the interpreter-side objects
-stay untouched. Compiling and interpreting in the same process is therefore fine.
+stay untouched; ``compile_kernel`` also switches the interpreter flag off for the duration
+of the compile. Compiling and interpreting in the same process is therefore fine.
 
 Usage::
 
@@ -30,6 +31,7 @@ import types
 
 try:
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
     try:
@@ -38,6 +40,7 @@ try:
         InterpretedFunction = ()
 except ImportError:  # pragma: no cover - tests skip when triton is missing
     triton = None
+    knobs = None
     GPUTarget = None
     JITFunction = None
     InterpretedFunction = ()
@@ -104,7 +107,13 @@ def compile_kernel(fn, signature, constexprs=None, target=None, num_warps=None, 
         options["num_warps"] = num_warps
     if num_stages is not None:
         options["num_stages"] = num_stages
-    return triton.compile(src, target=target or TARGETS["sm90"], options=options)
+    # Compile with the interpreter switched off: with TRITON_INTERPRET=1, Triton's
+    # constexpr helpers return raw Python values instead of constexpr objects, which the
+    # code generator then trips over ("'value' object has no attribute 'dtype'").
+    # knobs.runtime.scope() restores the flag (and the environment variable) afterwards.
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False
+        return triton.compile(src, target=target or TARGETS["sm90"], options=options)
 
 
 def assert_built(compiled, name=None):

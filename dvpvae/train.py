@@ -1,0 +1,528 @@
+"""Train DVP-VAE: ``python -m dvpvae.train`` / ``dvpvae-train`` / ``torchrun ... -m dvpvae.train``.
+
+The paper's recipe by default: Adamax with weight decay, per-step linear warm-up then
+cosine decay, gradient-norm clipping, EMA of the weights (validation and samples use
+the EMA), an optional skip of updates whose gradient norm exceeds ``grad_skip_thr``,
+and steps whose loss or gradient is NaN/inf are skipped and counted.
+
+Reproducibility: the model's random draws at step s on rank r come from the global
+torch RNG reseeded with (seed, r, s), and the data order of an epoch is a function of
+(seed, epoch). A resumed run therefore replays exactly the draws and batches of an
+uninterrupted one. The training step never reads a device value on the host; values
+are accumulated on the device and read every ``--log-every`` steps.
+
+Run folder (``--out``): run.json, metrics.jsonl, curves.png, samples/step-*.png,
+checkpoints/step-*/ (+ best.json), and the final EMA weights as model.safetensors +
+config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dvpvae import plotting
+from dvpvae.checkpoint import (CheckpointError, CheckpointManager, atomic_write, build_model,
+                               load_into, load_training_checkpoint, save_weights)
+from dvpvae.config import PRESETS, Config, get_config
+from dvpvae.data import DATASETS, BatchIterator, first_images, load_dataset
+from dvpvae.optim import EMA, CosineSchedule, MaskedAdamax
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _parse_int_tuple(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per Config field; the type follows the field's default."""
+    group = parser.add_argument_group("config overrides (default: the preset's value)")
+    base = Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(base, f.name)
+        if isinstance(default, bool):
+            typ, meta = _parse_bool, "{true,false}"
+        elif isinstance(default, tuple):
+            typ, meta = _parse_int_tuple, "N,N,..."
+        else:
+            typ, meta = type(default), None
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=typ,
+                           default=None, metavar=meta, help=f"Config.{f.name} (mnist preset: {default})")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The Config fields given explicitly on the command line."""
+    return {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(Config)
+            if getattr(args, f"cfg_{f.name}", None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dvpvae-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
+    p.add_argument("--data", choices=DATASETS, default=None,
+                   help="dataset (default: the preset's Config.dataset)")
+    p.add_argument("--data-root", default=None,
+                   help="directory with the dataset files, or the .npz file (default: data/, or the "
+                        "resumed run's)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="npz: fraction of x used for validation")
+    p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    p.add_argument("--hflip", type=_parse_bool, default=None,
+                   help="random horizontal flips of training images (default: on for cifar10, "
+                        "as the research code)")
+    p.add_argument("--model", choices=("reference", "fast"), default="reference")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: epochs x steps per epoch); "
+                        "also the length of the LR schedule")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<data>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="resume from PATH (checkpoint or run folder) or, without PATH, from the "
+                        "latest checkpoint in --out (a fresh start if there is none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metrics rows")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation + checkpoint + samples (default: one epoch)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="steps between extra checkpoints without validation (default: none)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept besides the best")
+    p.add_argument("--num-samples", type=int, default=64, help="images in each sample grid")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    add_config_flags(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the process group started by torchrun, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1 or dist.is_initialized():
+        if not dist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        return rank, world, torch.device(device)
+    return 0, 1, torch.device(device)
+
+
+VAL_STREAM = 2**40  # a "step" no run reaches: the validation draws' own stream
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A well-mixed 63-bit seed for the random draws of ``step`` on ``rank``."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Holds the run state and implements the training loop (see module docstring)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.rank, self.world, self.device = init_distributed(args.device)
+        self.is_main = self.rank == 0
+        self._stop_reason: str | None = None
+        self.step_hook = None  # callable(trainer) after every step (tests, tooling)
+
+        resume_path = self._find_resume()
+        if resume_path is None and args.out and CheckpointManager(
+                os.path.join(args.out, "checkpoints")).latest():
+            raise ValueError(f"{args.out} already holds checkpoints; pass --resume to continue "
+                             "that run or choose another --out")
+        run_meta = self._read_run_meta(resume_path)
+        data_name = args.data or run_meta.get("data")
+        overrides = config_overrides(args)
+        if resume_path:
+            self.ckpt = load_training_checkpoint(resume_path)
+            config = self.ckpt.config
+            changed = {k: v for k, v in overrides.items() if getattr(config, k) != v}
+            if changed:
+                warnings.warn(f"resuming with changed config fields {changed}: the run will not "
+                              "follow the uninterrupted trajectory")
+                config = config.replace(**changed)
+        else:
+            self.ckpt = None
+            config = get_config(args.preset, **overrides)
+        data_name = data_name or config.dataset
+        self.data_name = data_name
+        self.data_root = args.data_root or run_meta.get("data_root") or "data"
+        data = load_dataset(data_name, self.data_root, val_size=config.val_size,
+                            val_fraction=args.val_fraction, download_ok=not args.no_download)
+        c, h, _ = data.image_shape
+        if (c, h) != (config.image_channels, config.image_size):
+            explicit = {"image_channels", "image_size"} & set(overrides)
+            if explicit or resume_path:
+                raise ValueError(f"{data_name} images are {data.image_shape}, the config expects "
+                                 f"{config.image_shape}")
+            config = config.replace(image_channels=c, image_size=h)
+        self.config = config
+        self.data = data
+
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+        torch.manual_seed(config.seed)
+        model = build_model(config, args.model)
+        model.validate_inputs = False  # its checks read device values; data is valid by construction
+        if self.ckpt is not None:
+            load_into(model, self.ckpt.model, os.path.join(resume_path, "model.safetensors"))
+        else:
+            import dvpvae
+            dvpvae.set_dct_scale(model, first_images(data.train, config.dct_scale_images))
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, config.ema_rate)
+        if self.ckpt is not None and self.ckpt.ema is not None:
+            load_into(self.ema.module, self.ckpt.ema, os.path.join(resume_path, "ema.safetensors"))
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)  # buffers (dct_scale, DCT bases) never change in training
+
+        hflip = args.hflip if args.hflip is not None else data_name == "cifar10"
+        self.train_iter = BatchIterator(data.train, config.batch_size, shuffle=True, drop_last=True,
+                                        seed=config.seed, rank=self.rank, world_size=self.world,
+                                        hflip=hflip, device=self.device)
+        self.val_iter = BatchIterator(data.val, config.test_batch_size, shuffle=False, drop_last=False,
+                                      rank=self.rank, world_size=self.world, device=self.device)
+        self.steps_per_epoch = len(self.train_iter)
+        self.total_steps = args.max_steps or run_meta.get("max_steps") or config.epochs * self.steps_per_epoch
+        self.eval_every = args.eval_every or self.steps_per_epoch
+
+        self.optimizer = MaskedAdamax(self.model.parameters(), lr=config.lr, eps=config.adam_eps,
+                                      weight_decay=config.weight_decay)
+        self.schedule = CosineSchedule(self.optimizer, config.lr, self.total_steps,
+                                       config.warmup_epochs * self.steps_per_epoch, config.eta_min)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.counters = {"skipped_nonfinite": 0, "skipped_grad_norm": 0}
+        self.best_val = math.inf
+        if self.ckpt is not None:
+            st = self.ckpt.state
+            self.optimizer.load_state_dict(self.ckpt.optimizer)
+            self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+            self.counters.update(st.get("counters", {}))
+            self.best_val = st.get("best_val", math.inf)
+            self.ckpt.restore_rng()
+
+        self.out = args.out or run_meta.get("out") or os.path.join("runs", f"{args.preset}-{data_name}")
+        self.ckpts = CheckpointManager(os.path.join(self.out, "checkpoints"), keep_last=args.keep)
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.tb = None
+        if self.is_main:
+            self._init_run_folder()
+
+    # -- setup helpers -------------------------------------------------------------------
+
+    def _find_resume(self) -> str | None:
+        a = self.args
+        if a.resume is None:
+            return None
+        if a.resume == "auto":
+            if a.out is None:
+                raise ValueError("--resume without a PATH needs --out RUN_DIR")
+            latest = CheckpointManager(os.path.join(a.out, "checkpoints")).latest()
+            if latest is None:
+                print(f"no checkpoint in {a.out}; starting a new run", file=sys.stderr)
+            return latest
+        if os.path.isdir(os.path.join(a.resume, "checkpoints")):
+            latest = CheckpointManager(os.path.join(a.resume, "checkpoints")).latest()
+            if latest is None:
+                raise CheckpointError(f"no checkpoint in {a.resume}/checkpoints to resume from")
+            if a.out is None:
+                a.out = a.resume
+            return latest
+        if not os.path.isdir(a.resume):
+            raise CheckpointError(f"--resume {a.resume}: no such checkpoint or run folder")
+        if a.out is None:  # .../RUN/checkpoints/step-N -> RUN
+            a.out = os.path.dirname(os.path.dirname(os.path.abspath(a.resume)))
+        return a.resume
+
+    def _read_run_meta(self, resume_path: str | None) -> dict:
+        if not resume_path or self.args.out is None:
+            return {}
+        path = os.path.join(self.args.out, "run.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f).get("args", {})
+
+    def _init_run_folder(self) -> None:
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        meta = {"config": self.config.to_dict(), "world_size": self.world,
+                "args": {"data": self.data_name, "data_root": self.data_root, "model": self.args.model,
+                         "max_steps": self.total_steps, "out": self.out, "preset": self.args.preset},
+                "steps_per_epoch": self.steps_per_epoch, "num_parameters": self.model.num_parameters(),
+                "images": {k: len(getattr(self.data, k)) if getattr(self.data, k) is not None else 0
+                           for k in ("train", "val", "test")}}
+        atomic_write(os.path.join(self.out, "run.json"), json.dumps(meta, indent=1) + "\n")
+        # Rows past the resumed step belong to a trajectory that is being replayed.
+        rows = [r for r in plotting.read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        if self.args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(f"--tensorboard needs the tensorboard package ({e}); "
+                                  "pip install tensorboard") from e
+            self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Finish the current step, save a checkpoint and return from ``run``."""
+        self._stop_reason = reason
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_reason is not None:  # second signal: stop right away
+                signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt
+            self.request_stop(signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return previous
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_reason is not None
+        if self.world > 1:
+            # Ranks may receive a signal at different steps; agreeing every step keeps their
+            # collectives in lockstep. A CPU tensor on the gloo backend costs no device sync.
+            t = torch.tensor([1.0 if flag else 0.0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group())
+            if t.item() > 0 and self._stop_reason is None:
+                self._stop_reason = "peer"
+            flag = t.item() > 0
+        return flag
+
+    def _cpu_group(self):
+        if not hasattr(self, "_gloo"):
+            self._gloo = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._gloo
+
+    # -- one step ------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, backward, clip, (masked) Adamax and EMA updates; returns device tensors."""
+        cfg = self.config
+        torch.manual_seed(step_seed(cfg.seed, self.rank, self.step))
+        self.schedule.set_step(self.step)
+        self.ddp.train()
+        out = self.ddp(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        finite = torch.isfinite(out.loss.detach()).float()
+        if self.world > 1:  # the loss is local; the decision must be global
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = (finite > 0) & torch.isfinite(gnorm)
+        applied = ok & (gnorm < cfg.grad_skip_thr) if cfg.grad_skip_thr > 0 else ok
+        self.optimizer.step(applied)
+        self.model.constrain_()
+        self.ema.update(self.model, ok)
+        bpd = -out.elbo.detach().mean() * self.model.bits_per_nat
+        zero = torch.zeros((), device=x.device)
+        return {"loss": torch.where(ok, out.loss.detach(), zero), "bpd": torch.where(ok, bpd, zero),
+                "grad_norm": torch.where(ok, gnorm, zero), "ok": ok.float(),
+                "nonfinite": (~ok).float(), "skipped_grad": (ok & ~applied).float()}
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """EMA model on the validation split: loss (bits/dim, with beta) and nelbo (nats)."""
+        model = self.ema.module
+        model.eval()
+        model.validate_inputs = False
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # Fixed draws for every validation pass, so successive values are comparable.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(step_seed(self.config.seed, self.rank, VAL_STREAM))
+            for x in self.val_iter.iterate():
+                out = model(x)
+                n = x.shape[0]
+                per_ex = out.rec + self.config.beta * out.kl.sum(-1)
+                sums += torch.stack([per_ex.sum().double(), -out.elbo.sum().double(),
+                                     torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        loss_nats, nelbo, n = sums.tolist()
+        return {"val_loss": loss_nats / n * model.bits_per_nat, "val_nelbo": nelbo / n,
+                "val_bpd": nelbo / n * model.bits_per_nat}
+
+    def save_samples(self) -> str:
+        path = os.path.join(self.out, "samples", f"step-{self.step:08d}.png")
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed)
+            x = self.ema.module.sample(self.args.num_samples)
+        return plotting.save_image_grid(x, path)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def log(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        row = {"kind": row.pop("kind"), "step": self.step, "epoch": self.epoch, **row,
+               "time": time.time()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(f"{row['kind']}/{k}", v, self.step)
+
+    def save_checkpoint(self, val_loss: float | None = None) -> str | None:
+        if not self.is_main:
+            return None
+        counters = dict(self.counters)
+        if getattr(self, "_acc", None) is not None:  # skips not yet flushed to the metrics log
+            counters["skipped_nonfinite"] += int(round(self._acc["nonfinite"].item()))
+            counters["skipped_grad_norm"] += int(round(self._acc["skipped_grad"].item()))
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "counters": counters, "best_val": self.best_val,
+                 "scheduler": self.schedule.state_dict(), "world_size": self.world,
+                 "data": {"name": self.data_name, "seed": self.config.seed,
+                          "steps_per_epoch": self.steps_per_epoch}}
+        return self.ckpts.save(self.step, self.model, self.config, ema=self.ema.module,
+                               optimizer=self.optimizer, state=state, val_loss=val_loss)
+
+    def _barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def evaluate_and_save(self) -> None:
+        val = self.validate()
+        self.best_val = min(self.best_val, val["val_loss"])
+        self.log({"kind": "val", **val})
+        if self.is_main:
+            self.save_samples()
+            plotting.save_curves(self.metrics_path, os.path.join(self.out, "curves.png"))
+        self.save_checkpoint(val["val_loss"])
+        self._barrier()
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def run(self) -> str | None:
+        """Train until ``total_steps`` or a stop request; returns the stop reason (None = done)."""
+        from tqdm import tqdm
+
+        previous = self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main,
+                   desc=f"{self.args.preset}/{self.data_name}", dynamic_ncols=True)
+        self._acc, acc_steps, t0, last_eval = None, 0, time.time(), -1
+        try:
+            while self.step < self.total_steps and not self._should_stop():
+                for x in self.train_iter.iterate(self.epoch, self.batch_in_epoch):
+                    m = self.train_step(x)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    acc = self._acc = m if self._acc is None else {k: self._acc[k] + m[k] for k in m}
+                    acc_steps += 1
+                    bar.update(1)
+                    if self.step % self.args.log_every == 0 or self.step == self.total_steps:
+                        self._flush_metrics(acc, acc_steps, time.time() - t0, bar)
+                        self._acc, acc_steps, t0 = None, 0, time.time()
+                    if self.step % self.eval_every == 0:
+                        self.evaluate_and_save()
+                        last_eval = self.step
+                    elif self.args.save_every and self.step % self.args.save_every == 0:
+                        self.save_checkpoint()
+                    if self.step_hook is not None:
+                        self.step_hook(self)
+                    if self.step >= self.total_steps or self._should_stop():
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    continue
+                break
+            if self._acc is not None:
+                self._flush_metrics(self._acc, acc_steps, time.time() - t0, bar)
+                self._acc = None
+            if self._stop_reason is not None:
+                if self.is_main:
+                    print(f"\nstopping ({self._stop_reason}) at step {self.step}: saving a checkpoint",
+                          file=sys.stderr)
+                self.save_checkpoint()
+                self._barrier()
+                return self._stop_reason
+            if last_eval != self.step:
+                self.evaluate_and_save()
+            if self.is_main:
+                save_weights(self.out, self.ema.module, self.config)
+            return None
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.close()
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def _flush_metrics(self, acc: dict, n: int, seconds: float, bar) -> None:
+        vals = {k: v.item() for k, v in acc.items()}  # the one host sync per logging interval
+        self.counters["skipped_nonfinite"] += int(round(vals["nonfinite"]))
+        self.counters["skipped_grad_norm"] += int(round(vals["skipped_grad"]))
+        good = max(vals["ok"], 1.0)
+        row = {"kind": "train", "loss": vals["loss"] / good, "bpd": vals["bpd"] / good,
+               "grad_norm": vals["grad_norm"] / good, "lr": self.optimizer.param_groups[0]["lr"],
+               "it_s": n / max(seconds, 1e-9), **self.counters}
+        self.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", bpd=f"{row['bpd']:.4f}",
+                        skipped=self.counters["skipped_nonfinite"] + self.counters["skipped_grad_norm"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dvpvae.train`` and ``dvpvae-train``."""
+    args = build_parser().parse_args(argv)
+    trainer = Trainer(args)
+    reason = trainer.run()
+    if reason in ("SIGINT", "SIGTERM"):
+        return 128 + int(getattr(signal, reason))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

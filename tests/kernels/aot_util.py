@@ -6,20 +6,30 @@ a kernel builds for the hardware it is written for. The interpreter tests cannot
 this class of bug: the interpreter runs any Python it is given, while the compiler rejects
 non-constexpr shapes, unsupported dtype mixes, scalar/tensor confusions and so on.
 
-One wrinkle: the kernel tests set ``TRITON_INTERPRET=1`` before Triton is imported, so
-``@triton.jit`` returns ``InterpretedFunction`` wrappers that the compiler does not accept
-(nor may a compiled kernel reference them as helpers). ``jit_function`` rebuilds a real
-``JITFunction`` from the wrapped Python function, recursively for the ``@triton.jit``
-helpers it calls, on a private copy of the module globals so the interpreter-side objects
-stay untouched; ``compile_kernel`` also switches the interpreter flag off for the duration
-of the compile. Compiling and interpreting in the same process is therefore fine.
+One wrinkle: the kernel tests set ``TRITON_INTERPRET=1`` before Triton is imported, and in
+that mode *every* ``@triton.jit`` function, including Triton's own standard library
+(``tl.sum``, ``tl.cdiv``, ...), becomes an ``InterpretedFunction`` that the compiler cannot
+lower (it ends up calling the interpreter's builder mid-compile). A process that imported
+Triton in interpreter mode cannot compile kernels. Hence two entry points:
 
-Usage::
+* ``compile_kernel(fn, signature, constexprs, target)``: in-process, for processes where
+  the interpreter is off (raises a clear error otherwise);
+* ``compile_in_subprocess(jobs)``: what interpreter-mode tests use. It starts one child
+  Python with ``TRITON_INTERPRET=0`` which imports each kernel by module and name,
+  compiles every job and reports per-job results as JSON. One child per batch keeps the
+  import cost (~3 s) paid once.
 
-    from tests.kernels.aot_util import TARGETS, compile_kernel
-    k = compile_kernel(my_kernel, {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                       constexprs={"BLOCK": 128}, target=TARGETS["sm90"])
-    assert k.asm["cubin"]
+Usage from a test (interpreter on)::
+
+    from tests.kernels.aot_util import compile_in_subprocess, tl_dtype
+    res = compile_in_subprocess([dict(module="kernels.reparam_kl", kernel="_reparam_sample_fwd_kernel",
+                                      signature={"pm_ptr": "*fp32", ..., "BLOCK": "constexpr",
+                                                 "ACC": "constexpr"},
+                                      constexprs={"BLOCK": 1024, "ACC": tl_dtype("fp32")},
+                                      arch="sm90")])
+    assert res[0]["ok"], res[0]["error"]
+
+``tl_dtype("fp32")`` is the JSON-safe spelling of a ``tl.float32`` constexpr value.
 
 Signature strings are Triton's: ``*fp32``/``*fp64``/``*bf16`` pointers, ``i32``/``i64``
 integers, ``fp32`` floats, and ``constexpr`` for every ``tl.constexpr`` parameter (whose
@@ -93,6 +103,11 @@ def compile_kernel(fn, signature, constexprs=None, target=None, num_warps=None, 
     ``signature`` maps every parameter name to its Triton type string; constexpr
     parameters map to ``"constexpr"`` and take their value from ``constexprs``.
     """
+    if knobs.runtime.interpret:
+        raise RuntimeError(
+            "compile_kernel cannot run in a process that imported Triton with "
+            "TRITON_INTERPRET=1 (Triton's own jit helpers are interpreter wrappers there); "
+            "use compile_in_subprocess")
     jit = jit_function(fn)
     missing = [a for a in jit.arg_names if a not in signature]
     if missing:
@@ -107,13 +122,7 @@ def compile_kernel(fn, signature, constexprs=None, target=None, num_warps=None, 
         options["num_warps"] = num_warps
     if num_stages is not None:
         options["num_stages"] = num_stages
-    # Compile with the interpreter switched off: with TRITON_INTERPRET=1, Triton's
-    # constexpr helpers return raw Python values instead of constexpr objects, which the
-    # code generator then trips over ("'value' object has no attribute 'dtype'").
-    # knobs.runtime.scope() restores the flag (and the environment variable) afterwards.
-    with knobs.runtime.scope():
-        knobs.runtime.interpret = False
-        return triton.compile(src, target=target or TARGETS["sm90"], options=options)
+    return triton.compile(src, target=target or TARGETS["sm90"], options=options)
 
 
 def assert_built(compiled, name=None):
@@ -123,3 +132,74 @@ def assert_built(compiled, name=None):
     assert len(asm["cubin"]) > 0, "empty cubin"
     if name is not None:
         assert name in asm["ptx"], f"kernel {name!r} not found in the PTX"
+
+
+# ------------------------------------------------------------------ subprocess batch compile
+def tl_dtype(name):
+    """JSON-safe stand-in for a ``tl.<dtype>`` constexpr value (e.g. ``"fp32"``)."""
+    return {"__tl_dtype__": name}
+
+
+_TL_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64",
+             "i32": "int32", "i64": "int64"}
+
+
+def _decode(value):
+    if isinstance(value, dict) and "__tl_dtype__" in value:
+        import triton.language as tl
+
+        name = value["__tl_dtype__"]
+        return getattr(tl, _TL_NAMES.get(name, name))
+    return value
+
+
+def _run_jobs(jobs):
+    import importlib
+    import traceback
+
+    results = []
+    for job in jobs:
+        res = {"kernel": job["kernel"], "arch": job["arch"], "ok": False, "error": None,
+               "cubin_bytes": 0, "name_in_ptx": False}
+        try:
+            fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+            constexprs = {k: _decode(v) for k, v in job.get("constexprs", {}).items()}
+            compiled = compile_kernel(fn, job["signature"], constexprs, target=TARGETS[job["arch"]],
+                                      num_warps=job.get("num_warps"))
+            res["cubin_bytes"] = len(compiled.asm.get("cubin", b""))
+            res["name_in_ptx"] = job["kernel"] in compiled.asm.get("ptx", "")
+            res["ok"] = "ptx" in compiled.asm and res["cubin_bytes"] > 0
+            if not res["ok"]:
+                res["error"] = f"stages produced: {sorted(compiled.asm)}"
+        except Exception:  # report every failure, keep compiling the other jobs
+            res["error"] = traceback.format_exc(limit=-6)
+        results.append(res)
+    return results
+
+
+def compile_in_subprocess(jobs, timeout=600):
+    """Compile ``jobs`` (dicts: module, kernel, signature, constexprs, arch[, num_warps]) in a
+    child process with the interpreter off; return one result dict per job
+    (``ok``, ``error``, ``cubin_bytes``, ``name_in_ptx``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
+                          capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    # The child prints exactly one JSON line last; anything before it is stray output.
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(_run_jobs(json.loads(sys.stdin.read()))))

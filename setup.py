@@ -18,4 +18,6 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"]},
+    entry_points={"console_scripts": ["dvpvae-train=dvpvae.train:main",
+                                      "dvpvae-evaluate=dvpvae.evaluate:main"]},
 )

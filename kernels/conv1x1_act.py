@@ -1,0 +1,336 @@
+"""1x1 convolution with fused bias + activation: y = act(conv1x1(x) + bias) (MODEL.md 3, 9).
+
+A 1x1 convolution of an NCHW tensor is, per image, the product W (Cout x Cin) @ X (Cin x HW).
+
+Design trade-off:
+  * Layout: the kernels read NCHW directly through strides (pixel p = h*W + w is turned into
+    an offset with one div/mod per tile, outside the reduction loop), so no permute copies;
+    any strided input works (channels-last too). Outputs are allocated contiguous NCHW.
+    Each program computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image and
+    loops over Cin in BLOCK_K chunks with tl.dot; bias + activation is the epilogue.
+  * Backward: the pre-activation z = conv1x1(x) + bias is SAVED in the forward (written in
+    the same epilogue, only when a gradient is needed), not recomputed: silu and gelu cannot
+    be inverted from y, and recomputing z would cost a second full pass over x and W, while
+    saving z costs the same memory an unfused conv + activation keeps for autograd.
+    act'(z) is applied on the fly inside both backward kernels (grad_x = W^T @ gz and
+    grad_W = sum gz @ x^T), so grad_z is never written to memory.
+  * grad_W / grad_bias reduce over N*H*W: programs own a (Cout, Cin) tile and a slice of
+    the N*H*W range and write partial sums to a (split, Cout, Cin) buffer, summed by torch
+    afterwards: deterministic, no atomics.
+  * tl.dot uses input_precision="ieee" (the GPU default TF32 loses ~3 decimal digits).
+
+Activations: "relu", "silu", "elu" (alpha 1), "gelu" (exact, erf-based, as nn.GELU()),
+"none". Only tl.* / tl.math.* functions (libdevice is unavailable in the interpreter).
+Size limits (Triton backend): float32/float64; any N, C, H, W (tiles are masked).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import resolve
+from kernels._conv1x1_common import (check_conv_args, check_triton_dtype, matmul_blocks,
+                                     reduction_split)
+
+try:  # Triton is optional: `import kernels` must work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+SUPPORTED = ("reference", "triton")
+ACTIVATIONS = ("none", "relu", "silu", "elu", "gelu")  # index = kernel ACT code
+
+
+def _check_activation(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def conv1x1_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str = "silu") -> torch.Tensor:
+    """Plain-PyTorch y = act(conv2d(x, weight, bias)) with a (out, in, 1, 1) weight."""
+    check_conv_args(x, weight, bias)
+    _check_activation(activation)
+    z = torch.nn.functional.conv2d(x, weight, bias)
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    if activation == "elu":
+        return torch.nn.functional.elu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)  # approximate="none": the exact erf form
+    return z
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _act_fwd(z, ACT: tl.constexpr):
+        if ACT == 1:
+            z = tl.maximum(z, 0.0)
+        elif ACT == 2:
+            z = z * tl.sigmoid(z)
+        elif ACT == 3:
+            z = tl.where(z > 0.0, z, tl.exp(z) - 1.0)
+        elif ACT == 4:
+            z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z
+
+    @triton.jit
+    def _act_grad(z, ACT: tl.constexpr):
+        """d act / d z evaluated at the saved pre-activation z."""
+        if ACT == 1:
+            d = tl.where(z > 0.0, 1.0, 0.0)  # torch's relu backward: 0 at z == 0
+        elif ACT == 2:
+            s = tl.sigmoid(z)
+            d = s * (1.0 + z * (1.0 - s))
+        elif ACT == 3:
+            d = tl.where(z > 0.0, 1.0, tl.exp(z))
+        elif ACT == 4:
+            # Phi(z) + z * phi(z); 0.3989... = 1/sqrt(2*pi)
+            d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) \
+                + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        else:
+            d = tl.full(z.shape, 1.0, z.dtype)
+        return d
+
+    @triton.jit
+    def _conv1x1_act_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+                                CIN, COUT, W, P,
+                                sxn, sxc, sxh, sxw, swo, swi, sb,
+                                HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                                STORE_Z: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+        pid_p = tl.program_id(0)
+        pid_co = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
+        rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+        rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mco = rco < COUT
+        mp = rp < P
+        p_off = (rp // W).to(tl.int64) * sxh + (rp % W).to(tl.int64) * sxw
+        x_base = x_ptr + n * sxn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+        for k0 in range(0, CIN, BLOCK_K):
+            ci = k0 + rk
+            mci = ci < CIN
+            wt = tl.load(w_ptr + rco[:, None] * swo + ci[None, :] * swi,
+                         mask=mco[:, None] & mci[None, :], other=0.0)
+            xt = tl.load(x_base + ci[:, None].to(tl.int64) * sxc + p_off[None, :],
+                         mask=mci[:, None] & mp[None, :], other=0.0)
+            acc += tl.dot(wt, xt, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rco * sb, mask=mco, other=0.0)[:, None]
+        out = n * COUT * P + rco[:, None].to(tl.int64) * P + rp[None, :]
+        mout = mco[:, None] & mp[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + out, acc, mask=mout)
+        tl.store(y_ptr + out, _act_fwd(acc, ACT), mask=mout)
+
+    @triton.jit
+    def _conv1x1_act_bwd_dx_kernel(gy_ptr, z_ptr, w_ptr, gx_ptr,
+                                   CIN, COUT, W, P,
+                                   sgn, sgc, sgh, sgw, swo, swi,
+                                   ACT: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+        # grad_x[n] (Cin x P) = W^T (Cin x Cout) @ (gy * act'(z))[n] (Cout x P).
+        # Here BLOCK_M tiles Cin (output rows) and BLOCK_K tiles Cout (the reduction).
+        pid_p = tl.program_id(0)
+        pid_ci = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
+        rci = pid_ci * BLOCK_M + tl.arange(0, BLOCK_M)
+        rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mci = rci < CIN
+        mp = rp < P
+        g_off = (rp // W).to(tl.int64) * sgh + (rp % W).to(tl.int64) * sgw
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=gx_ptr.dtype.element_ty)
+        for k0 in range(0, COUT, BLOCK_K):
+            co = k0 + rk
+            mco = co < COUT
+            m2 = mco[:, None] & mp[None, :]
+            g = tl.load(gy_ptr + n * sgn + co[:, None].to(tl.int64) * sgc + g_off[None, :],
+                        mask=m2, other=0.0)
+            if ACT != 0:
+                z = tl.load(z_ptr + n * COUT * P + co[:, None].to(tl.int64) * P + rp[None, :],
+                            mask=m2, other=0.0)
+                g = g * _act_grad(z, ACT)
+            wt = tl.load(w_ptr + co[None, :] * swo + rci[:, None] * swi,
+                         mask=mci[:, None] & mco[None, :], other=0.0)   # W^T tile
+            acc += tl.dot(wt, g, input_precision="ieee")
+        tl.store(gx_ptr + n * CIN * P + rci[:, None].to(tl.int64) * P + rp[None, :], acc,
+                 mask=mci[:, None] & mp[None, :])
+
+    @triton.jit
+    def _conv1x1_act_bwd_dw_kernel(gy_ptr, z_ptr, x_ptr, gw_ptr, gb_ptr,
+                                   CIN, COUT, W, P, TILES, TILES_PER_SPLIT,
+                                   sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+        # Partial grad_W[split] (Cout x Cin) = sum over this split's (image, pixel-block)
+        # tiles of gz (Cout x BLOCK_N) @ x^T (BLOCK_N x Cin); here BLOCK_N is the reduction.
+        pid_co = tl.program_id(0)
+        pid_ci = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+        rci = pid_ci * BLOCK_K + tl.arange(0, BLOCK_K)
+        mco = rco < COUT
+        mci = rci < CIN
+        num_pb = tl.cdiv(P, BLOCK_N)
+        start = pid_s * TILES_PER_SPLIT
+        end = tl.minimum(start + TILES_PER_SPLIT, TILES)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=gw_ptr.dtype.element_ty)
+        accb = tl.zeros((BLOCK_M,), dtype=gw_ptr.dtype.element_ty)
+        for t in range(start, end):
+            n = (t // num_pb).to(tl.int64)
+            rp = (t % num_pb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mp = rp < P
+            hh = (rp // W).to(tl.int64)
+            ww = (rp % W).to(tl.int64)
+            m2 = mco[:, None] & mp[None, :]
+            g = tl.load(gy_ptr + n * sgn + rco[:, None].to(tl.int64) * sgc
+                        + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+            if ACT != 0:
+                z = tl.load(z_ptr + n * COUT * P + rco[:, None].to(tl.int64) * P + rp[None, :],
+                            mask=m2, other=0.0)
+                g = g * _act_grad(z, ACT)
+            xt = tl.load(x_ptr + n * sxn + rci[None, :].to(tl.int64) * sxc
+                         + (hh * sxh + ww * sxw)[:, None],
+                         mask=mp[:, None] & mci[None, :], other=0.0)   # x^T tile
+            acc += tl.dot(g, xt, input_precision="ieee")
+            if HAS_BIAS:
+                accb += tl.sum(g, axis=1)
+        base = pid_s.to(tl.int64) * COUT
+        tl.store(gw_ptr + (base + rco[:, None]) * CIN + rci[None, :], acc,
+                 mask=mco[:, None] & mci[None, :])
+        if HAS_BIAS:
+            if pid_ci == 0:  # every Cin block computes the same bias sum; one stores it
+                tl.store(gb_ptr + base + rco, accb, mask=mco)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def conv1x1_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str = "silu", store_z: bool = True, blocks=None):
+    """Launch the forward kernel; returns (y, z) with z the pre-activation (None if unused).
+
+    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice (tests use it to
+    exercise multi-tile launches with ragged edges).
+    """
+    check_conv_args(x, weight, bias)
+    check_triton_dtype(x)
+    act = _check_activation(activation)
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    p = h * w
+    y = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device)
+    store_z = store_z and act != 0  # for "none", z is y itself and no derivative is needed
+    z = torch.empty_like(y) if store_z else y
+    if y.numel() == 0:
+        return y, (z if store_z else None)
+    bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
+    grid = (triton.cdiv(p, bn), triton.cdiv(cout, bm), n)
+    _conv1x1_act_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, z,
+        cin, cout, w, p, *x.stride(), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None, ACT=act, STORE_Z=store_z,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y, (z if store_z else None)
+
+
+def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    z: torch.Tensor | None, activation: str, has_bias: bool,
+                    need_x: bool = True, need_w: bool = True, blocks=None):
+    """Gradients (grad_x, grad_weight, grad_bias); entries not needed are None."""
+    act = _check_activation(activation)
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    p = h * w
+    if tuple(grad_y.shape) != (n, cout, h, w):
+        raise ValueError(f"grad_y shape {tuple(grad_y.shape)} != output shape {(n, cout, h, w)}")
+    if grad_y.dtype != x.dtype or grad_y.device != x.device:
+        raise ValueError("grad_y must match the input dtype and device")
+    if act != 0 and (z is None or not z.is_contiguous()):
+        raise ValueError("the saved pre-activation z must be a contiguous NCHW tensor")
+    z_arg = z if z is not None else grad_y
+    gx = gw = gb = None
+    if need_x:
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if gx.numel():
+            bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
+            _conv1x1_act_bwd_dx_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
+                grad_y, z_arg, weight, gx, cin, cout, w, p,
+                *grad_y.stride(), weight.stride(0), weight.stride(1),
+                ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if need_w or has_bias:
+        bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
+        tiles = n * triton.cdiv(p, bn)
+        grid2 = (triton.cdiv(cout, bm), triton.cdiv(cin, bk))
+        split = reduction_split(tiles, grid2[0] * grid2[1]) if tiles else 1
+        per = max(1, triton.cdiv(tiles, split))
+        split = max(1, triton.cdiv(tiles, per))
+        pw = torch.zeros((split, cout, cin), dtype=x.dtype, device=x.device)
+        pb = torch.zeros((split, cout), dtype=x.dtype, device=x.device)
+        if tiles:
+            _conv1x1_act_bwd_dw_kernel[grid2 + (split,)](
+                grad_y, z_arg, x, pw, pb, cin, cout, w, p, tiles, per,
+                *grad_y.stride(), *x.stride(),
+                ACT=act, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        if need_w:
+            gw = pw.sum(0).view(cout, cin, 1, 1)
+        if has_bias:
+            gb = pb.sum(0)
+    return gx, gw, gb
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class Conv1x1ActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        need_grad = x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)
+        y, z = conv1x1_act_fwd(x, weight, bias, activation, store_z=need_grad)
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        if need_grad:
+            ctx.save_for_backward(x, weight, z)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, z = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = conv1x1_act_bwd(grad_y, x, weight, z, ctx.activation,
+                                     has_bias=ctx.has_bias and need_b,
+                                     need_x=need_x, need_w=need_w)
+        return gx, gw, gb, None
+
+
+# ----------------------------------------------------------------------------- public
+
+def conv1x1_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                activation: str = "silu", backend: str | None = None) -> torch.Tensor:
+    """act(conv1x1(x) + bias): x (N,Cin,H,W), weight (Cout,Cin,1,1), bias (Cout,) or None.
+
+    ``activation`` in ("relu", "silu", "elu", "gelu", "none"); ``backend`` None (automatic),
+    "reference" or "triton" (see kernels._backend).
+    """
+    check_conv_args(x, weight, bias)
+    _check_activation(activation)
+    if resolve("conv1x1_act", x.device, backend, SUPPORTED) == "triton":
+        return Conv1x1ActFn.apply(x, weight, bias, activation)
+    return conv1x1_act_ref(x, weight, bias, activation)
+

@@ -1,0 +1,296 @@
+"""Closing 1x1 convolution of a ResBlock with the residual combine fused in (MODEL.md 3, 9):
+out = skip + gate * (conv1x1(h) + bias).
+
+A 1x1 convolution of an NCHW tensor is, per image, the product W (Cout x Cin) @ H (Cin x HW).
+
+Design trade-off:
+  * Layout: the kernels read h, skip and grad_out in NCHW through strides (no permute
+    copies; channels-last inputs work too); the output is allocated contiguous NCHW. A program
+    computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image, loops over Cin
+    with tl.dot (input_precision="ieee": TF32 would lose ~3 digits), and the epilogue adds
+    bias, scales by gate and adds the skip tile: the branch output never reaches memory.
+  * gate is a python float or a 0-dim/1-element tensor; both are handed to the kernel as a
+    1-element device tensor (a float becomes torch.full, a fill kernel: no host sync and no
+    host-to-device copy), so the kernel reads it in the compute dtype and fp64 is exact.
+  * Backward saves only h and W (like an unfused conv): grad_skip = grad_out (no kernel);
+    grad_h = gate * W^T @ grad_out (gate applied in the epilogue); the weight kernel reduces
+    A = sum grad_out @ h^T and s = sum grad_out over N*H*W into deterministic partial sums
+    (no atomics), then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor
+    that requires grad, grad_gate = <W, A> + <bias, s> -- the branch output is neither saved
+    nor recomputed, because sum(grad_out * (W h + b)) regroups into those two small sums.
+
+Size limits (Triton backend): float32/float64; any N, C, H, W (tiles are masked).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import resolve
+from kernels._conv1x1_common import (check_conv_args, check_triton_dtype, matmul_blocks,
+                                     reduction_split)
+
+try:  # Triton is optional: `import kernels` must work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+SUPPORTED = ("reference", "triton")
+
+
+def _check_residual_args(h, weight, bias, skip, gate) -> None:
+    check_conv_args(h, weight, bias, x_name="h")
+    want = (h.shape[0], weight.shape[0], h.shape[2], h.shape[3])
+    if not isinstance(skip, torch.Tensor) or tuple(skip.shape) != want:
+        raise ValueError(f"skip must have the output shape {want}, got "
+                         f"{tuple(skip.shape) if isinstance(skip, torch.Tensor) else skip!r}")
+    if skip.dtype != h.dtype or skip.device != h.device:
+        raise ValueError(f"skip must match h's dtype/device {h.dtype}/{h.device}, "
+                         f"got {skip.dtype}/{skip.device}")
+    if isinstance(gate, torch.Tensor):
+        if gate.numel() != 1:
+            raise ValueError(f"gate must be a float or a 1-element tensor, got shape "
+                             f"{tuple(gate.shape)}")
+        if gate.device != h.device:
+            raise ValueError(f"gate is on {gate.device} but h is on {h.device}")
+    elif isinstance(gate, bool) or not isinstance(gate, (int, float)):
+        raise ValueError(f"gate must be a float or a 1-element tensor, got {gate!r}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def conv1x1_residual_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         skip: torch.Tensor, gate) -> torch.Tensor:
+    """Plain-PyTorch skip + gate * conv2d(h, weight, bias) with a (out, in, 1, 1) weight."""
+    _check_residual_args(h, weight, bias, skip, gate)
+    if isinstance(gate, torch.Tensor):
+        gate = gate.reshape(()).to(h.dtype)
+    return skip + gate * torch.nn.functional.conv2d(h, weight, bias)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _conv1x1_residual_fwd_kernel(h_ptr, w_ptr, b_ptr, skip_ptr, gate_ptr, out_ptr,
+                                     CIN, COUT, W, P,
+                                     shn, shc, shh, shw, swo, swi, sb,
+                                     ssn, ssc, ssh, ssw,
+                                     HAS_BIAS: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):
+        pid_p = tl.program_id(0)
+        pid_co = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
+        rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+        rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mco = rco < COUT
+        mp = rp < P
+        hh = (rp // W).to(tl.int64)
+        ww = (rp % W).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+        for k0 in range(0, CIN, BLOCK_K):
+            ci = k0 + rk
+            mci = ci < CIN
+            wt = tl.load(w_ptr + rco[:, None] * swo + ci[None, :] * swi,
+                         mask=mco[:, None] & mci[None, :], other=0.0)
+            ht = tl.load(h_ptr + n * shn + ci[:, None].to(tl.int64) * shc
+                         + (hh * shh + ww * shw)[None, :],
+                         mask=mci[:, None] & mp[None, :], other=0.0)
+            acc += tl.dot(wt, ht, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rco * sb, mask=mco, other=0.0)[:, None]
+        m2 = mco[:, None] & mp[None, :]
+        s = tl.load(skip_ptr + n * ssn + rco[:, None].to(tl.int64) * ssc
+                    + (hh * ssh + ww * ssw)[None, :], mask=m2, other=0.0)
+        g = tl.load(gate_ptr)
+        tl.store(out_ptr + n * COUT * P + rco[:, None].to(tl.int64) * P + rp[None, :],
+                 s + g * acc, mask=m2)
+
+    @triton.jit
+    def _conv1x1_residual_bwd_dh_kernel(go_ptr, w_ptr, gate_ptr, gh_ptr,
+                                        CIN, COUT, W, P,
+                                        sgn, sgc, sgh, sgw, swo, swi,
+                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                        BLOCK_K: tl.constexpr):
+        # grad_h[n] (Cin x P) = gate * W^T (Cin x Cout) @ grad_out[n] (Cout x P);
+        # BLOCK_M tiles Cin, BLOCK_K tiles the Cout reduction.
+        pid_p = tl.program_id(0)
+        pid_ci = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
+        rci = pid_ci * BLOCK_M + tl.arange(0, BLOCK_M)
+        rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mci = rci < CIN
+        mp = rp < P
+        g_off = (rp // W).to(tl.int64) * sgh + (rp % W).to(tl.int64) * sgw
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=gh_ptr.dtype.element_ty)
+        for k0 in range(0, COUT, BLOCK_K):
+            co = k0 + rk
+            mco = co < COUT
+            g = tl.load(go_ptr + n * sgn + co[:, None].to(tl.int64) * sgc + g_off[None, :],
+                        mask=mco[:, None] & mp[None, :], other=0.0)
+            wt = tl.load(w_ptr + co[None, :] * swo + rci[:, None] * swi,
+                         mask=mci[:, None] & mco[None, :], other=0.0)   # W^T tile
+            acc += tl.dot(wt, g, input_precision="ieee")
+        gate = tl.load(gate_ptr)
+        tl.store(gh_ptr + n * CIN * P + rci[:, None].to(tl.int64) * P + rp[None, :],
+                 gate * acc, mask=mci[:, None] & mp[None, :])
+
+    @triton.jit
+    def _conv1x1_residual_bwd_dw_kernel(go_ptr, h_ptr, pw_ptr, pb_ptr,
+                                        CIN, COUT, W, P, TILES, TILES_PER_SPLIT,
+                                        sgn, sgc, sgh, sgw, shn, shc, shh, shw,
+                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                        BLOCK_K: tl.constexpr):
+        # Unscaled partials: A[split] = sum grad_out @ h^T (Cout x Cin), s[split] = sum
+        # grad_out (Cout,), over this split's (image, pixel-block) tiles.
+        pid_co = tl.program_id(0)
+        pid_ci = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+        rci = pid_ci * BLOCK_K + tl.arange(0, BLOCK_K)
+        mco = rco < COUT
+        mci = rci < CIN
+        num_pb = tl.cdiv(P, BLOCK_N)
+        start = pid_s * TILES_PER_SPLIT
+        end = tl.minimum(start + TILES_PER_SPLIT, TILES)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=pw_ptr.dtype.element_ty)
+        accb = tl.zeros((BLOCK_M,), dtype=pw_ptr.dtype.element_ty)
+        for t in range(start, end):
+            n = (t // num_pb).to(tl.int64)
+            rp = (t % num_pb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mp = rp < P
+            hh = (rp // W).to(tl.int64)
+            ww = (rp % W).to(tl.int64)
+            g = tl.load(go_ptr + n * sgn + rco[:, None].to(tl.int64) * sgc
+                        + (hh * sgh + ww * sgw)[None, :],
+                        mask=mco[:, None] & mp[None, :], other=0.0)
+            ht = tl.load(h_ptr + n * shn + rci[None, :].to(tl.int64) * shc
+                         + (hh * shh + ww * shw)[:, None],
+                         mask=mp[:, None] & mci[None, :], other=0.0)   # h^T tile
+            acc += tl.dot(g, ht, input_precision="ieee")
+            accb += tl.sum(g, axis=1)
+        base = pid_s.to(tl.int64) * COUT
+        tl.store(pw_ptr + (base + rco[:, None]) * CIN + rci[None, :], acc,
+                 mask=mco[:, None] & mci[None, :])
+        if pid_ci == 0:  # every Cin block computes the same column sum; one stores it
+            tl.store(pb_ptr + base + rco, accb, mask=mco)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _gate_tensor(gate, like: torch.Tensor) -> torch.Tensor:
+    """gate as a 1-element tensor in ``like``'s dtype on its device (differentiable view)."""
+    if isinstance(gate, torch.Tensor):
+        return gate.reshape(1).to(like.dtype)
+    return torch.full((1,), float(gate), dtype=like.dtype, device=like.device)
+
+
+def conv1x1_residual_fwd(h, weight, bias, skip, gate, blocks=None) -> torch.Tensor:
+    """Launch the forward kernel. ``gate``: float or 1-element tensor.
+
+    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice (tests).
+    """
+    _check_residual_args(h, weight, bias, skip, gate)
+    check_triton_dtype(h)
+    gate_t = _gate_tensor(gate, h)
+    n, cin, hh, ww = h.shape
+    cout = weight.shape[0]
+    p = hh * ww
+    out = torch.empty((n, cout, hh, ww), dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
+    _conv1x1_residual_fwd_kernel[(triton.cdiv(p, bn), triton.cdiv(cout, bm), n)](
+        h, weight, bias if bias is not None else weight, skip, gate_t, out,
+        cin, cout, ww, p, *h.stride(), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0, *skip.stride(),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def conv1x1_residual_bwd(grad_out, h, weight, bias, gate_t, need_h=True, need_w=True,
+                         need_b=True, need_gate=False, blocks=None):
+    """Returns (grad_h, grad_weight, grad_bias, grad_gate); entries not needed are None.
+
+    ``gate_t`` is the 1-element gate tensor used in the forward; grad_gate has its shape.
+    """
+    n, cin, hh, ww = h.shape
+    cout = weight.shape[0]
+    p = hh * ww
+    if tuple(grad_out.shape) != (n, cout, hh, ww):
+        raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != {(n, cout, hh, ww)}")
+    if grad_out.dtype != h.dtype or grad_out.device != h.device:
+        raise ValueError("grad_out must match h's dtype and device")
+    gh = gw = gb = gg = None
+    if need_h:
+        gh = torch.empty_like(h, memory_format=torch.contiguous_format)
+        if gh.numel():
+            bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
+            _conv1x1_residual_bwd_dh_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
+                grad_out, weight, gate_t, gh, cin, cout, ww, p,
+                *grad_out.stride(), weight.stride(0), weight.stride(1),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if need_w or need_b or need_gate:
+        bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
+        tiles = n * triton.cdiv(p, bn)
+        grid2 = (triton.cdiv(cout, bm), triton.cdiv(cin, bk))
+        split = reduction_split(tiles, grid2[0] * grid2[1]) if tiles else 1
+        per = max(1, triton.cdiv(tiles, split))
+        split = max(1, triton.cdiv(tiles, per))
+        pw = torch.zeros((split, cout, cin), dtype=h.dtype, device=h.device)
+        pb = torch.zeros((split, cout), dtype=h.dtype, device=h.device)
+        if tiles:
+            _conv1x1_residual_bwd_dw_kernel[grid2 + (split,)](
+                grad_out, h, pw, pb, cin, cout, ww, p, tiles, per,
+                *grad_out.stride(), *h.stride(),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        a = pw.sum(0)
+        s = pb.sum(0)
+        if need_w:
+            gw = (gate_t * a).view(cout, cin, 1, 1)
+        if need_b:
+            gb = gate_t * s
+        if need_gate:
+            gg = (weight.view(cout, cin) * a).sum().reshape(1)
+            if bias is not None:
+                gg = gg + (bias * s).sum()
+    return gh, gw, gb, gg
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class Conv1x1ResidualFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, skip, gate_t):
+        out = conv1x1_residual_fwd(h, weight, bias, skip, gate_t)
+        ctx.save_for_backward(h, weight, bias, gate_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, gate_t = ctx.saved_tensors
+        need_h, need_w, need_b, need_skip, need_gate = ctx.needs_input_grad
+        gh, gw, gb, gg = conv1x1_residual_bwd(
+            grad_out, h, weight, bias, gate_t, need_h=need_h, need_w=need_w,
+            need_b=need_b and bias is not None, need_gate=need_gate)
+        return gh, gw, gb, (grad_out if need_skip else None), gg
+
+
+# ----------------------------------------------------------------------------- public
+
+def conv1x1_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     skip: torch.Tensor, gate=1.0, backend: str | None = None) -> torch.Tensor:
+    """skip + gate * (conv1x1(h) + bias): h (N,Cin,H,W), weight (Cout,Cin,1,1), bias (Cout,)
+    or None, skip (N,Cout,H,W); gate a float or a 0-dim/1-element tensor (differentiable).
+
+    ``backend`` None (automatic), "reference" or "triton" (see kernels._backend).
+    """
+    _check_residual_args(h, weight, bias, skip, gate)
+    if resolve("conv1x1_residual", h.device, backend, SUPPORTED) == "triton":
+        return Conv1x1ResidualFn.apply(h, weight, bias, skip, _gate_tensor(gate, h))
+    return conv1x1_residual_ref(h, weight, bias, skip, gate)

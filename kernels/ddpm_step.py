@@ -1,0 +1,327 @@
+"""One ancestral sampling step of the diffusion prior over the pseudoinputs (MODEL.md section 5).
+
+For the step t = (i+1)/T -> s = i/T (row i of the coefficient table):
+
+    x_hat = clamp((z_t - sigma_t * eps_hat) / alpha_t, -1, 1)
+    z_s   = c_z * z_t + c_x * x_hat + temperature * c_noise * noise
+
+    c_z     = a_ts sigma_s^2 / sigma_t^2           a_ts       = alpha_t / alpha_s
+    c_x     = alpha_s sigma_ts^2 / sigma_t^2        sigma_ts^2 = sigma_t^2 - a_ts^2 sigma_s^2
+    c_noise = sqrt(sigma_ts^2 sigma_s^2 / sigma_t^2)
+    alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), gamma(t) = gamma_min + (gamma_max - gamma_min) t
+
+Coefficient table (``ddpm_coefficients``), shape (T, 5), one row per step, columns
+    COL_SIGMA_T = 0: sigma_t
+    COL_INV_ALPHA_T = 1: 1 / alpha_t
+    COL_C_Z = 2: c_z
+    COL_C_X = 3: c_x
+    COL_C_NOISE = 4: c_noise
+computed once in float64 from (T, gamma_min, gamma_max) with the cancellation-free forms
+sigma_ts^2 / sigma_t^2 = -expm1(gamma_s - gamma_t), c_z = alpha_s/alpha_t (1 - that),
+c_x = alpha_s * that, c_noise = sqrt(that * sigma_s^2); then cast to the sampling dtype.
+
+Design trade-off. The step is five elementwise ops, a clamp and three reads of (N, C, h, w)
+tensors. Unfused, each op is a kernel launch plus a full round trip to memory, and looking
+up the schedule the improved-diffusion way (index a host array, copy to the device every
+step) costs a host-to-device copy and often a sync per step. Fused, one launch reads z_t,
+eps_hat and noise once, writes z_s once, and reads its five coefficients from the table in
+device memory. The step index can be a Python int (a plain kernel argument, excluded from
+Triton's integer specialisation so the T steps share one compiled kernel) or a 0-dim
+integer tensor on the device (read inside the kernel): a CUDA-graph-captured or compiled
+T-step loop then never synchronises with the host. An out-of-range *tensor* step cannot be
+checked without a sync; the kernel clamps it into [0, T-1] so it can never read outside the
+table (a Python int step is range-checked and raises).
+
+Size limits: a flat 1-D grid over numel with int64 offsets (no practical limit). Accumulation
+in fp32 (fp64 for fp64 inputs); the temperature is an fp32 scalar argument. The backward
+(gradients w.r.t. z_t, eps_hat and noise; the clamp passes gradient on [-1, 1] like
+torch.clamp) exists for completeness; sampling itself runs under no_grad.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # `import kernels` must work without Triton
+    triton = None
+    tl = None
+
+COL_SIGMA_T, COL_INV_ALPHA_T, COL_C_Z, COL_C_X, COL_C_NOISE = range(5)
+NUM_COLS = 5
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _supported():
+    # The C++ CPU step is wired in only if the compiled extension exposes one.
+    from dvpvae import _ext
+
+    ext = _ext.load()
+    if ext is not None and hasattr(ext, "ddpm_step"):
+        return ("cpp", "reference", "triton")
+    return ("reference", "triton")
+
+
+def ddpm_coefficients(T, gamma_min, gamma_max, dtype=torch.float32, device="cpu"):
+    """Tabulate the step coefficients: a (T, 5) tensor, row i for t = (i+1)/T -> s = i/T.
+
+    Columns: [sigma_t, 1/alpha_t, c_z, c_x, c_noise] (indices ``COL_*`` above). Computed in
+    float64, then cast to ``dtype`` on ``device``.
+    """
+    T = int(T)
+    if T < 1:
+        raise ValueError(f"ddpm_coefficients: T must be >= 1, got {T}")
+    if not gamma_min < gamma_max:
+        raise ValueError(f"ddpm_coefficients: need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+    i = torch.arange(T, dtype=torch.float64)
+    t = (i + 1) / T
+    s = i / T
+    g_t = gamma_min + (gamma_max - gamma_min) * t
+    g_s = gamma_min + (gamma_max - gamma_min) * s
+    # sigmoid(-g) = exp(-softplus(g)) keeps alpha accurate when gamma is large.
+    alpha_t = torch.exp(-0.5 * torch.nn.functional.softplus(g_t))
+    alpha_s = torch.exp(-0.5 * torch.nn.functional.softplus(g_s))
+    sigma_t = torch.sqrt(torch.sigmoid(g_t))
+    sigma2_s = torch.sigmoid(g_s)
+    ratio = -torch.expm1(g_s - g_t)  # sigma_ts^2 / sigma_t^2, without the cancellation
+    table = torch.stack([
+        sigma_t,
+        1.0 / alpha_t,
+        (1.0 - ratio) * alpha_s / alpha_t,  # a_ts sigma_s^2 / sigma_t^2
+        alpha_s * ratio,                    # alpha_s sigma_ts^2 / sigma_t^2
+        torch.sqrt(ratio * sigma2_s),       # sqrt(sigma_ts^2 sigma_s^2 / sigma_t^2)
+    ], dim=1)
+    return table.to(dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- reference
+def _row(coef, step):
+    if isinstance(step, torch.Tensor):
+        # index_select instead of coef[step]: no host sync, works under graph capture.
+        return torch.index_select(coef, 0, step.reshape(1).to(coef.device, torch.long))[0]
+    return coef[step]
+
+
+def ddpm_step_ref(z_t, eps_hat, noise, coef, step, temperature=1.0, backend=None):
+    """Plain-PyTorch reference; same signature and semantics as ``ddpm_step``."""
+    row = _row(coef, step).to(z_t.dtype)
+    sigma_t, inv_alpha_t, c_z, c_x, c_noise = row.unbind(0)
+    x_hat = torch.clamp((z_t - sigma_t * eps_hat) * inv_alpha_t, -1.0, 1.0)
+    return c_z * z_t + c_x * x_hat + (float(temperature) * c_noise) * noise
+
+
+# --------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["step"])
+    def _ddpm_step_fwd_kernel(zt_ptr, eh_ptr, nz_ptr, coef_ptr, step_ptr, out_ptr, numel, step,
+                              T, temperature, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                              STEP_IN_MEMORY: tl.constexpr):
+        if STEP_IN_MEMORY:
+            row = tl.load(step_ptr).to(tl.int64)
+        else:
+            row = tl.cast(step, tl.int64)
+        row = tl.minimum(tl.maximum(row, 0), T - 1)  # never read outside the table
+        cbase = coef_ptr + row * 5
+        sigma_t = tl.load(cbase + 0).to(ACC)
+        inv_alpha_t = tl.load(cbase + 1).to(ACC)
+        c_z = tl.load(cbase + 2).to(ACC)
+        c_x = tl.load(cbase + 3).to(ACC)
+        c_noise = tl.load(cbase + 4).to(ACC) * tl.cast(temperature, ACC)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        zt = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(ACC)
+        eh = tl.load(eh_ptr + offs, mask=mask, other=0.0).to(ACC)
+        nz = tl.load(nz_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x_hat = tl.minimum(tl.maximum((zt - sigma_t * eh) * inv_alpha_t, -1.0), 1.0)
+        zs = c_z * zt + c_x * x_hat + c_noise * nz
+        tl.store(out_ptr + offs, zs.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["step"])
+    def _ddpm_step_bwd_kernel(zt_ptr, eh_ptr, g_ptr, coef_ptr, step_ptr, dzt_ptr, deh_ptr, dnz_ptr,
+                              numel, step, T, temperature, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                              STEP_IN_MEMORY: tl.constexpr, NEED_NOISE: tl.constexpr):
+        if STEP_IN_MEMORY:
+            row = tl.load(step_ptr).to(tl.int64)
+        else:
+            row = tl.cast(step, tl.int64)
+        row = tl.minimum(tl.maximum(row, 0), T - 1)
+        cbase = coef_ptr + row * 5
+        sigma_t = tl.load(cbase + 0).to(ACC)
+        inv_alpha_t = tl.load(cbase + 1).to(ACC)
+        c_z = tl.load(cbase + 2).to(ACC)
+        c_x = tl.load(cbase + 3).to(ACC)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        zt = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(ACC)
+        eh = tl.load(eh_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+        pre = (zt - sigma_t * eh) * inv_alpha_t
+        # torch.clamp passes the gradient on the closed interval [-1, 1].
+        g_pre = tl.where((pre >= -1.0) & (pre <= 1.0), g * c_x, 0.0) * inv_alpha_t
+        tl.store(dzt_ptr + offs, (g * c_z + g_pre).to(dzt_ptr.dtype.element_ty), mask=mask)
+        tl.store(deh_ptr + offs, (-sigma_t * g_pre).to(deh_ptr.dtype.element_ty), mask=mask)
+        if NEED_NOISE:
+            c_noise = tl.load(cbase + 4).to(ACC) * tl.cast(temperature, ACC)
+            tl.store(dnz_ptr + offs, (g * c_noise).to(dnz_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _check_step(step, coef):
+    """Return (step_int, step_tensor_or_None); raise ValueError on a bad step."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dim() > 1:
+            raise ValueError(f"ddpm_step: a tensor step must be 0-dim (or one element), got shape "
+                             f"{tuple(step.shape)}")
+        if step.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ddpm_step: a tensor step must be int32/int64, got {step.dtype}")
+        if step.device != coef.device:
+            raise ValueError(f"ddpm_step: step is on {step.device} but coef on {coef.device}")
+        return 0, step
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"ddpm_step: step must be a Python int or a 0-dim int tensor, got "
+                         f"{type(step).__name__}")
+    if not 0 <= step < coef.shape[0]:
+        raise ValueError(f"ddpm_step: step {step} outside [0, {coef.shape[0] - 1}] "
+                         f"(row i is the step t=(i+1)/T -> s=i/T)")
+    return step, None
+
+
+def _check_inputs(z_t, eps_hat, noise, coef):
+    names = ("z_t", "eps_hat", "noise")
+    for name, t in zip(names, (z_t, eps_hat, noise)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"ddpm_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != z_t.shape:
+            raise ValueError(f"ddpm_step: {name} has shape {tuple(t.shape)}, expected {tuple(z_t.shape)}")
+        if t.dtype != z_t.dtype:
+            raise ValueError(f"ddpm_step: {name} has dtype {t.dtype}, expected {z_t.dtype}")
+        if t.device != z_t.device:
+            raise ValueError(f"ddpm_step: {name} is on {t.device}, expected {z_t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"ddpm_step: {name} must be contiguous (strides {t.stride()})")
+    if z_t.dtype not in _DTYPES:
+        raise ValueError(f"ddpm_step: dtype {z_t.dtype} not supported; use one of {_DTYPES}")
+    if not isinstance(coef, torch.Tensor) or coef.dim() != 2 or coef.shape[1] != NUM_COLS or coef.shape[0] < 1:
+        shape = tuple(coef.shape) if isinstance(coef, torch.Tensor) else type(coef).__name__
+        raise ValueError(f"ddpm_step: coef must be a (T, {NUM_COLS}) table from ddpm_coefficients, got {shape}")
+    if coef.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"ddpm_step: coef must be float32 or float64, got {coef.dtype}")
+    if coef.device != z_t.device:
+        raise ValueError(f"ddpm_step: coef is on {coef.device}, expected {z_t.device}")
+    if not coef.is_contiguous():
+        raise ValueError("ddpm_step: coef must be contiguous")
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _config(numel):
+    block = max(16, min(1024, triton.next_power_of_2(numel)))
+    return block, triton.cdiv(numel, block), (4 if block >= 512 else 1)
+
+
+def ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature=1.0):
+    """Launch the forward kernel (no autograd)."""
+    _check_inputs(z_t, eps_hat, noise, coef)
+    step_int, step_t = _check_step(step, coef)
+    out = torch.empty_like(z_t)
+    numel = z_t.numel()
+    if numel:
+        block, grid, num_warps = _config(numel)
+        _ddpm_step_fwd_kernel[(grid,)](
+            z_t, eps_hat, noise, coef, step_t if step_t is not None else coef, out, numel,
+            step_int, coef.shape[0], float(temperature), BLOCK=block,
+            ACC=_acc_dtype(z_t.dtype), STEP_IN_MEMORY=step_t is not None, num_warps=num_warps)
+    return out
+
+
+def ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, temperature=1.0, need_noise=False):
+    """Launch the backward kernel; returns (d z_t, d eps_hat, d noise or None)."""
+    grad_out = grad_out.contiguous()
+    if grad_out.shape != z_t.shape:
+        raise ValueError(f"ddpm_step backward: grad shape {tuple(grad_out.shape)} != {tuple(z_t.shape)}")
+    step_int, step_t = _check_step(step, coef)
+    d_zt = torch.empty_like(z_t)
+    d_eh = torch.empty_like(z_t)
+    d_nz = torch.empty_like(z_t) if need_noise else None
+    numel = z_t.numel()
+    if numel:
+        block, grid, num_warps = _config(numel)
+        _ddpm_step_bwd_kernel[(grid,)](
+            z_t, eps_hat, grad_out, coef, step_t if step_t is not None else coef,
+            d_zt, d_eh, d_nz if need_noise else d_zt, numel, step_int, coef.shape[0],
+            float(temperature), BLOCK=block, ACC=_acc_dtype(z_t.dtype),
+            STEP_IN_MEMORY=step_t is not None, NEED_NOISE=need_noise, num_warps=num_warps)
+    return d_zt, d_eh, d_nz
+
+
+class DDPMStepFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_t, eps_hat, noise, coef, step, temperature):
+        out = ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature)
+        if isinstance(step, torch.Tensor):
+            ctx.save_for_backward(z_t, eps_hat, coef, step)
+            ctx.step = None
+        else:
+            ctx.save_for_backward(z_t, eps_hat, coef)
+            ctx.step = step
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        z_t, eps_hat, coef = saved[:3]
+        step = saved[3] if ctx.step is None else ctx.step
+        d_zt, d_eh, d_nz = ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, ctx.temperature,
+                                         need_noise=ctx.needs_input_grad[2])
+        return d_zt, d_eh, d_nz, None, None, None
+
+
+def _cpp_step(z_t, eps_hat, noise, coef, step, temperature):
+    from dvpvae import _ext
+
+    return _ext.load().ddpm_step(z_t, eps_hat, noise, coef, step, float(temperature))
+
+
+# --------------------------------------------------------------------------- public op
+def ddpm_step(z_t, eps_hat, noise, coef, step, temperature=1.0, backend=None):
+    """One ancestral step z_t -> z_s of the diffusion prior (MODEL.md section 5).
+
+    Args:
+        z_t, eps_hat, noise: tensors of one shape (N, C, h, w) (any shape works: the op is
+            elementwise), one dtype (fp16/bf16/fp32/fp64) and one device. ``eps_hat`` is the
+            network's noise prediction at t, ``noise`` a fresh N(0, I) draw.
+        coef: the (T, 5) table of ``ddpm_coefficients`` on the same device (fp32/fp64).
+        step: row index i in [0, T-1] for t = (i+1)/T -> s = i/T; a Python int or a 0-dim
+            int32/int64 tensor on the table's device (read on the device: no host sync).
+            Ancestral sampling runs i = T-1, ..., 0 starting from z ~ N(0, I).
+        temperature: multiplies the noise standard deviation.
+        backend: None (automatic), "reference", "triton", or "cpp" when the compiled
+            extension provides ``ddpm_step`` (forward only; it reads a tensor step on the
+            host). On CPU without the interpreter the automatic order is cpp, reference.
+
+    Returns:
+        z_s, same shape and dtype as z_t. Differentiable w.r.t. z_t, eps_hat and noise.
+    """
+    name = resolve("ddpm_step", z_t.device, backend, _supported())
+    if name == "cpp":
+        # The C++ step is a sampling kernel without a backward: when a gradient is needed
+        # the automatic choice falls back to the reference; an explicit request raises.
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (z_t, eps_hat, noise))
+        if not needs_grad:
+            return _cpp_step(z_t, eps_hat, noise, coef, step, temperature)
+        if backend == "cpp":
+            raise ValueError("ddpm_step: the 'cpp' backend has no backward; call it under "
+                             "torch.no_grad() or use backend='triton'/'reference'")
+        name = "reference"
+    if name == "reference":
+        return ddpm_step_ref(z_t, eps_hat, noise, coef, step, temperature)
+    return DDPMStepFunction.apply(z_t.contiguous(), eps_hat.contiguous(), noise.contiguous(),
+                                  coef, step, float(temperature))

@@ -3,11 +3,12 @@
 Importing this package never imports Triton eagerly; the Triton kernels load on first use.
 """
 from kernels._backend import available_backends, use_backend
-from kernels.ddpm_step import ddpm_coefficients, ddpm_step
-from kernels.reparam_kl import reparam_kl, reparam_sample
 from kernels.conv1x1_act import conv1x1_act
 from kernels.conv1x1_residual import conv1x1_residual
 from kernels.dct_pseudoinput import dct_pseudoinput, idct_pseudoinput
+from kernels.ddpm_step import ddpm_coefficients, ddpm_step
+from kernels.reparam_kl import reparam_kl, reparam_sample
 
 __all__ = ["available_backends", "use_backend",
-           "conv1x1_act", "conv1x1_residual", "dct_pseudoinput", "idct_pseudoinput"]
+           "conv1x1_act", "conv1x1_residual", "dct_pseudoinput", "idct_pseudoinput",
+           "ddpm_coefficients", "ddpm_step", "reparam_kl", "reparam_sample"]

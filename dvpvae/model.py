@@ -168,10 +168,22 @@ class DVPVAE(nn.Module):
                 - gaussian_log_density(lay.z, lay.q_mu, lay.q_logvar)
         return log_w
 
+    def _posterior_mean_noise(self, x: torch.Tensor) -> Noise:
+        dec = self.decoder
+        c, k = self.config.image_channels, self.config.ctx_size
+        zeros = {"u": x.new_zeros(x.shape[0], c, k, k)}
+        for l, shape in enumerate(dec.latent_shapes):
+            zeros[f"z{l}"] = x.new_zeros((x.shape[0],) + shape)
+        return Noise(zeros)
+
     @torch.no_grad()
     def active_units(self, x: torch.Tensor, thresholds=(0.01, 0.001),
                      batch_size: int = 500) -> dict[float, float]:
-        """Fraction of ladder-latent units with Var_x(E_q[z]) above each threshold."""
+        """Fraction of ladder-latent units with Var_x(E_q[z]) above each threshold.
+
+        E_q[z_l] is taken along the posterior-mean path (u and every z above set to their
+        means), so it is a deterministic function of x, as Burda et al. define it.
+        """
         if self.validate_inputs:
             check_images(x, self.config)
         was_training = self.training
@@ -180,7 +192,7 @@ class DVPVAE(nn.Module):
             means = []
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size]
-                _, layers, _ = self.decoder(xb, self.encoder(xb), Noise(), full_bound=False)
+                _, layers, _ = self.decoder(xb, self.encoder(xb), self._posterior_mean_noise(xb), full_bound=False)
                 means.append(torch.cat([lay.q_mu.flatten(1) for lay in layers[1:]], dim=1))
             var = torch.cat(means, 0).var(0)
             return {thr: float((var > thr).float().mean()) for thr in thresholds}

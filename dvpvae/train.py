@@ -136,6 +136,23 @@ def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return 0, 1, torch.device(device)
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel`` configured for DVP-VAE."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Buffers (dct_scale, DCT bases) never change in training: no per-step broadcast
+    # (the newer spelling of that option is used when this torch has it).
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False}
+    # The last ladder block's z-projection is never used (as in the research model), so
+    # DDP must look for unused parameters. static_graph=True would avoid that search but
+    # gave wrong averaged gradients for this model (tests/test_ddp.py checks them).
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=True, **no_sync)
+
+
 VAL_STREAM = 2**40  # a "step" no run reaches: the validation draws' own stream
 
 
@@ -208,10 +225,7 @@ class Trainer:
             load_into(self.ema.module, self.ckpt.ema, os.path.join(resume_path, "ema.safetensors"))
         self.ddp = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)  # buffers (dct_scale, DCT bases) never change in training
+            self.ddp = wrap_ddp(self.model, self.device)
 
         hflip = args.hflip if args.hflip is not None else data_name == "cifar10"
         self.train_iter = BatchIterator(data.train, config.batch_size, shuffle=True, drop_last=True,
@@ -223,7 +237,8 @@ class Trainer:
         self.total_steps = args.max_steps or run_meta.get("max_steps") or config.epochs * self.steps_per_epoch
         self.eval_every = args.eval_every or self.steps_per_epoch
 
-        self.optimizer = MaskedAdamax(self.model.parameters(), lr=config.lr, eps=config.adam_eps,
+        self.optimizer = MaskedAdamax([p for p in self.model.parameters() if p.requires_grad],
+                                      lr=config.lr, eps=config.adam_eps,
                                       weight_decay=config.weight_decay)
         self.schedule = CosineSchedule(self.optimizer, config.lr, self.total_steps,
                                        config.warmup_epochs * self.steps_per_epoch, config.eta_min)

@@ -1,0 +1,198 @@
+"""Checkpoints: safetensors + JSON round trips, atomicity, retention, clear errors, no pickle."""
+import json
+import os
+import pickle
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dvpvae
+from dvpvae import checkpoint as C
+from dvpvae.checkpoint import CheckpointError, CheckpointManager
+from dvpvae.optim import EMA, MaskedAdamax
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def _trained_tiny(steps=2):
+    torch.manual_seed(0)
+    model = dvpvae.DVPVAE.from_preset("tiny")
+    dvpvae.set_dct_scale(model, torch.rand(32, 1, 28, 28) * 2 - 1)
+    opt = MaskedAdamax(model.parameters(), lr=1e-3, weight_decay=1e-6)
+    ema = EMA(model, 0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.rand(4, 1, 28, 28) * 2 - 1).loss.backward()
+        opt.step()
+        ema.update(model)
+    return model, opt, ema
+
+
+def test_training_checkpoint_roundtrip(tmp_path):
+    model, opt, ema = _trained_tiny()
+    mgr = CheckpointManager(str(tmp_path))
+    path = mgr.save(7, model, model.config, ema=ema.module, optimizer=opt,
+                    state={"epoch": 1, "batch_in_epoch": 3, "counters": {"skipped_nonfinite": 2}})
+    assert sorted(os.listdir(path)) == ["config.json", "ema.safetensors", "model.safetensors",
+                                        "state.json", "state.safetensors"]
+    ck = C.load_training_checkpoint(path)
+    assert ck.config == model.config
+    assert ck.state["step"] == 7 and ck.state["batch_in_epoch"] == 3
+    assert ck.state["counters"] == {"skipped_nonfinite": 2}
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck.model[k], v), k
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(ck.ema[k], v), k
+    assert any(not torch.equal(ck.ema[k], ck.model[k]) for k in ck.model)  # EMA is its own copy
+    # optimizer state restores bit-exactly into a fresh optimizer
+    model2 = dvpvae.DVPVAE.from_preset("tiny")
+    C.load_into(model2, ck.model, "test")
+    opt2 = MaskedAdamax(model2.parameters(), lr=5.0)
+    opt2.load_state_dict(ck.optimizer)
+    assert opt2.param_groups[0]["lr"] == 1e-3 and opt2.param_groups[0]["betas"] == (0.9, 0.999)
+    with_state = [(p, q) for p, q in zip(model.parameters(), model2.parameters()) if p in opt.state]
+    assert len(with_state) == len(opt2.state) > 10
+    for p, q in with_state:
+        for key in ("step", "exp_avg", "exp_inf"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+
+
+def test_rng_states_restore(tmp_path):
+    model, opt, _ = _trained_tiny(1)
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    path = CheckpointManager(str(tmp_path)).save(1, model, model.config, optimizer=opt,
+                                                 state={"epoch": 0, "batch_in_epoch": 1})
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    C.load_training_checkpoint(path).restore_rng()
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
+
+
+def test_weights_export_and_load_model_never_unpickle(tmp_path, monkeypatch):
+    model, _, ema = _trained_tiny(1)
+    C.save_weights(str(tmp_path), ema.module, model.config)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+    def refuse(*a, **k):
+        raise AssertionError("checkpoint loading must not unpickle")
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = C.load_model(str(tmp_path))
+    assert not loaded.training
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert torch.equal(loaded.dct_scale, model.dct_scale)
+
+
+class _Shared(torch.nn.Module):
+    """Registers one submodule under two names, as the research code does with its prior."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = self.a
+
+
+def test_aliased_tensors_are_stored_once(tmp_path):
+    m = _Shared()
+    C.atomic_write(str(tmp_path / "w.safetensors"), C._tensor_bytes(m.state_dict()))
+    state, _ = C.load_tensors(str(tmp_path / "w.safetensors"))
+    assert set(state) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    m2 = _Shared()
+    C.load_into(m2, state, "test")
+    assert torch.equal(m2.b.weight, m.a.weight)
+
+
+def test_corrupt_and_missing_files_give_clear_errors(tmp_path):
+    model, opt, ema = _trained_tiny(1)
+    mgr = CheckpointManager(str(tmp_path))
+    path = mgr.save(1, model, model.config, ema=ema.module, optimizer=opt,
+                    state={"epoch": 0, "batch_in_epoch": 1})
+    f = os.path.join(path, "model.safetensors")
+    blob = open(f, "rb").read()
+    open(f, "wb").write(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated.*model.safetensors|model.safetensors"):
+        C.load_training_checkpoint(path)
+    open(f, "wb").write(blob)
+    s = os.path.join(path, "state.json")
+    good = open(s).read()
+    open(s, "w").write(good[:-20])
+    with pytest.raises(CheckpointError, match="corrupt JSON.*state.json"):
+        C.load_training_checkpoint(path)
+    os.remove(s)
+    with pytest.raises(CheckpointError, match="missing checkpoint file.*state.json"):
+        C.load_training_checkpoint(path)
+    cfg = os.path.join(path, "config.json")
+    open(cfg, "w").write(json.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="not a dvpvae checkpoint"):
+        C.load_model(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        C.load_model(str(tmp_path / "nope"))
+
+
+def test_mismatched_config_and_keys(tmp_path):
+    model, _, _ = _trained_tiny(1)
+    C.save_weights(str(tmp_path), model, model.config)
+    doc = json.load(open(tmp_path / "config.json"))
+    doc["config"]["num_ch"] = 32  # the stored weights are for num_ch 16
+    open(tmp_path / "config.json", "w").write(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        C.load_model(str(tmp_path))
+    doc["config"]["latent_scales"] = [3, 1]
+    doc["config"]["num_ch"] = 16
+    open(tmp_path / "config.json", "w").write(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        C.load_model(str(tmp_path))
+    doc["config"]["no_such_field"] = 1
+    open(tmp_path / "config.json", "w").write(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="no_such_field"):
+        C.load_model(str(tmp_path))
+
+
+def test_manager_keeps_last_n_and_best(tmp_path):
+    model, _, _ = _trained_tiny(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last=2)
+    for step, val in ((1, 5.0), (2, 3.0), (3, 4.0), (4, None), (5, 6.0)):
+        mgr.save(step, model, model.config, val_loss=val)
+    assert [s for s, _ in mgr.steps()] == [2, 4, 5]
+    assert mgr.best().endswith("step-00000002") and mgr.latest().endswith("step-00000005")
+    assert mgr.best_info()["val_loss"] == 3.0
+    # an abandoned temporary directory is ignored and leaves no trace in the listing
+    os.makedirs(tmp_path / ".tmp-step-00000009-1")
+    assert mgr.latest().endswith("step-00000005")
+    # re-saving the same step replaces it atomically
+    mgr.save(5, model, model.config)
+    assert [s for s, _ in mgr.steps()] == [2, 4, 5]
+    assert not [n for n in os.listdir(tmp_path) if ".old-" in n or ".tmp-step-00000005" in n]
+
+
+def test_resolve_run_folder_prefers_best(tmp_path):
+    model, _, _ = _trained_tiny(0)
+    mgr = CheckpointManager(str(tmp_path / "checkpoints"))
+    mgr.save(1, model, model.config, val_loss=1.0)
+    mgr.save(2, model, model.config, val_loss=2.0)
+    assert C.resolve(str(tmp_path)).endswith("step-00000001")
+    assert C.resolve(str(tmp_path / "checkpoints" / "step-00000002")).endswith("step-00000002")
+    os.makedirs(tmp_path / "empty_run")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        C.resolve(str(tmp_path / "empty_run"))
+
+
+def test_fast_model_falls_back_with_warning(monkeypatch):
+    monkeypatch.delattr(dvpvae, "FastDVPVAE", raising=False)
+    cfg = dvpvae.get_config("tiny")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m = C.build_model(cfg, "fast")
+    assert type(m) is dvpvae.DVPVAE
+    assert any("FastDVPVAE is not available" in str(x.message) for x in w)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        C.build_model(cfg, "turbo")

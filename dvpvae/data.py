@@ -243,8 +243,10 @@ def read_omniglot(path: str) -> tuple[np.ndarray, np.ndarray]:
     ``col * 28 + row`` (column-major), so the row-major image is the transpose of the
     C-order reshape. This matches the IWAE loader and the research code.
     """
-    import scipy.io
-
+    try:
+        import scipy.io
+    except ImportError as e:
+        raise DataError(f"reading {path} needs scipy: pip install scipy ({e})") from e
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises several types for a damaged file

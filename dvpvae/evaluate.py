@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported weights (config.json + model.safetensors)")
     p.add_argument("--data", choices=DATASETS, default=None, help="default: the run's dataset")
     p.add_argument("--data-root", default=None, help="default: the run's --data-root")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="npz: validation fraction")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="npz: validation fraction (default: the run's, else 0.1)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--k", type=int, default=1000, help="importance samples per image")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     data_root = args.data_root or run.get("data_root") or "data"
     model = load_model(ckpt, kind=args.model, use_ema=not args.no_ema, device=device)
     model.validate_inputs = False
-    data = load_dataset(data_name, data_root, val_size=config.val_size, val_fraction=args.val_fraction,
+    val_fraction = args.val_fraction or run.get("val_fraction") or 0.1
+    data = load_dataset(data_name, data_root, val_size=config.val_size, val_fraction=val_fraction,
                         download_ok=not args.no_download)
     images = data.split(args.split)
     if tuple(images.shape[1:]) != config.image_shape:

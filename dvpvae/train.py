@@ -82,13 +82,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dvpvae-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="mnist", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="named config (default: mnist, or the resumed run's)")
     p.add_argument("--data", choices=DATASETS, default=None,
                    help="dataset (default: the preset's Config.dataset)")
     p.add_argument("--data-root", default=None,
                    help="directory with the dataset files, or the .npz file (default: data/, or the "
                         "resumed run's)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="npz: fraction of x used for validation")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="npz: fraction of x used for validation (default 0.1, or the resumed run's)")
     p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     p.add_argument("--hflip", type=_parse_bool, default=None,
                    help="random horizontal flips of training images (default: on for cifar10, "
@@ -183,6 +185,7 @@ class Trainer:
                              "that run or choose another --out")
         run_meta = self._read_run_meta(resume_path)
         data_name = args.data or run_meta.get("data")
+        self.preset = args.preset or run_meta.get("preset") or "mnist"
         overrides = config_overrides(args)
         if resume_path:
             self.ckpt = load_training_checkpoint(resume_path)
@@ -194,12 +197,13 @@ class Trainer:
                 config = config.replace(**changed)
         else:
             self.ckpt = None
-            config = get_config(args.preset, **overrides)
+            config = get_config(self.preset, **overrides)
         data_name = data_name or config.dataset
         self.data_name = data_name
         self.data_root = args.data_root or run_meta.get("data_root") or "data"
+        self.val_fraction = args.val_fraction or run_meta.get("val_fraction") or 0.1
         data = load_dataset(data_name, self.data_root, val_size=config.val_size,
-                            val_fraction=args.val_fraction, download_ok=not args.no_download)
+                            val_fraction=self.val_fraction, download_ok=not args.no_download)
         c, h, _ = data.image_shape
         if (c, h) != (config.image_channels, config.image_size):
             explicit = {"image_channels", "image_size"} & set(overrides)
@@ -227,7 +231,8 @@ class Trainer:
         if self.world > 1:
             self.ddp = wrap_ddp(self.model, self.device)
 
-        hflip = args.hflip if args.hflip is not None else data_name == "cifar10"
+        hflip = args.hflip if args.hflip is not None else run_meta.get("hflip", data_name == "cifar10")
+        self.hflip = hflip
         self.train_iter = BatchIterator(data.train, config.batch_size, shuffle=True, drop_last=True,
                                         seed=config.seed, rank=self.rank, world_size=self.world,
                                         hflip=hflip, device=self.device)
@@ -253,7 +258,7 @@ class Trainer:
             self.best_val = st.get("best_val", math.inf)
             self.ckpt.restore_rng()
 
-        self.out = args.out or run_meta.get("out") or os.path.join("runs", f"{args.preset}-{data_name}")
+        self.out = args.out or os.path.join("runs", f"{self.preset}-{data_name}")
         self.ckpts = CheckpointManager(os.path.join(self.out, "checkpoints"), keep_last=args.keep)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.tb = None
@@ -299,7 +304,8 @@ class Trainer:
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         meta = {"config": self.config.to_dict(), "world_size": self.world,
                 "args": {"data": self.data_name, "data_root": self.data_root, "model": self.args.model,
-                         "max_steps": self.total_steps, "out": self.out, "preset": self.args.preset},
+                         "max_steps": self.total_steps, "out": self.out, "preset": self.preset,
+                         "val_fraction": self.val_fraction, "hflip": self.hflip},
                 "steps_per_epoch": self.steps_per_epoch, "num_parameters": self.model.num_parameters(),
                 "images": {k: len(getattr(self.data, k)) if getattr(self.data, k) is not None else 0
                            for k in ("train", "val", "test")}}
@@ -307,6 +313,10 @@ class Trainer:
         # Rows past the resumed step belong to a trajectory that is being replayed.
         rows = [r for r in plotting.read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
         atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{type(self.model).__name__} ({self.model.num_parameters():,} parameters) on "
+              f"{self.data_name}: {len(self.data.train)} train / {len(self.data.val)} val images, "
+              f"{self.world} x {self.config.batch_size} per step, {self.steps_per_epoch} steps/epoch, "
+              f"{self.total_steps} steps from step {self.step}; run folder {self.out}", file=sys.stderr)
         if self.args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -466,7 +476,7 @@ class Trainer:
 
         previous = self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main,
-                   desc=f"{self.args.preset}/{self.data_name}", dynamic_ncols=True)
+                   desc=f"{self.preset}/{self.data_name}", dynamic_ncols=True)
         self._acc, acc_steps, t0, last_eval = None, 0, time.time(), -1
         try:
             while self.step < self.total_steps and not self._should_stop():

@@ -7,9 +7,10 @@ up to 3072 elements. REL: fp32 1e-6, fp64 1e-12.
 import pytest
 import torch
 
-from kernels import reparam_kl as rk
-from kernels.reparam_kl import (reparam_kl, reparam_kl_fwd, reparam_kl_ref, reparam_sample,
-                                reparam_sample_ref)
+# `from kernels.reparam_kl import ...`, not `from kernels import reparam_kl`: the package
+# re-exports the function under the module's name.
+from kernels.reparam_kl import (reparam_kl, reparam_kl_bwd, reparam_kl_fwd, reparam_kl_ref,
+                                reparam_sample, reparam_sample_ref)
 from tests.kernels.utils import assert_three_way, assert_verbose_allclose
 
 REL = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -151,8 +152,8 @@ def test_split_reduction_path(splits):
     assert_verbose_allclose(z, zr, 1e-12, 1e-12, "z")
     assert_verbose_allclose(kl, klr, 1e-9, 1e-12, "kl")
     gz, gk = torch.randn_like(z), torch.randn_like(kl)
-    one = rk.reparam_kl_bwd(*args, gz, gk, -3.0, need_eps=True, splits=1)
-    many = rk.reparam_kl_bwd(*args, gz, gk, -3.0, need_eps=True, splits=splits)
+    one = reparam_kl_bwd(*args, gz, gk, -3.0, need_eps=True, splits=1)
+    many = reparam_kl_bwd(*args, gz, gk, -3.0, need_eps=True, splits=splits)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 

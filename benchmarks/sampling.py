@@ -1,0 +1,163 @@
+"""Benchmark: sampling N pseudoinputs from the diffusion prior through its T steps.
+
+Providers:
+  reference  the Python loop over DiffusionPrior.step (dvpvae.sampling.sample_prior_ref)
+  extension  torch.ops.dvpvae.ddpm_sample: the T-step loop in C++ over an AOTInductor
+             package of the UNet (dvpvae.sampling.sample_prior(backend="extension"))
+
+Usage:
+  python benchmarks/sampling.py [--preset mnist] [--n 1 16 256] [--json PATH]
+
+The JSON holds ``results`` (one object per preset/n/backend with ``seconds_median``,
+``seconds_min``, ``seconds_max``, ``gflops``), ``speedup`` keyed by n (reference median /
+extension median), the machine (threads, CPU, torch version) and the one-time package
+compile cost. Weights are random (the zero-initialised output conv is perturbed so
+eps_hat != 0); speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from dvpvae import _ext, get_config  # noqa: E402
+from dvpvae.diffusion import DiffusionPrior  # noqa: E402
+from dvpvae.noise import Noise  # noqa: E402
+from dvpvae.sampling import compile_prior, package_path, sample_prior, sample_prior_ref  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timeit(fn, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def unet_flops(prior, n: int) -> int:
+    """FLOPs of one UNet call at batch n (convs, matmuls; elementwise ops not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = torch.zeros(n, *prior.shape)
+    t = torch.full((n,), 0.5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        prior.unet(z, t)
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops() -> float:
+    """Measured fp32 GEMM rate on this machine with the current thread count (a roofline)."""
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    times = timeit(lambda: a @ b, repeats=10, warmup=3)
+    return 2 * 1024 ** 3 / min(times) / 1e9
+
+
+def make_prior(preset: str) -> DiffusionPrior:
+    torch.manual_seed(0)
+    prior = DiffusionPrior.from_config(get_config(preset)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(prior.unet.out_conv.weight, std=0.05)
+    return prior
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="mnist")
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=0, help="0: chosen per n (more for small n)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
+    ap.add_argument("--json", default=None, help="write machine-readable results here")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _ext.available():
+        print(f"extension unavailable: {_ext.missing_reason()}", file=sys.stderr)
+        return 2
+    prior = make_prior(args.preset)
+    cached = os.path.exists(package_path(prior))
+    t0 = time.perf_counter()
+    path = compile_prior(prior)
+    compile_s = time.perf_counter() - t0
+    peak = matmul_peak_gflops()
+    print(f"preset={args.preset} T={prior.T} shape={tuple(prior.shape)} threads={torch.get_num_threads()} "
+          f"cpu={cpu_name()!r} torch={torch.__version__}")
+    print(f"package {path} ({'cached' if cached else 'compiled'} in {compile_s:.1f} s); "
+          f"fp32 GEMM peak ~{peak:.0f} GFLOP/s")
+
+    results, speedup = [], {}
+    for n in args.n:
+        gen = torch.Generator().manual_seed(n)
+        draws = {"prior_zT": torch.randn(n, *prior.shape, generator=gen),
+                 "prior_eps": torch.randn(prior.T, n, *prior.shape, generator=gen)}
+        providers = {
+            "reference": lambda: sample_prior_ref(prior, n, args.temperature, Noise(draws)),
+            "extension": lambda: sample_prior(prior, n, args.temperature, Noise(draws), backend="extension"),
+        }
+        diff = (providers["reference"]() - providers["extension"]()).abs().max().item()
+        repeats = args.repeats or (20 if n <= 16 else 5)
+        flops = unet_flops(prior, n) * prior.T
+        medians = {}
+        for backend, fn in providers.items():
+            times = timeit(fn, repeats, args.warmup)
+            med = statistics.median(times)
+            medians[backend] = med
+            results.append({"preset": args.preset, "n": n, "backend": backend, "seconds_median": med,
+                            "seconds_min": min(times), "seconds_max": max(times), "repeats": repeats,
+                            "gflops": flops / med / 1e9, "max_abs_diff_vs_reference": diff})
+        speedup[str(n)] = medians["reference"] / medians["extension"]
+
+    print(f"\n{'n':>5} {'backend':>10} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'GFLOP/s':>8} {'speedup':>8}")
+    for r in results:
+        sp = f"{speedup[str(r['n'])]:.2f}x" if r["backend"] == "extension" else ""
+        print(f"{r['n']:>5} {r['backend']:>10} {r['seconds_median'] * 1e3:>10.2f} {r['seconds_min'] * 1e3:>9.2f} "
+              f"{r['seconds_max'] * 1e3:>9.2f} {r['gflops']:>8.2f} {sp:>8}")
+    print("max |extension - reference|: " + ", ".join(
+        f"n={r['n']}: {r['max_abs_diff_vs_reference']:.1e}" for r in results if r["backend"] == "extension"))
+
+    if args.json:
+        out = {
+            "benchmark": "sampling", "preset": args.preset, "T": prior.T,
+            "temperature": args.temperature, "results": results, "speedup": speedup,
+            "machine": {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "gemm_peak_gflops": peak},
+            "package": {"path": path, "cached": cached, "compile_seconds": compile_s},
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+// Declarations shared by the binding (dvpvae_ext.cpp), the CPU implementation
+// (ddpm_cpu.cpp) and the CUDA glue (ddpm_cuda_glue.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+// Argument checks that raise a c10::Error (RuntimeError in Python) naming the argument,
+// in the style of FlashAttention's flash_api.cpp.
+#define CHECK_DEVICE(x, dev)                                                              \
+  TORCH_CHECK((x).device() == (dev), "dvpvae: " #x " must be on ", (dev), ", got ", \
+              (x).device())
+#define CHECK_CONTIGUOUS(x) \
+  TORCH_CHECK((x).is_contiguous(), "dvpvae: " #x " must be contiguous, got strides ", (x).strides())
+#define CHECK_SHAPE(x, ...)                                                                 \
+  TORCH_CHECK((x).sizes() == c10::IntArrayRef({__VA_ARGS__}), "dvpvae: " #x " must have shape ", \
+              c10::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+namespace dvpvae {
+
+// Columns of the (T, 5) step table; row i is the step t = (i+1)/T -> s = i/T.
+// Same layout as kernels/ddpm_step.py (COL_*) and DiffusionPrior.coefficients.
+enum Col : int64_t { kSigmaT = 0, kInvAlphaT = 1, kCZ = 2, kCX = 3, kCNoise = 4, kNumCols = 5 };
+
+// float64 CPU table (T, 5) for the linear log-SNR schedule.
+at::Tensor ddpm_coefficients(int64_t T, double gamma_min, double gamma_max);
+
+// Shared validation of ddpm_step's arguments (shapes, dtypes, devices, contiguity, step).
+void check_step_args(const at::Tensor& z_t, const at::Tensor& eps_hat, const at::Tensor& noise,
+                     const at::Tensor& coef, int64_t step);
+
+at::Tensor ddpm_step_cpu(const at::Tensor& z_t, const at::Tensor& eps_hat,
+                         const at::Tensor& noise, const at::Tensor& coef, int64_t step,
+                         double temperature);
+at::Tensor ddpm_step_meta(const at::Tensor& z_t, const at::Tensor& eps_hat,
+                          const at::Tensor& noise, const at::Tensor& coef, int64_t step,
+                          double temperature);
+
+// The whole T-step ancestral loop; the denoiser is an AOTInductor package that takes
+// (z_t, t, *weights). Device-agnostic: the step goes through the dispatcher, so the
+// same function serves the CPU and CUDA registrations.
+at::Tensor ddpm_sample_aoti(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                            at::TensorList weights, c10::string_view package, double temperature);
+at::Tensor ddpm_sample_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                            at::TensorList weights, c10::string_view package, double temperature);
+// Drop every cached package loader; returns how many were dropped.
+int64_t release_packages();
+
+}  // namespace dvpvae

@@ -78,9 +78,9 @@ class ImageData:
 
     def split(self, name: str) -> np.ndarray:
         """Return split ``train``, ``val`` or ``test``; a missing split raises DataError."""
-        arr = getattr(self, name, None) if name in ("train", "val", "test") else None
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; use train, val or test")
+        arr = getattr(self, name)
         if arr is None:
             raise DataError(f"dataset {self.name!r} has no {name} split "
                             "(for npz, store test images under key 'x_test')")

@@ -401,7 +401,6 @@ class Trainer:
         """EMA model on the validation split: loss (bits/dim, with beta) and nelbo (nats)."""
         model = self.ema.module
         model.eval()
-        model.validate_inputs = False
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         # Fixed draws for every validation pass, so successive values are comparable.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

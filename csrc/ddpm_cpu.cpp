@@ -145,7 +145,11 @@ at::Tensor ddpm_step_cpu(const at::Tensor& z_t, const at::Tensor& eps_hat, const
 
 at::Tensor ddpm_step_meta(const at::Tensor& z_t, const at::Tensor& eps_hat, const at::Tensor& noise,
                           const at::Tensor& coef, int64_t step, double temperature) {
-  // Shape/dtype rules only: meta tensors have no data (and sizes may be symbolic).
+  // Shape/device rules only: meta tensors have no data (and sizes may be symbolic). The
+  // device checks also catch a real tensor mixed with a meta one, which dispatches here.
+  CHECK_DEVICE(eps_hat, z_t.device());
+  CHECK_DEVICE(noise, z_t.device());
+  CHECK_DEVICE(coef, z_t.device());
   TORCH_CHECK(eps_hat.sym_sizes() == z_t.sym_sizes() && noise.sym_sizes() == z_t.sym_sizes(),
               "dvpvae.ddpm_step: z_t, eps_hat and noise must have one shape");
   TORCH_CHECK(coef.dim() == 2 && coef.sym_size(1) == kNumCols,
@@ -257,6 +261,8 @@ at::Tensor ddpm_sample_aoti(const at::Tensor& z_T, const at::Tensor& noise, cons
 at::Tensor ddpm_sample_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
                             at::TensorList weights, c10::string_view package, double temperature) {
   TORCH_CHECK(coef.dim() == 2, "dvpvae.ddpm_sample: coef must be a (T, 5) table");
+  CHECK_DEVICE(noise, z_T.device());
+  CHECK_DEVICE(coef, z_T.device());
   return at::empty_like(z_T);
 }
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from dvpvae.config import Config
 from dvpvae.noise import Noise
+from dvpvae.sampling import sample_prior
 from dvpvae.unet import UNet
 
 LOG_2PI = math.log(2 * math.pi)
@@ -126,12 +127,13 @@ class DiffusionPrior(nn.Module):
         return c_z * z_t + c_x * x_hat + temperature * c_noise * eps
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, noise: Noise | None = None) -> torch.Tensor:
-        """Ancestral sampling of n pseudoinputs through the T steps (noise at every step)."""
-        noise = noise if noise is not None else Noise()
-        like = self.coefficients
-        z = noise.normal("prior_zT", (n,) + self.shape, like)
-        eps = noise.normal("prior_eps", (self.T, n) + self.shape, like)
-        for k, i in enumerate(range(self.T - 1, -1, -1)):
-            z = self.step(z, i, eps[k], temperature)
-        return z
+    def sample(self, n: int, temperature: float = 1.0, noise: Noise | None = None,
+               backend: str | None = None) -> torch.Tensor:
+        """Ancestral sampling of n pseudoinputs through the T steps (noise at every step).
+
+        The loop lives in ``dvpvae.sampling``: the Python loop over ``step``
+        (``sample_prior_ref``, backend "reference") or the C++ extension's loop (backend
+        "extension"); ``backend=None`` picks the extension when it is built and this UNet's
+        package is compiled (see that module's docstring).
+        """
+        return sample_prior(self, n, temperature, noise, backend=backend)

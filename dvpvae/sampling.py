@@ -32,6 +32,7 @@ The reference loop is also used when the UNet is in training mode with active dr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -86,9 +87,11 @@ def _weights(unet: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(unet.named_parameters()) + list(unet.named_buffers())
 
 
+@functools.lru_cache(maxsize=None)
 def _source_hash(cls: type) -> str:
     # The forward depends on module-level helpers too (timestep_embedding, ...), so hash
-    # the whole source file of the class's module.
+    # the whole source file of the class's module (once per process: edits to the source
+    # take effect on the next import anyway).
     try:
         path = inspect.getsourcefile(cls)
         with open(path, "rb") as f:

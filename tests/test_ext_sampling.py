@@ -1,0 +1,300 @@
+"""The C++ DDPM sampling extension (csrc/, dvpvae/sampling.py) against the reference loop.
+
+Tolerances. The fused step reads the same float32 table and does the same float32
+arithmetic as ``kernels.ddpm_step.ddpm_step_ref``; it is checked three-way against a float64
+reference (err_ext <= 2 err_ref32 + 1e-6). The whole loop runs the UNet as an AOTInductor
+package, which fuses GroupNorm/SiLU/FiLM chains and so rounds differently from eager by
+~1e-6 per UNet call; after T steps (with x_hat clamped to [-1, 1]) samples agree with the
+Python loop to atol 5e-5 (measured: ~1e-6 for all presets).
+
+The packages (one per preset architecture) are compiled once per machine into
+``DVPVAE_CACHE_DIR`` (default ~/.cache/dvpvae/aoti) and shared by all tests through a
+module-scoped fixture: the first run on a fresh machine spends ~25 s per preset compiling,
+later runs reuse them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dvpvae import _ext, get_config
+from dvpvae import sampling
+from dvpvae.diffusion import DiffusionPrior, sampling_coefficients
+from dvpvae.noise import Noise
+from kernels.ddpm_step import ddpm_coefficients, ddpm_step_ref
+
+PRESETS = ("mnist", "omniglot", "cifar10")
+SAMPLE_ATOL = 5e-5
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=(
+    "C++ extension not built: " + _ext.missing_reason()) if not _ext.available() else "")
+
+
+def ops():
+    return _ext.load()
+
+
+def perturbed_prior(preset: str, seed: int = 0) -> DiffusionPrior:
+    """The preset's prior with random weights; zero-initialised layers (output conv,
+    ResBlock output convs, attention projection) get small random values so eps_hat != 0."""
+    torch.manual_seed(seed)
+    prior = DiffusionPrior.from_config(get_config(preset)).eval()
+    with torch.no_grad():
+        for p in prior.unet.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return prior
+
+
+def draws(prior, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {"prior_zT": torch.randn((n,) + prior.shape, generator=g),
+            "prior_eps": torch.randn((prior.T, n) + prior.shape, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def priors():
+    """One compiled prior per preset, shared by the module (compile cost paid once)."""
+    if not _ext.available():
+        pytest.skip("C++ extension not built: " + _ext.missing_reason())
+    out = {}
+    for preset in PRESETS:
+        prior = perturbed_prior(preset)
+        sampling.compile_prior(prior)
+        out[preset] = prior
+    return out
+
+
+# --------------------------------------------------------------------------- table
+@needs_ext
+@pytest.mark.parametrize("T,gmin,gmax", [(25, -6.0, 7.0), (50, -6.0, 7.0), (25, -10.0, 7.0),
+                                         (1, -6.0, 7.0), (7, -3.5, 11.0)])
+def test_coefficients_match_float64(T, gmin, gmax):
+    table = ops().ddpm_coefficients(T, gmin, gmax)
+    assert table.dtype == torch.float64 and table.shape == (T, 5)
+    # Same cancellation-free formulas as the Triton op's float64 table: ~1 ulp apart.
+    torch.testing.assert_close(table, ddpm_coefficients(T, gmin, gmax, dtype=torch.float64),
+                               rtol=1e-13, atol=0)
+    # The direct MODEL.md forms (the reference prior's table before its float32 cast):
+    # they lose a few digits to cancellation in sigma_ts^2, hence the looser rtol.
+    torch.testing.assert_close(table, sampling_coefficients(T, gmin, gmax), rtol=1e-9, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("T,gmin,gmax", [(0, -6.0, 7.0), (-3, -6.0, 7.0), (5, 7.0, -6.0)])
+def test_coefficients_bad_args(T, gmin, gmax):
+    with pytest.raises(RuntimeError, match="T must be positive|gamma_min < gamma_max"):
+        ops().ddpm_coefficients(T, gmin, gmax)
+
+
+# --------------------------------------------------------------------------- step
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1, 7, 7), (16, 1, 5, 5), (3, 3, 7, 7), (1000, 3, 7, 7)])
+@pytest.mark.parametrize("step", [0, 12, 24])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_step_three_way(shape, step, temperature):
+    coef32 = ddpm_coefficients(25, -6.0, 7.0)
+    z, eh, nz = (torch.randn(shape) for _ in range(3))
+    ref64 = ddpm_step_ref(z.double(), eh.double(), nz.double(), coef32.double(), step, temperature)
+    ref32 = ddpm_step_ref(z, eh, nz, coef32, step, temperature)
+    out = ops().ddpm_step(z, eh, nz, coef32, step, temperature)
+    assert out.dtype == torch.float32 and out.shape == z.shape
+    err_ext = (out.double() - ref64).abs().max().item()
+    err_ref = (ref32.double() - ref64).abs().max().item()
+    assert err_ext <= 2 * err_ref + 1e-6, (err_ext, err_ref)
+    # float64 data with a float64 table is the float64 reference up to rounding.
+    out64 = ops().ddpm_step(z.double(), eh.double(), nz.double(), coef32.double(), step, temperature)
+    torch.testing.assert_close(out64, ref64, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_step_through_kernels_backend():
+    # kernels.ddpm_step routes backend="cpp" to this extension.
+    from kernels.ddpm_step import ddpm_step
+
+    coef = ddpm_coefficients(25, -6.0, 7.0)
+    z, eh, nz = (torch.randn(4, 1, 7, 7) for _ in range(3))
+    torch.testing.assert_close(ddpm_step(z, eh, nz, coef, 5, 0.5, backend="cpp"),
+                               ddpm_step_ref(z, eh, nz, coef, 5, 0.5), rtol=0, atol=1e-6)
+
+
+@needs_ext
+def test_step_bad_args():
+    coef = ddpm_coefficients(25, -6.0, 7.0)
+    z, eh, nz = (torch.randn(4, 1, 7, 7) for _ in range(3))
+    step = ops().ddpm_step
+    with pytest.raises(RuntimeError, match="eps_hat must have shape"):
+        step(z, eh[:2], nz, coef, 0)
+    with pytest.raises(RuntimeError, match="noise must have shape"):
+        step(z, eh, nz.reshape(4, 7, 7, 1), coef, 0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        step(z, eh.transpose(2, 3), nz, coef, 0)
+    with pytest.raises(RuntimeError, match="step 25 outside"):
+        step(z, eh, nz, coef, 25)
+    with pytest.raises(RuntimeError, match="step -1 outside"):
+        step(z, eh, nz, coef, -1)
+    with pytest.raises(RuntimeError, match=r"\(T, 5\) table"):
+        step(z, eh, nz, coef[:, :4].contiguous(), 0)
+    with pytest.raises(RuntimeError, match=r"\(T, 5\) table"):
+        step(z, eh, nz, torch.empty(0, 5), 0)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        step(z, eh.double(), nz, coef, 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        step(z.half(), eh.half(), nz.half(), coef, 0)
+    with pytest.raises(RuntimeError, match="eps_hat must be on cpu"):
+        step(z, eh.to("meta"), nz, coef, 0)
+    with pytest.raises(RuntimeError, match="coef must be on cpu"):
+        step(z, eh, nz, coef.to("meta"), 0)
+
+
+# --------------------------------------------------------------------------- torch.compile
+@needs_ext
+def test_step_under_torch_compile_fullgraph():
+    coef = ddpm_coefficients(25, -6.0, 7.0)
+
+    def f(z, eh, nz):
+        # ops around the custom op so the graph has something to fuse on both sides
+        return torch.ops.dvpvae.ddpm_step(z * 2.0, eh, nz, coef, 3, 0.5).sin() + 1.0
+
+    z, eh, nz = (torch.randn(6, 1, 7, 7) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True)  # raises on any graph break
+    torch.testing.assert_close(compiled(z, eh, nz), f(z, eh, nz), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.dvpvae.ddpm_step.default, (z, eh, nz, coef, 3, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_sample_op_under_torch_compile_fullgraph(priors):
+    prior = priors["mnist"]
+    path = sampling.compile_prior(prior)
+    weights = [w.detach() for _, w in sampling._weights(prior.unet)]
+    d = draws(prior, 3, seed=1)
+
+    def f(z, eps):
+        return torch.ops.dvpvae.ddpm_sample(z, eps, prior.coefficients, weights, path, 0.8).tanh()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fake tensors, no break
+    torch.testing.assert_close(compiled(d["prior_zT"], d["prior_eps"]), f(d["prior_zT"], d["prior_eps"]))
+
+
+# --------------------------------------------------------------------------- loop
+@needs_ext
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("n,temperature", [(1, 1.0), (16, 0.7), (37, 1.3)])
+def test_sample_matches_reference_loop(priors, preset, n, temperature):
+    prior = priors[preset]
+    d = draws(prior, n, seed=n)
+    ref = sampling.sample_prior_ref(prior, n, temperature, Noise(d))
+    out = sampling.sample_prior(prior, n, temperature, Noise(d), backend="extension")
+    assert out.shape == (n,) + prior.shape and out.dtype == ref.dtype
+    assert ref.abs().max() > 0.1  # a real sample, not a degenerate zero
+    torch.testing.assert_close(out, ref, rtol=0, atol=SAMPLE_ATOL)
+
+
+@needs_ext
+def test_sample_global_rng_draws_match(priors):
+    # Without supplied noise both backends draw prior_zT then prior_eps from the global RNG.
+    prior = priors["mnist"]
+    torch.manual_seed(7)
+    ref = sampling.sample_prior(prior, 5, 1.0, backend="reference")
+    torch.manual_seed(7)
+    out = sampling.sample_prior(prior, 5, 1.0, backend="extension")
+    torch.testing.assert_close(out, ref, rtol=0, atol=SAMPLE_ATOL)
+
+
+@needs_ext
+def test_weights_are_inputs_not_baked_in(priors):
+    # Training changes the weights: the same package must sample from the new ones.
+    prior = perturbed_prior("mnist", seed=3)
+    path_before = sampling.compile_prior(prior)
+    assert path_before == sampling.compile_prior(priors["mnist"])  # architecture-keyed
+    d = draws(prior, 4, seed=0)
+    before = sampling.sample_prior(prior, 4, 1.0, Noise(d), backend="extension")
+    with torch.no_grad():
+        for p in prior.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = sampling.sample_prior(prior, 4, 1.0, Noise(d), backend="extension")
+    assert sampling.package_path(prior) == path_before
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, sampling.sample_prior_ref(prior, 4, 1.0, Noise(d)),
+                               rtol=0, atol=SAMPLE_ATOL)
+
+
+def test_package_key_tracks_architecture_not_values():
+    a = perturbed_prior("mnist", seed=0)
+    b = perturbed_prior("mnist", seed=1)
+    c = DiffusionPrior.from_config(get_config("mnist", unet_channels=32))
+    d = DiffusionPrior.from_config(get_config("omniglot"))
+    assert sampling.package_key(a) == sampling.package_key(b)
+    assert len({sampling.package_key(x) for x in (a, c, d)}) == 3
+    assert sampling.package_key(a) != sampling.package_key(a.double())
+
+
+@needs_ext
+def test_sample_bad_args(priors):
+    prior = priors["mnist"]
+    path = sampling.compile_prior(prior)
+    weights = [w.detach() for _, w in sampling._weights(prior.unet)]
+    coef = prior.coefficients
+    z = torch.randn(4, 1, 7, 7)
+    eps = torch.randn(prior.T, 4, 1, 7, 7)
+    sample = ops().ddpm_sample
+    with pytest.raises(RuntimeError, match="noise must have shape"):
+        sample(z, eps[:, :3].contiguous(), coef, weights, path)
+    with pytest.raises(RuntimeError, match="T must be positive"):
+        sample(z, eps[:0], coef[:0], weights, path)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        sample(z.transpose(2, 3), eps, coef, weights, path)
+    with pytest.raises(RuntimeError, match="coef must be on cpu"):
+        sample(z, eps, coef.to("meta"), weights, path)
+    with pytest.raises(RuntimeError, match="empty package path"):
+        sample(z, eps, coef, weights, "")
+    with pytest.raises(ValueError, match="positive"):
+        sampling.sample_prior(prior, 0, backend="extension")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sampling.sample_prior(prior, 2, backend="cuda-graphs")
+
+
+# --------------------------------------------------------------------------- dispatch
+@needs_ext
+def test_automatic_backend_policy(priors, monkeypatch):
+    prior = priors["mnist"]  # its package exists (fixture)
+    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "auto")
+    assert sampling.resolve_backend(prior) == "extension"
+    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "0")
+    assert sampling.resolve_backend(prior) == "reference"
+    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "auto")
+    # An architecture without a compiled package falls back instead of compiling implicitly.
+    other = DiffusionPrior.from_config(get_config("mnist", unet_channels=48))
+    if sampling._ready_package(other) is None:
+        assert sampling.resolve_backend(other) == "reference"
+    # Dropout active in training mode: the eval-mode package would be wrong.
+    omni = priors["omniglot"]  # unet_dropout = 0.05
+    omni.train()
+    try:
+        assert sampling.resolve_backend(omni) == "reference"
+        with pytest.raises(RuntimeError, match="dropout"):
+            sampling.resolve_backend(omni, "extension")
+    finally:
+        omni.eval()
+
+
+def test_prior_sample_uses_sampling_module(monkeypatch):
+    # DiffusionPrior.sample delegates to dvpvae.sampling; the reference backend is the
+    # Python loop over DiffusionPrior.step, bit for bit.
+    prior = perturbed_prior("tiny")
+    d = draws(prior, 2, seed=0)
+    ref = sampling.sample_prior_ref(prior, 2, 0.9, Noise(d))
+    torch.testing.assert_close(prior.sample(2, 0.9, Noise(d), backend="reference"), ref, rtol=0, atol=0)
+    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "0")
+    torch.testing.assert_close(prior.sample(2, 0.9, d), ref, rtol=0, atol=0)
+
+
+@needs_ext
+def test_prior_sample_automatic_uses_extension(priors, monkeypatch):
+    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "auto")
+    prior = priors["cifar10"]
+    assert sampling.resolve_backend(prior) == "extension"
+    d = draws(prior, 3, seed=5)
+    torch.testing.assert_close(prior.sample(3, 1.0, Noise(d)),
+                               sampling.sample_prior_ref(prior, 3, 1.0, Noise(d)), rtol=0, atol=SAMPLE_ATOL)

@@ -26,9 +26,10 @@ class DVPVAEOutput:
     rec: torch.Tensor  # (N,) -log p(x|z)
     kl: torch.Tensor  # (N, L)
     elbo: torch.Tensor  # (N,) -(rec + kl.sum(-1))
-    layers: list[Layer] = field(repr=False)
-    prior_terms: PriorTerms = field(repr=False)
-    likelihood_params: torch.Tensor = field(repr=False)
+    # Intermediates for inspection and parity tests; the fast model leaves them None.
+    layers: list[Layer] | None = field(default=None, repr=False)
+    prior_terms: PriorTerms | None = field(default=None, repr=False)
+    likelihood_params: torch.Tensor | None = field(default=None, repr=False)
 
 
 
@@ -99,13 +100,33 @@ class DVPVAE(nn.Module):
         """Project constrained parameters back into range (call after each optimizer step)."""
         self.decoder.pseudoinput.q_logvar.clamp_(-12.0, -5.0)
 
+    def forward_draws(self, n: int, like: torch.Tensor, noise: Noise, full_bound: bool) -> dict:
+        """Every random draw of a forward pass over n images, in the reference order."""
+        cfg = self.config
+        u_shape = (n, cfg.image_channels, cfg.ctx_size, cfg.ctx_size)
+        d = {"u": noise.normal("u", u_shape, like),
+             "diffusion_eps0": noise.normal("diffusion_eps0", u_shape, like)}
+        if full_bound:
+            d["diffusion_eps"] = noise.normal("diffusion_eps", (cfg.diffusion_steps,) + u_shape, like)
+        else:
+            d["diffusion_t"] = noise.uniform("diffusion_t", (n,), like)
+            d["diffusion_eps"] = noise.normal("diffusion_eps", u_shape, like)
+        for l, shape in enumerate(self.decoder.latent_shapes):
+            d[f"z{l}"] = noise.normal(f"z{l}", (n,) + shape, like)
+        if cfg.likelihood == "bernoulli":
+            d["binarize"] = noise.uniform("binarize", (n,) + cfg.image_shape, like)
+        return d
+
     def forward(self, x: torch.Tensor, noise: Noise | dict | None = None) -> DVPVAEOutput:
         if self.validate_inputs:
             check_images(x, self.config)
-        noise = as_noise(noise)
+        draws = self.forward_draws(x.shape[0], x, as_noise(noise), full_bound=not self.training)
+        return self._forward_given_draws(x, draws)
+
+    def _forward_given_draws(self, x: torch.Tensor, draws: dict) -> DVPVAEOutput:
+        noise = Noise(draws)
         params, layers, terms = self.decoder(x, self.encoder(x), noise, full_bound=not self.training)
-        target = self.likelihood.target(x, noise)
-        rec = -self.likelihood.log_prob(params, target)
+        rec = -self.likelihood.log_prob(params, self.likelihood.target(x, noise))
         kl = torch.stack([lay.kl for lay in layers], dim=1)
         loss = (rec.mean() + self.config.beta * kl.sum(-1).mean()) * self.bits_per_nat
         return DVPVAEOutput(loss, rec, kl, -(rec + kl.sum(-1)), layers, terms, params)
@@ -122,8 +143,22 @@ class DVPVAE(nn.Module):
             raise ValueError(f"number of samples must be positive, got {n}")
         noise = as_noise(noise)
         u = self.sample_pseudoinputs(n, prior_temperature, noise)
-        params = self.decoder.generate(u, noise, temperature)
-        return self.likelihood.sample(params, noise)
+        return self._decode_sample(u, self.sample_draws(n, u, noise), temperature)
+
+    def sample_draws(self, n: int, like: torch.Tensor, noise: Noise) -> dict:
+        """The draws of the decoding half of ``sample`` (after u), in the reference order."""
+        cfg = self.config
+        d = {f"z{l}": noise.normal(f"z{l}", (n,) + shape, like)
+             for l, shape in enumerate(self.decoder.latent_shapes)}
+        if cfg.likelihood == "logistic_mixture":
+            h = w = cfg.image_size
+            d["mix_component"] = noise.uniform("mix_component", (n, cfg.num_mix, h, w), like, 1e-5, 1 - 1e-5)
+            d["mix_logistic"] = noise.uniform("mix_logistic", (n, cfg.image_channels, h, w), like, 1e-5, 1 - 1e-5)
+        return d
+
+    def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:
+        noise = Noise(draws)
+        return self.likelihood.sample(self.decoder.generate(u, noise, temperature), noise)
 
     def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:
         """n draws of u from the diffusion prior (normalised DCT space)."""
@@ -153,15 +188,21 @@ class DVPVAE(nn.Module):
             chunks = []
             for start in range(0, k, per_pass):
                 kk = min(per_pass, k - start)
-                xr = target.repeat(kk, 1, 1, 1)  # (kk*n): sample-major so rows k*n + i
-                chunks.append(self._log_weights_given_target(x.repeat(kk, 1, 1, 1), xr, noise).reshape(kk, n))
+                draws = self.forward_draws(kk * n, x, noise, full_bound=True)
+                draws.pop("binarize", None)  # one binarization per image, shared by all k
+                chunks.append(self._log_weights(x, target, kk, draws).reshape(kk, n))
             log_w = torch.cat(chunks, 0)
             return -(torch.logsumexp(log_w, 0) - math.log(k))
         finally:
             self.train(was_training)
 
-    def _log_weights_given_target(self, x, target, noise):
-        params, layers, _ = self.decoder(x, self.encoder(x), noise, full_bound=True)
+    def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> torch.Tensor:
+        """log p(x, z, u) - log q(z, u | x) for kk samples of each image (rows sample-major)."""
+        xr = x.repeat(kk, 1, 1, 1)
+        params, layers, _ = self.decoder(xr, self.encoder(xr), Noise(draws), full_bound=True)
+        return self._log_weights_from(params, layers, target.repeat(kk, 1, 1, 1))
+
+    def _log_weights_from(self, params, layers, target) -> torch.Tensor:
         log_w = self.likelihood.log_prob(params, target) - layers[0].kl
         for lay in layers[1:]:
             log_w = log_w + gaussian_log_density(lay.z, lay.p_mu, lay.p_logvar) \

@@ -114,7 +114,8 @@ def test_importance_sampling_estimator(tiny):
     assert bool(((log_w.mean(0) - elbo.mean(0)).abs() < 4.5 * se).all())
     # More samples give a tighter bound on average (weakly decreasing NLL).
     nll = {k: torch.stack([tiny.estimate_nll(x, k, chunk_size=64) for _ in range(4)]).mean(0) for k in (1, 8, 32)}
-    assert bool((nll[32] <= nll[8] + 1e-3).all()) and bool((nll[8] <= nll[1] + 1e-3).all())
+    # (in expectation per image; averaged over images to keep Monte Carlo noise small)
+    assert float(nll[32].mean()) <= float(nll[8].mean()) <= float(nll[1].mean()), nll
 
 
 def test_estimate_nll_chunking_does_not_change_the_result(tiny):

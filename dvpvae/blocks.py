@@ -27,7 +27,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, hid_ch: int, out_ch: int, activation: str,
                  pre_activation: bool, zero_last: bool = False):
         super().__init__()
-        self.pre_activation = pre_activation
+        self.pre_activation, self.activation = pre_activation, activation
         self.act = make_activation(activation)
         self.conv_in = nn.Conv2d(in_ch, hid_ch, 1)
         self.conv_mid1 = nn.Conv2d(hid_ch, hid_ch, 3, padding=1)

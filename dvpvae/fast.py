@@ -1,0 +1,224 @@
+"""FastDVPVAE: the reference model's parameters and numbers, computed faster.
+
+Same constructor, presets, parameter names and noise interface as ``DVPVAE`` (it is a
+subclass; ``load_state_dict`` works both ways). What changes is how the numbers are
+computed:
+
+* fused ops (``kernels/``): DCT pseudoinputs, the 1x1 convolutions of every ResBlock with
+  bias + activation and the residual combine in the epilogue, reparameterization + KL,
+  the DDPM step. On CUDA these are the Triton kernels; on CPU their PyTorch references,
+  which torch.compile then fuses.
+* torch.compile of the training/evaluation forward, the importance-sampling pass and the
+  sample decoder (inductor's C++ backend on CPU). All noise is drawn eagerly in the
+  reference order and passed in, so the compiled graphs hold no RNG and replay exactly.
+* ``estimate_nll`` runs the deterministic encoder once per image, not once per sample.
+* sampling of u through the C++ extension's T-step loop (``dvpvae.sampling``); on CUDA the
+  whole sampler is captured in a CUDA graph per batch size (``dvpvae.cuda_graphs``).
+
+Each piece can be switched off for debugging: ``FastDVPVAE(..., compile=False,
+fused_kernels=False, extension=False, cuda_graphs=False)``.
+"""
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from dvpvae.blocks import ResBlock
+from dvpvae.config import Config
+from dvpvae.decoder import Layer, LadderBlock, PseudoinputBlock
+from dvpvae.dct import safe_scale
+from dvpvae.model import DVPVAE, DVPVAEOutput, check_images
+from dvpvae.noise import Noise, as_noise
+
+MAX_LOGVAR = 1.0
+
+# Dynamo traces through the lru_cache of the DCT basis builder; the basis is a pure
+# function of (size, rows, dtype, device), so tracing the builder gives the same constant.
+warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"torch\._dynamo.*")
+
+
+def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
+    """The functions the fast modules call: Triton kernels on CUDA, references elsewhere.
+
+    References are bound directly (not through ``kernels``' dispatch) so that compiled CPU
+    graphs trace plain tensor code with no Python-side backend lookups.
+    """
+    from kernels.conv1x1_act import conv1x1_act, conv1x1_act_ref
+    from kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
+    from kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
+                                         idct_pseudoinput_ref)
+    from kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
+
+    if fused and device.type == "cuda" and "triton" in __import__("kernels").available_backends(device):
+        return SimpleNamespace(conv1x1_act=conv1x1_act, conv1x1_residual=conv1x1_residual,
+                               dct=dct_pseudoinput, idct=idct_pseudoinput,
+                               reparam_kl=reparam_kl, reparam_sample=reparam_sample)
+    return SimpleNamespace(conv1x1_act=conv1x1_act_ref, conv1x1_residual=conv1x1_residual_ref,
+                           dct=dct_pseudoinput_ref, idct=idct_pseudoinput_ref,
+                           reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref)
+
+
+class FastResBlock(ResBlock):
+    """ResBlock whose 1x1 convs run as matmuls with fused epilogues.
+
+    Both block kinds reduce to a1 = act(conv_in(x')), a2 = act(conv_mid1(a1)),
+    a3 = act(conv_mid2(a2)), out = skip(x) + gate * conv_out(a3), with x' = act(x) for the
+    pre-activation (encoder) block and x' = x for the decoder block.
+    """
+
+    ops: SimpleNamespace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops, act = self.ops, self.act
+        first = act(x) if self.pre_activation else x
+        h = ops.conv1x1_act(first, self.conv_in.weight, self.conv_in.bias, self.activation)
+        h = act(self.conv_mid1(h))
+        h = act(self.conv_mid2(h))
+        return ops.conv1x1_residual(h, self.conv_out.weight, self.conv_out.bias, self.skip(x), self.gate)
+
+
+class FastPseudoinputBlock(PseudoinputBlock):
+    """DCT pseudoinput transforms as single fused ops."""
+
+    ops: SimpleNamespace
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.dct(x, safe_scale(self.dct_scale), self.ctx_size)
+
+    def to_image(self, u: torch.Tensor) -> torch.Tensor:
+        return self.ops.idct(u, safe_scale(self.dct_scale), self.image_size)
+
+
+class FastLadderBlock(LadderBlock):
+    """Clamps, reparameterization and the per-example KL in one fused op."""
+
+    ops: SimpleNamespace
+
+    def encode(self, s_enc, s_dec, cond, eps, is_last):
+        p_mu, p_lv, h = self.prior_params(s_dec, cond)
+        q_mu, q_lv = self.posterior_params(s_enc, s_dec)
+        z, kl = self.ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
+        # The clamped log-variances are only read by estimate_nll's log-densities; inside a
+        # compiled graph they are dead code elsewhere.
+        layer = Layer(z, q_mu, q_lv.clamp(self.min_logvar, MAX_LOGVAR), p_mu,
+                      p_lv.clamp(self.min_logvar, MAX_LOGVAR), kl)
+        return layer, (None if is_last else self.update(s_dec + h, z))
+
+    def generate(self, s_dec, cond, eps, temperature, is_last):
+        p_mu, p_lv, h = self.prior_params(s_dec, cond)
+        z = self.ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
+        return z, (None if is_last else self.update(s_dec + h, z))
+
+
+_FAST_CLASSES = {ResBlock: FastResBlock, PseudoinputBlock: FastPseudoinputBlock,
+                 LadderBlock: FastLadderBlock}
+
+
+class FastDVPVAE(DVPVAE):
+    """Drop-in ``DVPVAE`` with fused kernels, torch.compile and compiled sampling loops."""
+
+    def __init__(self, config: Config | str = "mnist", *, compile: bool = True, fused_kernels: bool = True,
+                 extension: bool = True, cuda_graphs: bool = True, **overrides):
+        super().__init__(config, **overrides)
+        self.use_compile, self.use_fused = compile, fused_kernels
+        self.use_extension, self.use_cuda_graphs = extension, cuda_graphs
+        for module in self.modules():
+            if type(module) in _FAST_CLASSES:
+                module.__class__ = _FAST_CLASSES[type(module)]
+        self._ops_device: torch.device | None = None
+        self._compiled: dict[str, object] = {}
+        self._graph_samplers: dict = {}
+
+    @classmethod
+    def from_reference(cls, model: DVPVAE, share: bool = True, **flags) -> "FastDVPVAE":
+        """A FastDVPVAE on ``model``'s weights: shared tensors (``share``) or a copy."""
+        fast = cls(model.config, **flags)
+        fast.to(next(model.parameters()).device)
+        if not share:
+            fast.load_state_dict(model.state_dict())
+            return fast
+        for (_, mine), (_, theirs) in zip(fast.named_modules(), model.named_modules()):
+            mine._parameters = theirs._parameters
+            mine._buffers = theirs._buffers
+        fast.validate_inputs = model.validate_inputs
+        return fast
+
+    # ------------------------------------------------------------------ plumbing
+    def _bind_ops(self, device: torch.device) -> None:
+        if self._ops_device == device:
+            return
+        ops = _op_table(device, self.use_fused)
+        for module in self.modules():
+            if isinstance(module, tuple(_FAST_CLASSES.values())):
+                module.ops = ops
+        self._ops_device = device
+
+    def _maybe_compiled(self, name: str, fn):
+        if not self.use_compile:
+            return fn
+        if name not in self._compiled:
+            # dynamic=False: a new batch size recompiles once instead of generating slower
+            # shape-generic code for every size.
+            self._compiled[name] = torch.compile(fn, dynamic=False)
+        return self._compiled[name]
+
+    # ------------------------------------------------------------------ forward
+    def _loss_terms(self, x: torch.Tensor, draws: dict):
+        out = DVPVAE._forward_given_draws(self, x, draws)
+        return out.loss, out.rec, out.kl
+
+    def _forward_given_draws(self, x: torch.Tensor, draws: dict) -> DVPVAEOutput:
+        self._bind_ops(x.device)
+        loss, rec, kl = self._maybe_compiled("loss", self._loss_terms)(x, draws)
+        return DVPVAEOutput(loss, rec, kl, -(rec + kl.sum(-1)))
+
+    # ------------------------------------------------------------------ importance sampling
+    def _log_weights_batched(self, x, feats, target, draws, kk: int):
+        """log weights of kk samples per image, reusing the encoder features of x."""
+        def rep(t):  # sample-major rows, as in the reference
+            return t.repeat(kk, 1, 1, 1)
+
+        params, layers, _ = self.decoder(rep(x), [rep(f) for f in feats], Noise(draws), full_bound=True)
+        return self._log_weights_from(params, layers, rep(target))
+
+    def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> torch.Tensor:
+        self._bind_ops(x.device)
+        # The encoder is deterministic: one pass per image serves all kk samples.
+        feats = self.encoder(x)
+        fn = self._maybe_compiled("log_weights", self._log_weights_batched)
+        return fn(x, feats, target, draws, kk)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:
+        from dvpvae.sampling import compile_prior, sample_prior
+
+        prior = self.prior
+        backend = None
+        if self.use_extension and prior.coefficients.device.type == "cpu" and not prior.training:
+            from dvpvae import _ext
+
+            if _ext.available():
+                compile_prior(prior)  # cached on disk: paid once per machine and architecture
+                backend = "extension"
+        return sample_prior(prior, n, temperature, noise, backend=backend)
+
+    def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:
+        self._bind_ops(u.device)
+        return self._maybe_compiled("decode", super()._decode_sample)(u, draws, temperature)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, noise=None, prior_temperature: float = 1.0):
+        if n <= 0:
+            raise ValueError(f"number of samples must be positive, got {n}")
+        device = self.prior.coefficients.device
+        if self.use_cuda_graphs and device.type == "cuda" and noise is None:
+            from dvpvae.cuda_graphs import GraphSampler
+
+            key = (n, float(temperature), float(prior_temperature))
+            if key not in self._graph_samplers:
+                self._graph_samplers[key] = GraphSampler(self, n, temperature, prior_temperature)
+            return self._graph_samplers[key].run()
+        return super().sample(n, temperature, noise, prior_temperature)

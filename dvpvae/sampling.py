@@ -188,7 +188,11 @@ def _has_active_dropout(unet: nn.Module) -> bool:
 
 
 def _device_supported(device: torch.device) -> bool:
-    return device.type == "cpu" or (device.type == "cuda" and torch.version.cuda is not None)
+    # A CPU-only build of the extension has no CUDA kernel even when torch has CUDA.
+    if device.type not in ("cpu", "cuda"):
+        return False
+    key = "CPU" if device.type == "cpu" else "CUDA"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dvpvae::ddpm_sample", key)
 
 
 def resolve_backend(prior, backend: str | None = None) -> str:

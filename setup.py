@@ -63,7 +63,8 @@ def extension_modules():
         use_cuda = False
     if use_cuda:
         sources += ["csrc/ddpm_cuda.cu", "csrc/ddpm_cuda_glue.cpp"]
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math"] + _cuda_arch_flags()
+        # No --use_fast_math: the step should round like the CPU kernel and the reference.
+        nvcc = ["-O3", "-std=c++20"] + _cuda_arch_flags()
         ext = CUDAExtension("dvpvae._C", sources, extra_compile_args={"cxx": cxx + ["-DDVPVAE_WITH_CUDA"],
                                                                       "nvcc": nvcc}, **kwargs)
     else:

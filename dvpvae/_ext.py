@@ -71,9 +71,37 @@ def _register_fakes() -> None:
         pass
 
 
+def _step_setup_context(ctx, inputs, output):
+    z_t, eps_hat, noise, coef, step, temperature = inputs
+    ctx.save_for_backward(z_t, eps_hat, coef)
+    ctx.step, ctx.temperature = step, temperature
+
+
+def _step_backward(ctx, grad):
+    # z_s = c_z z + c_x clamp((z - sigma eps_hat) / alpha, -1, 1) + temperature c_noise noise;
+    # torch.clamp passes the gradient on the closed interval [-1, 1]. Written with torch ops:
+    # the backward is rare (sampling runs under no_grad) and this keeps the C++ side small.
+    z_t, eps_hat, coef = ctx.saved_tensors
+    sigma_t, inv_alpha_t, c_z, c_x, c_noise = coef[ctx.step].to(grad.dtype).unbind(0)
+    pre = (z_t - sigma_t * eps_hat) * inv_alpha_t
+    g_pre = torch.where((pre >= -1) & (pre <= 1), grad * c_x, torch.zeros_like(grad)) * inv_alpha_t
+    return grad * c_z + g_pre, -sigma_t * g_pre, grad * (ctx.temperature * c_noise), None, None, None
+
+
+def _register_python_parts() -> None:
+    _register_fakes()
+    # kernels.ddpm_step documents its op as differentiable; its "cpp" backend is this op,
+    # so it gets the same gradients (w.r.t. z_t, eps_hat and noise).
+    try:
+        torch.library.register_autograd("dvpvae::ddpm_step", _step_backward,
+                                        setup_context=_step_setup_context)
+    except RuntimeError:  # already registered
+        pass
+
+
 def _finish(origin: str):
     global _ops, _origin
-    _register_fakes()
+    _register_python_parts()
     _ops, _origin = _Ops(origin), origin
     return _ops
 

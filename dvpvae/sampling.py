@@ -51,7 +51,7 @@ BACKENDS = ("reference", "extension")
 _FORMAT = 1  # bump when the export recipe changes: old packages are then ignored
 
 _lock = threading.Lock()
-_compiled: dict[str, str] = {}  # key -> package path, for packages built or found this process
+_compiled: set[str] = set()  # package paths built or found by this process
 
 
 # --------------------------------------------------------------------------- reference
@@ -134,13 +134,10 @@ class _FunctionalUNet(nn.Module):
 
 def compile_prior(prior, force: bool = False) -> str:
     """Export + AOTInductor-compile ``prior.unet``; return the package path (cached on disk)."""
-    key = package_key(prior)
-    path = os.path.join(cache_dir(), f"prior_unet_{key}.pt2")
+    path = package_path(prior)
     with _lock:
-        if not force and key in _compiled:
-            return _compiled[key]
-        if not force and os.path.exists(path):
-            _compiled[key] = path
+        if not force and (path in _compiled or os.path.exists(path)):
+            _compiled.add(path)
             return path
         named = _weights(prior.unet)
         names = [k for k, _ in named]
@@ -170,16 +167,13 @@ def compile_prior(prior, force: bool = False) -> str:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _compiled[key] = path
+        _compiled.add(path)
         return path
 
 
 def _ready_package(prior) -> str | None:
-    key = package_key(prior)
-    if key in _compiled:
-        return _compiled[key]
-    path = os.path.join(cache_dir(), f"prior_unet_{key}.pt2")
-    return path if os.path.exists(path) else None
+    path = package_path(prior)
+    return path if path in _compiled or os.path.exists(path) else None
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -70,6 +70,17 @@ def aoti_cache():
     sampling._compiled.clear()
 
 
+@pytest.fixture
+def one_thread():
+    """The T-step loop comparisons run single-threaded: on the shared 2-core CI machine an
+    eager op with 2 OpenMP threads can stall a whole scheduler slice at its barrier, which
+    turned a 0.1 s reference loop into 10+ s. Thread count does not change what is checked."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def priors(aoti_cache):
     """One compiled prior per preset, shared by the module (compile cost paid once)."""
@@ -123,6 +134,21 @@ def test_step_three_way(shape, step, temperature):
     # float64 data with a float64 table is the float64 reference up to rounding.
     out64 = ops().ddpm_step(z.double(), eh.double(), nz.double(), coef32.double(), step, temperature)
     torch.testing.assert_close(out64, ref64, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_step_gradients_match_reference():
+    # Registered with torch.library.register_autograd: same gradients as the reference
+    # (clamp passes the gradient on [-1, 1]), for a random grad_output.
+    coef = ddpm_coefficients(25, -6.0, 7.0, dtype=torch.float64)
+    z, eh, nz = (torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops().ddpm_step(a, b, c, coef, 7, 0.6), (z, eh, nz))
+    out = ops().ddpm_step(z, eh, nz, coef, 7, 0.6)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (z, eh, nz), g)
+    want = torch.autograd.grad(ddpm_step_ref(z, eh, nz, coef, 7, 0.6), (z, eh, nz), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @needs_ext
@@ -199,7 +225,7 @@ def test_sample_op_under_torch_compile_fullgraph(priors):
 @needs_ext
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("n,temperature", [(1, 1.0), (16, 0.7), (37, 1.3)])
-def test_sample_matches_reference_loop(priors, preset, n, temperature):
+def test_sample_matches_reference_loop(priors, one_thread, preset, n, temperature):
     prior = priors[preset]
     d = draws(prior, n, seed=n)
     ref = sampling.sample_prior_ref(prior, n, temperature, Noise(d))
@@ -210,7 +236,7 @@ def test_sample_matches_reference_loop(priors, preset, n, temperature):
 
 
 @needs_ext
-def test_sample_global_rng_draws_match(priors):
+def test_sample_global_rng_draws_match(priors, one_thread):
     # Without supplied noise both backends draw prior_zT then prior_eps from the global RNG.
     prior = priors["mnist"]
     torch.manual_seed(7)
@@ -221,7 +247,7 @@ def test_sample_global_rng_draws_match(priors):
 
 
 @needs_ext
-def test_weights_are_inputs_not_baked_in(priors):
+def test_weights_are_inputs_not_baked_in(priors, one_thread):
     # Training changes the weights: the same package must sample from the new ones.
     prior = perturbed_prior("mnist", seed=3)
     path_before = sampling.compile_prior(prior)
@@ -309,7 +335,7 @@ def test_prior_sample_uses_sampling_module(monkeypatch):
 
 
 @needs_ext
-def test_prior_sample_automatic_uses_extension(priors, monkeypatch):
+def test_prior_sample_automatic_uses_extension(priors, one_thread, monkeypatch):
     monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "auto")
     prior = priors["cifar10"]
     assert sampling.resolve_backend(prior) == "extension"

@@ -11,8 +11,9 @@ Usage:
 The JSON holds ``results`` (one object per preset/n/backend with ``seconds_median``,
 ``seconds_min``, ``seconds_max``, ``gflops``), ``speedup`` keyed by n (reference median /
 extension median), the machine (threads, CPU, torch version) and the one-time package
-compile cost. Weights are random (the zero-initialised output conv is perturbed so
-eps_hat != 0); speed does not depend on their values.
+compile cost. Providers are timed in alternation (reference, extension, reference, ...)
+so that both see the same machine load. Weights are random (the zero-initialised output
+conv is perturbed so eps_hat != 0); speed does not depend on their values.
 """
 from __future__ import annotations
 
@@ -55,6 +56,21 @@ def timeit(fn, repeats: int, warmup: int) -> list[float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def timeit_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Time several providers in alternation (A B A B ...): on a shared machine the load
+    changes by the second, and alternating exposes every provider to the same conditions."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -125,8 +141,8 @@ def main(argv=None) -> int:
         repeats = args.repeats or (20 if n <= 16 else 5)
         flops = unet_flops(prior, n) * prior.T
         medians = {}
-        for backend, fn in providers.items():
-            times = timeit(fn, repeats, args.warmup)
+        all_times = timeit_interleaved(providers, repeats, args.warmup)
+        for backend, times in all_times.items():
             med = statistics.median(times)
             medians[backend] = med
             results.append({"preset": args.preset, "n": n, "backend": backend, "seconds_median": med,

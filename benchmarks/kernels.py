@@ -26,9 +26,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -38,42 +36,13 @@ import torch  # noqa: E402
 
 from kernels._backend import triton_interpret  # noqa: E402
 
-
-# ------------------------------------------------------------------ timing
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn, device, warmup=2, repeats=7, inner=None, budget_s=0.4):
-    """Per-call seconds (median, min, max) over ``repeats`` timings of ``inner`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if inner is None:  # aim at ~budget_s in total, at least 1 call per timing
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-6)
-        inner = max(1, min(200, int(budget_s / (repeats * one))))
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples), min(samples), max(samples), inner
+BENCH = os.path.dirname(os.path.abspath(__file__))
+if BENCH not in sys.path:  # appended: ROOT/kernels must keep precedence over this file
+    sys.path.append(BENCH)
+from _harness import measure, triton_version  # noqa: E402
 
 
+# ------------------------------------------------------------------ bandwidth
 def copy_bandwidth(device):
     """Measured device-to-device copy bandwidth in GB/s (read + write bytes)."""
     n = 64 * 1024 * 1024  # 256 MB of fp32
@@ -268,19 +237,10 @@ def run(args):
                                                  if device.type == "cuda" else platform.processor()
                                                  or platform.machine()),
                 dtype=args.dtype, torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                triton=_triton_version(), python=platform.python_version(),
+                triton=triton_version(), python=platform.python_version(),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 repeats=args.repeats, full=args.full, copy_bandwidth_gb_per_s=bw, notes=notes)
     return meta, rows
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 def print_table(meta, rows):

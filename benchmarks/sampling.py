@@ -31,32 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+BENCH = os.path.dirname(os.path.abspath(__file__))
+if BENCH not in sys.path:  # appended: the repository's packages keep precedence
+    sys.path.append(BENCH)
+
+from _harness import cpu_name, matmul_peak_gflops  # noqa: E402
 from dvpvae import _ext, get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
 from dvpvae.noise import Noise  # noqa: E402
 from dvpvae.sampling import compile_prior, package_path, sample_prior, sample_prior_ref  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def timeit(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def timeit_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -83,14 +66,6 @@ def unet_flops(prior, n: int) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         prior.unet(z, t)
     return counter.get_total_flops()
-
-
-def matmul_peak_gflops() -> float:
-    """Measured fp32 GEMM rate on this machine with the current thread count (a roofline)."""
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    times = timeit(lambda: a @ b, repeats=10, warmup=3)
-    return 2 * 1024 ** 3 / min(times) / 1e9
 
 
 def make_prior(preset: str) -> DiffusionPrior:

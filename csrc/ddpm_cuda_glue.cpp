@@ -2,8 +2,12 @@
 // (setup.py adds it with CUDAExtension). The kernels expose a C ABI over raw pointers so
 // the .cu file needs no torch headers; this file checks arguments, picks the current
 // stream, and registers the CUDA dispatch-key implementations.
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE): the
+// stream and the device guard are all this file needs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "ddpm.h"
@@ -17,7 +21,7 @@ at::Tensor ddpm_step_cuda(const at::Tensor& z_t, const at::Tensor& eps_hat, cons
   check_step_args(z_t, eps_hat, noise, coef, step);
   c10::cuda::CUDAGuard guard(z_t.device());
   at::Tensor out = at::empty_like(z_t);
-  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  void* stream = c10::cuda::getCurrentCUDAStream(z_t.device().index()).stream();
   const int coef_is_double = coef.scalar_type() == at::kDouble;
   int err = 0;
   if (z_t.scalar_type() == at::kFloat) {

@@ -1,8 +1,13 @@
 """Throughput of DVP-VAE: training step, evaluation pass, importance-sampled NLL, sampling.
 
-    python benchmarks/throughput.py                      # embedded default, a few minutes on 2 cores
-    python benchmarks/throughput.py --batch 250 --nll-batch 16 --k 100 --sample-n 100 --repeats 5
-                                                         # the issue's target measurement (long on CPU)
+    python benchmarks/throughput.py       # embedded default (below)
+    python benchmarks/throughput.py --batch 250 --nll-batch 16 --k 100 --sample-n 100 --repeats 5 \
+        --threads 2                       # the issue's target measurement (long on CPU)
+
+Embedded default: preset mnist, train/eval batch 64, nll on 8 images with k = 10, sampling
+of 64 images, 2 warm-up calls and 5 timed repeats per (provider, task). On 2 shared cores it
+took ~4 minutes when inductor's on-disk cache was warm from an earlier run and ~10 minutes
+cold, almost all of the difference being FastDVPVAE's torch.compile warm-up.
 
 Providers (``--providers``), all in one process and one run:
   DVPVAE      the reference model (plain PyTorch, eager)
@@ -34,8 +39,10 @@ with k samples; sample: images drawn).
 Roofline. ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs (convolutions,
 matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not counted)
 of each task once on the reference model; every provider computes the same function, so
-achieved GFLOP/s = those FLOPs / its median. The peak is a measured fp32 square matmul on
-this machine with the same thread count.
+achieved GFLOP/s = those FLOPs / its median. Where a fast path skips work (FastDVPVAE's
+estimate_nll runs the encoder once per image, not once per sample) its figure is an effective
+rate: the reference's work per second. The peak is a measured fp32 square matmul on this
+machine with the same thread count.
 
 ``--json PATH`` writes the machine (device, threads, torch/triton versions, timestamp), the
 configuration and ``results``: one object per (model, task) with ``model``, ``task``,

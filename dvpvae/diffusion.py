@@ -81,11 +81,20 @@ class DiffusionPrior(nn.Module):
     def shape(self) -> tuple[int, int, int]:
         return (self.in_ch, self.size, self.size)
 
-    def _weighted_mse(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    @property
+    def dropout(self) -> float:
+        return self.unet.down[0].dropout.p if len(self.unet.down) else self.unet.mid1.dropout.p
+
+    def dropout_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of the uniform draw behind the UNet's dropout masks for a batch of n."""
+        return (self.unet.num_res_blocks_total, n, self.unet.channels, self.size, self.size)
+
+    def _weighted_mse(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
         """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2 per element, t of shape (N,)."""
         g = self.gamma(t)[:, None, None, None]
         z_t = torch.sigmoid(-g).sqrt() * u + torch.sigmoid(g).sqrt() * eps
-        eps_hat = self.unet(z_t, t)
+        eps_hat = self.unet(z_t, t, keep)
         w = 0.5 * (self.gamma_max - self.gamma_min)
         return (w * (eps - eps_hat) ** 2).flatten(1)
 
@@ -103,7 +112,12 @@ class DiffusionPrior(nn.Module):
         else:
             t = noise.uniform("diffusion_t", (n,), u)
             eps = noise.normal("diffusion_eps", u.shape, u)
-            Ldiff = self._weighted_mse(u, t, eps)
+            keep = None
+            if self.training and self.dropout > 0:
+                # Dropout is a random draw too: take it from the noise so it can be replayed.
+                p = self.dropout
+                keep = (noise.uniform("unet_dropout", self.dropout_shape(n), u) >= p).to(u.dtype) / (1 - p)
+            Ldiff = self._weighted_mse(u, t, eps, keep)
         g1 = torch.full((), self.gamma_max, dtype=u.dtype, device=u.device)
         a2_1, s2_1 = torch.sigmoid(-g1), torch.sigmoid(g1)
         LT = (0.5 * (a2_1 * u ** 2 + s2_1 - torch.log(s2_1) - 1.0)).flatten(1)

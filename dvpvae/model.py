@@ -111,6 +111,8 @@ class DVPVAE(nn.Module):
         else:
             d["diffusion_t"] = noise.uniform("diffusion_t", (n,), like)
             d["diffusion_eps"] = noise.normal("diffusion_eps", u_shape, like)
+            if self.training and self.prior.dropout > 0:
+                d["unet_dropout"] = noise.uniform("unet_dropout", self.prior.dropout_shape(n), like)
         for l, shape in enumerate(self.decoder.latent_shapes):
             d[f"z{l}"] = noise.normal(f"z{l}", (n,) + shape, like)
         if cfg.likelihood == "bernoulli":

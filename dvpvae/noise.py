@@ -12,6 +12,8 @@ Draw names (N = batch, C/H/W image, c = ctx_size, T = diffusion steps):
     ``diffusion_eps0``    (N,C,c,c)   standard normal, z_0 for the L_0 term
     ``diffusion_t``       (N,)        uniform [0,1), train-mode diffusion time
     ``diffusion_eps``     (N,C,c,c)   train mode; (T,N,C,c,c) eval mode, row k for t=(k+1)/T
+    ``unet_dropout``      (B,N,W,c,c) uniform [0,1), train mode with UNet dropout > 0 only:
+                                      unit kept when u >= p, one slice per UNet ResBlock
     ``z0`` ... ``z{L-1}`` latent shape, standard normal, ladder latents top -> bottom
     ``binarize``          (N,C,H,W)   uniform [0,1), Bernoulli target = (u < (x+1)/2)
   sample

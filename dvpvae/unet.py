@@ -46,12 +46,13 @@ class TimeResBlock(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: an explicit dropout mask already scaled by 1/(1-p) (None: nn.Dropout)."""
         h = self.conv_in(F.silu(self.norm_in(x)))
         scale, shift = self.film(F.silu(emb))[..., None, None].chunk(2, dim=1)
-        h = self.norm_out(h) * (1 + scale) + shift
-        h = self.conv_out(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        h = F.silu(self.norm_out(h) * (1 + scale) + shift)
+        h = self.dropout(h) if keep is None else h * keep
+        return self.skip(x) + self.conv_out(h)
 
 
 class SelfAttention(nn.Module):
@@ -93,14 +94,25 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_res_blocks_total(self) -> int:
+        """Number of dropout sites (one per time-conditioned ResBlock)."""
+        return len(self.down) + 2 + len(self.up)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: optional explicit dropout masks (blocks, N, channels, s, s), see TimeResBlock."""
+        masks = iter(keep) if keep is not None else None
+
+        def block(b, h):
+            return b(h, emb, None if masks is None else next(masks))
+
         emb = self.time_embed(timestep_embedding(t, self.channels).to(z.dtype))
         h = self.input_conv(z)
         stack = [h]
-        for block in self.down:
-            h = block(h, emb)
+        for b in self.down:
+            h = block(b, h)
             stack.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for block in self.up:
-            h = block(torch.cat([h, stack.pop()], dim=1), emb)
+        h = block(self.mid2, self.mid_attn(block(self.mid1, h)))
+        for b in self.up:
+            h = block(b, torch.cat([h, stack.pop()], dim=1))
         return self.out_conv(F.silu(self.out_norm(h)))

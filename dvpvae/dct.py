@@ -1,31 +1,21 @@
-"""DCT pseudoinputs (MODEL.md section 2): image <-> normalised low-frequency DCT block.
+"""DCT helpers for the pseudoinputs (MODEL.md section 2).
 
-The pseudoinput u of an image is its orthonormal 2-D DCT-II, cropped to the top-left
-ctx x ctx coefficients and divided by a per-coefficient scale computed once from the
-training data. Only the kept rows of the DCT matrix are ever multiplied, so the crop
-costs no discarded work.
+The pseudoinput transforms themselves (image -> normalised cropped DCT block and back) live
+beside their fused kernels in ``kernels/dct_pseudoinput.py``; this module holds the plain
+2-D DCT pair and ``compute_dct_scale``, the per-coefficient scale taken from training data.
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Iterable
 
 import torch
 
-
-@functools.lru_cache(maxsize=32)
-def _dct_matrix_cached(n: int, rows: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    k = torch.arange(rows, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    d = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
-    d[0] = d[0] / math.sqrt(2.0)
-    return d.to(dtype=dtype, device=device)
+from kernels.dct_pseudoinput import dct_basis
 
 
 def dct_matrix(n: int, rows: int | None = None, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Orthonormal DCT-II matrix D[k, i] = s_k cos(pi (i + 0.5) k / n), first ``rows`` rows."""
-    return _dct_matrix_cached(n, n if rows is None else rows, dtype, str(torch.device(device)))
+    return dct_basis(n, n if rows is None else rows, dtype, torch.device(device))
 
 
 def dct2(img: torch.Tensor, ctx_size: int | None = None) -> torch.Tensor:
@@ -50,18 +40,6 @@ def idct2(coef: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def safe_scale(scale: torch.Tensor) -> torch.Tensor:
     """Guard against zero scale entries (a constant coefficient in the training data)."""
     return scale.clamp(min=1.0)
-
-
-def dct_pseudoinput_ref(x: torch.Tensor, scale: torch.Tensor, ctx_size: int) -> torch.Tensor:
-    """Image x in [-1,1] (N,C,H,W) -> normalised pseudoinput (N,C,ctx,ctx) in [-1,1]."""
-    coef = dct2((x + 1) * 0.5, ctx_size)
-    return torch.clamp(coef / scale, -1.0, 1.0)
-
-
-def idct_pseudoinput_ref(u: torch.Tensor, scale: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Normalised pseudoinput (N,C,ctx,ctx) -> image (N,C,H,W) in [-1,1]."""
-    img = idct2(u * scale, size)
-    return 2.0 * torch.clamp(img, 0.0, 1.0) - 1.0
 
 
 @torch.no_grad()

@@ -15,10 +15,12 @@ from torch import nn
 
 from dvpvae.blocks import ResBlock, stable_init_factor
 from dvpvae.config import Config
-from dvpvae.dct import dct_pseudoinput_ref, idct_pseudoinput_ref, safe_scale
+from dvpvae.dct import safe_scale
 from dvpvae.diffusion import LOG_2PI, DiffusionPrior
 from dvpvae.encoder import scale_channels
 from dvpvae.noise import Noise
+from kernels.dct_pseudoinput import dct_pseudoinput_ref, idct_pseudoinput_ref
+from kernels.reparam_kl import reparam_kl_ref
 
 Q_LOGVAR_RANGE = (-12.0, -5.0)
 
@@ -37,20 +39,6 @@ class Layer:
     p_mu: torch.Tensor | None = None
     p_logvar: torch.Tensor | None = None
     kl: torch.Tensor | None = None
-
-
-def gaussian_kl(q_mu, q_logvar, p_mu, p_logvar) -> torch.Tensor:
-    """Analytic KL(N(q) || N(p)) summed per example."""
-    kl = 0.5 * (p_logvar - q_logvar + (torch.exp(q_logvar) + (q_mu - p_mu) ** 2) * torch.exp(-p_logvar) - 1.0)
-    return kl.flatten(1).sum(-1)
-
-
-def reparam_kl_ref(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar):
-    """Clamp log-variances to [min_logvar, 1]; z = q_mu + exp(lv_q / 2) eps; analytic KL (N,)."""
-    q_logvar = q_logvar.clamp(min_logvar, 1.0)
-    p_logvar = p_logvar.clamp(min_logvar, 1.0)
-    z = q_mu + torch.exp(0.5 * q_logvar) * eps
-    return z, gaussian_kl(q_mu, q_logvar, p_mu, p_logvar)
 
 
 def gaussian_log_density(z, mu, logvar) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dvpvae.config import Config
 from dvpvae.noise import Noise
 from dvpvae.sampling import sample_prior
 from dvpvae.unet import UNet
+from kernels.ddpm_step import ddpm_coefficients, ddpm_step_ref
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -33,29 +34,6 @@ class PriorTerms:
         return (self.L0 + self.Ldiff + self.LT).sum(-1)
 
 
-def sampling_coefficients(T: int, gamma_min: float, gamma_max: float) -> torch.Tensor:
-    """Float64 table (T, 5) of the ancestral step t=(i+1)/T -> s=i/T, row i.
-
-    Columns: [sigma_t, 1/alpha_t, c_z, c_x, c_noise] with
-    x_hat = clamp((z_t - sigma_t eps_hat) / alpha_t, -1, 1) and
-    z_s = c_z z_t + c_x x_hat + temperature * c_noise * eps.
-    """
-    if T <= 0:
-        raise ValueError(f"T must be positive, got {T}")
-    i = torch.arange(T, dtype=torch.float64)
-    g_t = gamma_min + (gamma_max - gamma_min) * (i + 1) / T
-    g_s = gamma_min + (gamma_max - gamma_min) * i / T
-    a2_t, s2_t = torch.sigmoid(-g_t), torch.sigmoid(g_t)
-    a2_s, s2_s = torch.sigmoid(-g_s), torch.sigmoid(g_s)
-    a_t, a_s = a2_t.sqrt(), a2_s.sqrt()
-    a_ts = a_t / a_s
-    s2_ts = s2_t - a_ts ** 2 * s2_s
-    c_z = a_ts * s2_s / s2_t
-    c_x = a_s * s2_ts / s2_t
-    c_noise = (s2_ts * s2_s / s2_t).sqrt()
-    return torch.stack([s2_t.sqrt(), 1.0 / a_t, c_z, c_x, c_noise], dim=1)
-
-
 class DiffusionPrior(nn.Module):
     """p(u) with an eps-predicting UNet; ``neg_log_prob`` gives the bound, ``sample`` draws u."""
 
@@ -66,8 +44,7 @@ class DiffusionPrior(nn.Module):
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
         self.unet = UNet(in_ch, channels, num_res_blocks, dropout)
         # Tabulated once so the sampling loop never rebuilds schedules on the host.
-        self.register_buffer("coefficients", sampling_coefficients(T, gamma_min, gamma_max).float(),
-                             persistent=False)
+        self.register_buffer("coefficients", ddpm_coefficients(T, gamma_min, gamma_max), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "DiffusionPrior":
@@ -133,12 +110,9 @@ class DiffusionPrior(nn.Module):
         return per_step.reshape(T, n, -1).mean(0)
 
     def step(self, z_t: torch.Tensor, i: int, eps: torch.Tensor, temperature: float) -> torch.Tensor:
-        """One ancestral step from t = (i+1)/T to s = i/T."""
-        sigma_t, inv_alpha_t, c_z, c_x, c_noise = self.coefficients[i]
+        """One ancestral step from t = (i+1)/T to s = i/T (MODEL.md section 5)."""
         t = torch.full((z_t.shape[0],), (i + 1) / self.T, dtype=z_t.dtype, device=z_t.device)
-        eps_hat = self.unet(z_t, t)
-        x_hat = ((z_t - sigma_t * eps_hat) * inv_alpha_t).clamp(-1.0, 1.0)
-        return c_z * z_t + c_x * x_hat + temperature * c_noise * eps
+        return ddpm_step_ref(z_t, self.unet(z_t, t), eps, self.coefficients, i, temperature)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, noise: Noise | None = None,

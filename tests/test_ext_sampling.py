@@ -21,7 +21,7 @@ import torch
 
 from dvpvae import _ext, get_config
 from dvpvae import sampling
-from dvpvae.diffusion import DiffusionPrior, sampling_coefficients
+from dvpvae.diffusion import DiffusionPrior
 from dvpvae.noise import Noise
 from kernels.ddpm_step import ddpm_coefficients, ddpm_step_ref
 
@@ -106,7 +106,20 @@ def test_coefficients_match_float64(T, gmin, gmax):
                                rtol=1e-13, atol=0)
     # The direct MODEL.md forms (the reference prior's table before its float32 cast):
     # they lose a few digits to cancellation in sigma_ts^2, hence the looser rtol.
-    torch.testing.assert_close(table, sampling_coefficients(T, gmin, gmax), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(table, model_md_table(T, gmin, gmax), rtol=1e-9, atol=1e-12)
+
+
+def model_md_table(T, gamma_min, gamma_max):
+    """The coefficients written exactly as MODEL.md section 5 states them, in float64."""
+    i = torch.arange(T, dtype=torch.float64)
+    g_t = gamma_min + (gamma_max - gamma_min) * (i + 1) / T
+    g_s = gamma_min + (gamma_max - gamma_min) * i / T
+    a_t, a_s = torch.sigmoid(-g_t).sqrt(), torch.sigmoid(-g_s).sqrt()
+    s2_t, s2_s = torch.sigmoid(g_t), torch.sigmoid(g_s)
+    a_ts = a_t / a_s
+    s2_ts = s2_t - a_ts ** 2 * s2_s
+    return torch.stack([s2_t.sqrt(), 1 / a_t, a_ts * s2_s / s2_t, a_s * s2_ts / s2_t,
+                        (s2_ts * s2_s / s2_t).sqrt()], dim=1)
 
 
 @needs_ext

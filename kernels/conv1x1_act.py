@@ -250,6 +250,31 @@ def conv1x1_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, (z if store_z else None)
 
 
+def weight_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, act: int,
+                     has_bias: bool, blocks=None):
+    """(sum over pixels of gz @ x^T, sum of gz), gz = grad_y * act'(z): shapes (Cout, Cin), (Cout,).
+
+    Shared with conv1x1_residual (act = 0, z unused), whose weight and bias gradients are
+    the same reductions scaled by the gate. Deterministic: per-split partials, then a sum.
+    """
+    n, cin, h, w = x.shape
+    cout, p = grad_y.shape[1], h * w
+    bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
+    tiles = n * triton.cdiv(p, bn)
+    grid2 = (triton.cdiv(cout, bm), triton.cdiv(cin, bk))
+    split = reduction_split(tiles, grid2[0] * grid2[1]) if tiles else 1
+    per = max(1, triton.cdiv(tiles, split))
+    split = max(1, triton.cdiv(tiles, per))
+    pw = torch.zeros((split, cout, cin), dtype=x.dtype, device=x.device)
+    pb = torch.zeros((split, cout), dtype=x.dtype, device=x.device)
+    if tiles:
+        _conv1x1_act_bwd_dw_kernel[grid2 + (split,)](
+            grad_y, z, x, pw, pb, cin, cout, w, p, tiles, per,
+            *grad_y.stride(), *x.stride(),
+            ACT=act, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return pw.sum(0), pb.sum(0)
+
+
 def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     z: torch.Tensor | None, activation: str, has_bias: bool,
                     need_x: bool = True, need_w: bool = True, blocks=None):
@@ -275,23 +300,11 @@ def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 *grad_y.stride(), weight.stride(0), weight.stride(1),
                 ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if need_w or has_bias:
-        bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
-        tiles = n * triton.cdiv(p, bn)
-        grid2 = (triton.cdiv(cout, bm), triton.cdiv(cin, bk))
-        split = reduction_split(tiles, grid2[0] * grid2[1]) if tiles else 1
-        per = max(1, triton.cdiv(tiles, split))
-        split = max(1, triton.cdiv(tiles, per))
-        pw = torch.zeros((split, cout, cin), dtype=x.dtype, device=x.device)
-        pb = torch.zeros((split, cout), dtype=x.dtype, device=x.device)
-        if tiles:
-            _conv1x1_act_bwd_dw_kernel[grid2 + (split,)](
-                grad_y, z_arg, x, pw, pb, cin, cout, w, p, tiles, per,
-                *grad_y.stride(), *x.stride(),
-                ACT=act, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        a, sb = weight_grad_sums(grad_y, x, z_arg, act, has_bias, blocks)
         if need_w:
-            gw = pw.sum(0).view(cout, cin, 1, 1)
+            gw = a.view(cout, cin, 1, 1)
         if has_bias:
-            gb = pb.sum(0)
+            gb = sb
     return gx, gw, gb
 
 

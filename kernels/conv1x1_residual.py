@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from kernels._backend import resolve
-from kernels._conv1x1_common import (check_conv_args, check_triton_dtype, matmul_blocks,
-                                     reduction_split)
+from kernels._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks
+from kernels.conv1x1_act import weight_grad_sums
 
 try:  # Triton is optional: `import kernels` must work without it.
     import triton
@@ -140,46 +140,6 @@ if triton is not None:
         tl.store(gh_ptr + n * CIN * P + rci[:, None].to(tl.int64) * P + rp[None, :],
                  gate * acc, mask=mci[:, None] & mp[None, :])
 
-    @triton.jit
-    def _conv1x1_residual_bwd_dw_kernel(go_ptr, h_ptr, pw_ptr, pb_ptr,
-                                        CIN, COUT, W, P, TILES, TILES_PER_SPLIT,
-                                        sgn, sgc, sgh, sgw, shn, shc, shh, shw,
-                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_K: tl.constexpr):
-        # Unscaled partials: A[split] = sum grad_out @ h^T (Cout x Cin), s[split] = sum
-        # grad_out (Cout,), over this split's (image, pixel-block) tiles.
-        pid_co = tl.program_id(0)
-        pid_ci = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
-        rci = pid_ci * BLOCK_K + tl.arange(0, BLOCK_K)
-        mco = rco < COUT
-        mci = rci < CIN
-        num_pb = tl.cdiv(P, BLOCK_N)
-        start = pid_s * TILES_PER_SPLIT
-        end = tl.minimum(start + TILES_PER_SPLIT, TILES)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=pw_ptr.dtype.element_ty)
-        accb = tl.zeros((BLOCK_M,), dtype=pw_ptr.dtype.element_ty)
-        for t in range(start, end):
-            n = (t // num_pb).to(tl.int64)
-            rp = (t % num_pb) * BLOCK_N + tl.arange(0, BLOCK_N)
-            mp = rp < P
-            hh = (rp // W).to(tl.int64)
-            ww = (rp % W).to(tl.int64)
-            g = tl.load(go_ptr + n * sgn + rco[:, None].to(tl.int64) * sgc
-                        + (hh * sgh + ww * sgw)[None, :],
-                        mask=mco[:, None] & mp[None, :], other=0.0)
-            ht = tl.load(h_ptr + n * shn + rci[None, :].to(tl.int64) * shc
-                         + (hh * shh + ww * shw)[:, None],
-                         mask=mp[:, None] & mci[None, :], other=0.0)   # h^T tile
-            acc += tl.dot(g, ht, input_precision="ieee")
-            accb += tl.sum(g, axis=1)
-        base = pid_s.to(tl.int64) * COUT
-        tl.store(pw_ptr + (base + rco[:, None]) * CIN + rci[None, :], acc,
-                 mask=mco[:, None] & mci[None, :])
-        if pid_ci == 0:  # every Cin block computes the same column sum; one stores it
-            tl.store(pb_ptr + base + rco, accb, mask=mco)
-
 
 # ----------------------------------------------------------------------------- launchers
 
@@ -236,21 +196,9 @@ def conv1x1_residual_bwd(grad_out, h, weight, bias, gate_t, need_h=True, need_w=
                 *grad_out.stride(), weight.stride(0), weight.stride(1),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if need_w or need_b or need_gate:
-        bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
-        tiles = n * triton.cdiv(p, bn)
-        grid2 = (triton.cdiv(cout, bm), triton.cdiv(cin, bk))
-        split = reduction_split(tiles, grid2[0] * grid2[1]) if tiles else 1
-        per = max(1, triton.cdiv(tiles, split))
-        split = max(1, triton.cdiv(tiles, per))
-        pw = torch.zeros((split, cout, cin), dtype=h.dtype, device=h.device)
-        pb = torch.zeros((split, cout), dtype=h.dtype, device=h.device)
-        if tiles:
-            _conv1x1_residual_bwd_dw_kernel[grid2 + (split,)](
-                grad_out, h, pw, pb, cin, cout, ww, p, tiles, per,
-                *grad_out.stride(), *h.stride(),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        a = pw.sum(0)
-        s = pb.sum(0)
+        # The unscaled reductions A = sum grad_out @ h^T and s = sum grad_out are exactly the
+        # weight/bias gradients of a 1x1 conv without activation: reuse that kernel.
+        a, s = weight_grad_sums(grad_out, h, grad_out, 0, True, blocks)
         if need_w:
             gw = (gate_t * a).view(cout, cin, 1, 1)
         if need_b:

@@ -64,8 +64,6 @@ CASES = [
      {**CONV_BLOCKS, "HAS_BIAS": True}, ("fp32", "fp64")),
     (RES, "_conv1x1_residual_bwd_dh_kernel", {"go_ptr", "w_ptr", "gate_ptr", "gh_ptr"},
      CONV_BLOCKS, ("fp32",)),
-    (RES, "_conv1x1_residual_bwd_dw_kernel", {"go_ptr", "h_ptr", "pw_ptr", "pb_ptr"},
-     CONV_BLOCKS, ("fp32",)),
 ]
 
 

@@ -1,6 +1,7 @@
 """Fused kernels of the DVP-VAE fast path, one op per module, each beside its reference.
 
-Importing this package never imports Triton eagerly; the Triton kernels load on first use.
+Triton is optional: each op module imports it inside try/except, so ``import kernels``
+works without it and every op falls back to its reference.
 """
 from kernels._backend import available_backends, use_backend
 from kernels.conv1x1_act import conv1x1_act

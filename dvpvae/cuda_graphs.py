@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from dvpvae.model import DVPVAE
 from dvpvae.noise import Noise
+from dvpvae.sampling import sample_prior_ref
 
 
 class GraphSampler:
@@ -35,13 +37,14 @@ class GraphSampler:
             self.static_out = self._eager()
 
     def _eager(self) -> torch.Tensor:
+        # The eager reference path on purpose: the graph itself removes the launch overhead
+        # that torch.compile would otherwise target, and compiled callables inside a capture
+        # would need their own warm-up.
         m = self.model
         noise = Noise()
-        from dvpvae.sampling import sample_prior_ref
-
         u = sample_prior_ref(m.prior, self.n, self.prior_temperature, noise)
-        like = m.prior.coefficients
-        return type(m).__mro__[1]._decode_sample(m, u, m.sample_draws(self.n, like, noise), self.temperature)
+        draws = m.sample_draws(self.n, m.prior.coefficients, noise)
+        return DVPVAE._decode_sample(m, u, draws, self.temperature)
 
     def run(self) -> torch.Tensor:
         self.graph.replay()

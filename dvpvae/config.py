@@ -7,7 +7,7 @@ JSON. Unknown keys and unknown preset names raise instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("relu", "silu", "elu", "gelu")

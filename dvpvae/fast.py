@@ -25,15 +25,14 @@ import warnings
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 from dvpvae.blocks import ResBlock
 from dvpvae.config import Config
 from dvpvae.decoder import Layer, LadderBlock, PseudoinputBlock
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
-from dvpvae.model import DVPVAE, DVPVAEOutput, check_images
-from dvpvae.noise import Noise, as_noise
+from dvpvae.model import DVPVAE, DVPVAEOutput
+from dvpvae.noise import Noise
 
 MAX_LOGVAR = 1.0
 

@@ -1,11 +1,5 @@
-import os
-import sys
-
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
 
 
 @pytest.fixture(autouse=True)

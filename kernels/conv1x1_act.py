@@ -137,14 +137,15 @@ if triton is not None:
         tl.store(y_ptr + out, _act_fwd(acc, ACT), mask=mout)
 
     @triton.jit
-    def _conv1x1_act_bwd_dx_kernel(gy_ptr, z_ptr, w_ptr, gx_ptr,
+    def _conv1x1_act_bwd_dx_kernel(gy_ptr, z_ptr, w_ptr, scale_ptr, gx_ptr,
                                    CIN, COUT, W, P,
                                    sgn, sgc, sgh, sgw, swo, swi,
-                                   ACT: tl.constexpr,
+                                   ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr):
-        # grad_x[n] (Cin x P) = W^T (Cin x Cout) @ (gy * act'(z))[n] (Cout x P).
+        # grad_x[n] (Cin x P) = [scale *] W^T (Cin x Cout) @ (gy * act'(z))[n] (Cout x P).
         # Here BLOCK_M tiles Cin (output rows) and BLOCK_K tiles Cout (the reduction).
+        # The optional device scalar is conv1x1_residual's gate (ACT = 0 there).
         pid_p = tl.program_id(0)
         pid_ci = tl.program_id(1)
         n = tl.program_id(2).to(tl.int64)
@@ -168,6 +169,8 @@ if triton is not None:
             wt = tl.load(w_ptr + co[None, :] * swo + rci[:, None] * swi,
                          mask=mci[:, None] & mco[None, :], other=0.0)   # W^T tile
             acc += tl.dot(wt, g, input_precision="ieee")
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr)
         tl.store(gx_ptr + n * CIN * P + rci[:, None].to(tl.int64) * P + rp[None, :], acc,
                  mask=mci[:, None] & mp[None, :])
 
@@ -250,6 +253,24 @@ def conv1x1_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, (z if store_z else None)
 
 
+def input_grad(grad_y: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act: int,
+               in_shape, scale: torch.Tensor | None = None, blocks=None) -> torch.Tensor:
+    """grad of the 1x1 conv input: [scale *] W^T @ (grad_y * act'(z)), contiguous NCHW.
+
+    Shared with conv1x1_residual (act = 0, scale = its 1-element gate tensor).
+    """
+    n, cin, h, w = in_shape
+    cout, p = weight.shape[0], h * w
+    gx = torch.empty(in_shape, dtype=grad_y.dtype, device=grad_y.device)
+    if gx.numel():
+        bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
+        _conv1x1_act_bwd_dx_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
+            grad_y, z, weight, scale if scale is not None else weight, gx, cin, cout, w, p,
+            *grad_y.stride(), weight.stride(0), weight.stride(1),
+            ACT=act, HAS_SCALE=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return gx
+
+
 def weight_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, act: int,
                      has_bias: bool, blocks=None):
     """(sum over pixels of gz @ x^T, sum of gz), gz = grad_y * act'(z): shapes (Cout, Cin), (Cout,).
@@ -282,7 +303,6 @@ def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     act = _check_activation(activation)
     n, cin, h, w = x.shape
     cout = weight.shape[0]
-    p = h * w
     if tuple(grad_y.shape) != (n, cout, h, w):
         raise ValueError(f"grad_y shape {tuple(grad_y.shape)} != output shape {(n, cout, h, w)}")
     if grad_y.dtype != x.dtype or grad_y.device != x.device:
@@ -292,13 +312,7 @@ def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     z_arg = z if z is not None else grad_y
     gx = gw = gb = None
     if need_x:
-        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if gx.numel():
-            bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
-            _conv1x1_act_bwd_dx_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
-                grad_y, z_arg, weight, gx, cin, cout, w, p,
-                *grad_y.stride(), weight.stride(0), weight.stride(1),
-                ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        gx = input_grad(grad_y, weight, z_arg, act, x.shape, blocks=blocks)
     if need_w or has_bias:
         a, sb = weight_grad_sums(grad_y, x, z_arg, act, has_bias, blocks)
         if need_w:

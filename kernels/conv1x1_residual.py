@@ -13,9 +13,9 @@ Design trade-off:
     1-element device tensor (a float becomes torch.full, a fill kernel: no host sync and no
     host-to-device copy), so the kernel reads it in the compute dtype and fp64 is exact.
   * Backward saves only h and W (like an unfused conv): grad_skip = grad_out (no kernel);
-    grad_h = gate * W^T @ grad_out (gate applied in the epilogue); the weight kernel reduces
-    A = sum grad_out @ h^T and s = sum grad_out over N*H*W into deterministic partial sums
-    (no atomics), then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor
+    grad_h = gate * W^T @ grad_out and the weight reductions A = sum grad_out @ h^T and s = sum grad_out over N*H*W into deterministic partial sums
+    (no atomics) run conv1x1_act's backward kernels with no activation (the gate applied
+    in the input-gradient epilogue), then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor
     that requires grad, grad_gate = <W, A> + <bias, s> -- the branch output is neither saved
     nor recomputed, because sum(grad_out * (W h + b)) regroups into those two small sums.
 
@@ -27,7 +27,7 @@ import torch
 
 from kernels._backend import resolve
 from kernels._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks
-from kernels.conv1x1_act import weight_grad_sums
+from kernels.conv1x1_act import input_grad, weight_grad_sums
 
 try:  # Triton is optional: `import kernels` must work without it.
     import triton
@@ -110,36 +110,6 @@ if triton is not None:
         tl.store(out_ptr + n * COUT * P + rco[:, None].to(tl.int64) * P + rp[None, :],
                  s + g * acc, mask=m2)
 
-    @triton.jit
-    def _conv1x1_residual_bwd_dh_kernel(go_ptr, w_ptr, gate_ptr, gh_ptr,
-                                        CIN, COUT, W, P,
-                                        sgn, sgc, sgh, sgw, swo, swi,
-                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_K: tl.constexpr):
-        # grad_h[n] (Cin x P) = gate * W^T (Cin x Cout) @ grad_out[n] (Cout x P);
-        # BLOCK_M tiles Cin, BLOCK_K tiles the Cout reduction.
-        pid_p = tl.program_id(0)
-        pid_ci = tl.program_id(1)
-        n = tl.program_id(2).to(tl.int64)
-        rci = pid_ci * BLOCK_M + tl.arange(0, BLOCK_M)
-        rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        mci = rci < CIN
-        mp = rp < P
-        g_off = (rp // W).to(tl.int64) * sgh + (rp % W).to(tl.int64) * sgw
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=gh_ptr.dtype.element_ty)
-        for k0 in range(0, COUT, BLOCK_K):
-            co = k0 + rk
-            mco = co < COUT
-            g = tl.load(go_ptr + n * sgn + co[:, None].to(tl.int64) * sgc + g_off[None, :],
-                        mask=mco[:, None] & mp[None, :], other=0.0)
-            wt = tl.load(w_ptr + co[None, :] * swo + rci[:, None] * swi,
-                         mask=mci[:, None] & mco[None, :], other=0.0)   # W^T tile
-            acc += tl.dot(wt, g, input_precision="ieee")
-        gate = tl.load(gate_ptr)
-        tl.store(gh_ptr + n * CIN * P + rci[:, None].to(tl.int64) * P + rp[None, :],
-                 gate * acc, mask=mci[:, None] & mp[None, :])
-
 
 # ----------------------------------------------------------------------------- launchers
 
@@ -181,20 +151,15 @@ def conv1x1_residual_bwd(grad_out, h, weight, bias, gate_t, need_h=True, need_w=
     """
     n, cin, hh, ww = h.shape
     cout = weight.shape[0]
-    p = hh * ww
     if tuple(grad_out.shape) != (n, cout, hh, ww):
         raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != {(n, cout, hh, ww)}")
     if grad_out.dtype != h.dtype or grad_out.device != h.device:
         raise ValueError("grad_out must match h's dtype and device")
     gh = gw = gb = gg = None
     if need_h:
-        gh = torch.empty_like(h, memory_format=torch.contiguous_format)
-        if gh.numel():
-            bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
-            _conv1x1_residual_bwd_dh_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
-                grad_out, weight, gate_t, gh, cin, cout, ww, p,
-                *grad_out.stride(), weight.stride(0), weight.stride(1),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        # grad_h = gate * W^T @ grad_out: the input gradient of a 1x1 conv without
+        # activation, scaled by the gate in the same kernel's epilogue.
+        gh = input_grad(grad_out, weight, grad_out, 0, h.shape, scale=gate_t, blocks=blocks)
     if need_w or need_b or need_gate:
         # The unscaled reductions A = sum grad_out @ h^T and s = sum grad_out are exactly the
         # weight/bias gradients of a 1x1 conv without activation: reuse that kernel.

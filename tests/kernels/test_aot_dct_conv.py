@@ -55,15 +55,15 @@ CASES = [
      {**CONV_BLOCKS, "HAS_BIAS": False, "ACT": 2, "STORE_Z": False}, ("fp32@sm90",)),
     (ACT, "_conv1x1_act_fwd_kernel", {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "z_ptr"},
      {**CONV_BLOCKS, "HAS_BIAS": True, "ACT": 3, "STORE_Z": True}, ("fp32@sm90",)),
-    (ACT, "_conv1x1_act_bwd_dx_kernel", {"gy_ptr", "z_ptr", "w_ptr", "gx_ptr"},
-     {**CONV_BLOCKS, "ACT": 4}, ("fp32",)),
+    (ACT, "_conv1x1_act_bwd_dx_kernel", {"gy_ptr", "z_ptr", "w_ptr", "scale_ptr", "gx_ptr"},
+     {**CONV_BLOCKS, "ACT": 4, "HAS_SCALE": False}, ("fp32",)),
+    (ACT, "_conv1x1_act_bwd_dx_kernel", {"gy_ptr", "z_ptr", "w_ptr", "scale_ptr", "gx_ptr"},
+     {**CONV_BLOCKS, "ACT": 0, "HAS_SCALE": True}, ("fp32",)),
     (ACT, "_conv1x1_act_bwd_dw_kernel", {"gy_ptr", "z_ptr", "x_ptr", "gw_ptr", "gb_ptr"},
      {**CONV_BLOCKS, "ACT": 1, "HAS_BIAS": True}, ("fp32", "fp64")),
     (RES, "_conv1x1_residual_fwd_kernel",
      {"h_ptr", "w_ptr", "b_ptr", "skip_ptr", "gate_ptr", "out_ptr"},
      {**CONV_BLOCKS, "HAS_BIAS": True}, ("fp32", "fp64")),
-    (RES, "_conv1x1_residual_bwd_dh_kernel", {"go_ptr", "w_ptr", "gate_ptr", "gh_ptr"},
-     CONV_BLOCKS, ("fp32",)),
 ]
 
 

@@ -12,12 +12,13 @@ Design trade-off:
   * gate is a python float or a 0-dim/1-element tensor; both are handed to the kernel as a
     1-element device tensor (a float becomes torch.full, a fill kernel: no host sync and no
     host-to-device copy), so the kernel reads it in the compute dtype and fp64 is exact.
-  * Backward saves only h and W (like an unfused conv): grad_skip = grad_out (no kernel);
-    grad_h = gate * W^T @ grad_out and the weight reductions A = sum grad_out @ h^T and s = sum grad_out over N*H*W into deterministic partial sums
-    (no atomics) run conv1x1_act's backward kernels with no activation (the gate applied
-    in the input-gradient epilogue), then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor
-    that requires grad, grad_gate = <W, A> + <bias, s> -- the branch output is neither saved
-    nor recomputed, because sum(grad_out * (W h + b)) regroups into those two small sums.
+  * Backward saves only h and W (like an unfused conv): grad_skip = grad_out (no kernel).
+    grad_h = gate * W^T @ grad_out and the deterministic partial sums (no atomics)
+    A = sum grad_out @ h^T, s = sum grad_out over N*H*W come from conv1x1_act's backward
+    kernels run without activation (the gate applied in the input-gradient epilogue).
+    Then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor that requires
+    grad, grad_gate = <W, A> + <bias, s>: the branch output is neither saved nor
+    recomputed, because sum(grad_out * (W h + b)) regroups into those two small sums.
 
 Size limits (Triton backend): float32/float64; any N, C, H, W (tiles are masked).
 """

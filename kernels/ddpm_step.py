@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from kernels._backend import resolve
+from kernels._elementwise_common import acc_dtype, check_matching
 
 try:
     import triton
@@ -52,7 +53,6 @@ except ImportError:  # `import kernels` must work without Triton
 
 COL_SIGMA_T, COL_INV_ALPHA_T, COL_C_Z, COL_C_X, COL_C_NOISE = range(5)
 NUM_COLS = 5
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _supported():
@@ -191,20 +191,7 @@ def _check_step(step, coef):
 
 
 def _check_inputs(z_t, eps_hat, noise, coef):
-    names = ("z_t", "eps_hat", "noise")
-    for name, t in zip(names, (z_t, eps_hat, noise)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"ddpm_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != z_t.shape:
-            raise ValueError(f"ddpm_step: {name} has shape {tuple(t.shape)}, expected {tuple(z_t.shape)}")
-        if t.dtype != z_t.dtype:
-            raise ValueError(f"ddpm_step: {name} has dtype {t.dtype}, expected {z_t.dtype}")
-        if t.device != z_t.device:
-            raise ValueError(f"ddpm_step: {name} is on {t.device}, expected {z_t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"ddpm_step: {name} must be contiguous (strides {t.stride()})")
-    if z_t.dtype not in _DTYPES:
-        raise ValueError(f"ddpm_step: dtype {z_t.dtype} not supported; use one of {_DTYPES}")
+    check_matching("ddpm_step", ("z_t", "eps_hat", "noise"), (z_t, eps_hat, noise))
     if not isinstance(coef, torch.Tensor) or coef.dim() != 2 or coef.shape[1] != NUM_COLS or coef.shape[0] < 1:
         shape = tuple(coef.shape) if isinstance(coef, torch.Tensor) else type(coef).__name__
         raise ValueError(f"ddpm_step: coef must be a (T, {NUM_COLS}) table from ddpm_coefficients, got {shape}")
@@ -214,10 +201,6 @@ def _check_inputs(z_t, eps_hat, noise, coef):
         raise ValueError(f"ddpm_step: coef is on {coef.device}, expected {z_t.device}")
     if not coef.is_contiguous():
         raise ValueError("ddpm_step: coef must be contiguous")
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _config(numel):
@@ -236,7 +219,7 @@ def ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature=1.0):
         _ddpm_step_fwd_kernel[(grid,)](
             z_t, eps_hat, noise, coef, step_t if step_t is not None else coef, out, numel,
             step_int, coef.shape[0], float(temperature), BLOCK=block,
-            ACC=_acc_dtype(z_t.dtype), STEP_IN_MEMORY=step_t is not None, num_warps=num_warps)
+            ACC=acc_dtype(z_t.dtype), STEP_IN_MEMORY=step_t is not None, num_warps=num_warps)
     return out
 
 
@@ -255,7 +238,7 @@ def ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, temperature=1.0, need_nois
         _ddpm_step_bwd_kernel[(grid,)](
             z_t, eps_hat, grad_out, coef, step_t if step_t is not None else coef,
             d_zt, d_eh, d_nz if need_noise else d_zt, numel, step_int, coef.shape[0],
-            float(temperature), BLOCK=block, ACC=_acc_dtype(z_t.dtype),
+            float(temperature), BLOCK=block, ACC=acc_dtype(z_t.dtype),
             STEP_IN_MEMORY=step_t is not None, NEED_NOISE=need_noise, num_warps=num_warps)
     return d_zt, d_eh, d_nz
 

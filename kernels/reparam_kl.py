@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from kernels._backend import resolve
+from kernels._elementwise_common import acc_dtype, check_matching
 
 try:
     import triton
@@ -42,7 +43,6 @@ except ImportError:  # `import kernels` must work without Triton
 
 MAX_LOGVAR = 1.0  # upper clamp of every log-variance (MODEL.md section 4)
 _SUPPORTED = ("reference", "triton")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- reference
@@ -178,26 +178,9 @@ if triton is not None:
 
 
 # --------------------------------------------------------------------------- launchers
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _check_inputs(op, names, tensors):
+    check_matching(op, names, tensors)
     ref = tensors[0]
-    for name, t in zip(names, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != ref.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected "
-                             f"{tuple(ref.shape)} (the shape of {names[0]}); no broadcasting")
-        if t.dtype != ref.dtype:
-            raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {ref.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, expected {ref.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()})")
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"{op}: dtype {ref.dtype} not supported; use one of {_DTYPES}")
     if ref.dim() < 1 or ref.shape[0] < 1:
         raise ValueError(f"{op}: inputs need a non-empty batch dimension, got {tuple(ref.shape)}")
 
@@ -238,7 +221,7 @@ def reparam_kl_fwd(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, splits=None)
     partial = torch.empty((N, S), dtype=acc, device=q_mu.device)
     _reparam_kl_fwd_kernel[(N, S)](q_mu, q_logvar, p_mu, p_logvar, eps, z, partial,
                                    D, chunk, S, float(min_logvar), MAX_LOGVAR,
-                                   BLOCK=block, ACC=_acc_dtype(q_mu.dtype), num_warps=num_warps)
+                                   BLOCK=block, ACC=acc_dtype(q_mu.dtype), num_warps=num_warps)
     kl = partial[:, 0] if S == 1 else partial.sum(dim=1)  # fixed-order: deterministic
     return z, kl.to(q_mu.dtype)
 
@@ -270,7 +253,7 @@ def reparam_kl_bwd(q_mu, q_logvar, p_mu, p_logvar, eps, grad_z, grad_kl, min_log
         *grads, d_eps if need_eps else dummy,
         D, chunk, grad_kl.stride(0) if grad_kl is not None else 0,
         float(min_logvar), MAX_LOGVAR,
-        BLOCK=block, ACC=_acc_dtype(q_mu.dtype), HAS_GZ=grad_z is not None,
+        BLOCK=block, ACC=acc_dtype(q_mu.dtype), HAS_GZ=grad_z is not None,
         HAS_GK=grad_kl is not None, NEED_EPS=need_eps, num_warps=num_warps)
     return (*grads, d_eps)
 
@@ -288,7 +271,7 @@ def reparam_sample_fwd(p_mu, p_logvar, eps, min_logvar, temperature):
         block, grid, num_warps = _flat_config(numel)
         _reparam_sample_fwd_kernel[(grid,)](p_mu, p_logvar, eps, z, numel, float(min_logvar),
                                             MAX_LOGVAR, float(temperature) ** 0.5, BLOCK=block,
-                                            ACC=_acc_dtype(p_mu.dtype), num_warps=num_warps)
+                                            ACC=acc_dtype(p_mu.dtype), num_warps=num_warps)
     return z
 
 
@@ -306,7 +289,7 @@ def reparam_sample_bwd(p_logvar, eps, grad_z, min_logvar, temperature, need_eps=
                                             d_eps if need_eps else d_plv, numel,
                                             float(min_logvar), MAX_LOGVAR,
                                             float(temperature) ** 0.5, BLOCK=block,
-                                            ACC=_acc_dtype(p_logvar.dtype), NEED_EPS=need_eps,
+                                            ACC=acc_dtype(p_logvar.dtype), NEED_EPS=need_eps,
                                             num_warps=num_warps)
     return d_plv, d_eps
 

@@ -20,7 +20,7 @@ from dvpvae.diffusion import LOG_2PI, DiffusionPrior
 from dvpvae.encoder import scale_channels
 from dvpvae.noise import Noise
 from kernels.dct_pseudoinput import dct_pseudoinput_ref, idct_pseudoinput_ref
-from kernels.reparam_kl import reparam_kl_ref
+from kernels.reparam_kl import reparam_kl_ref, reparam_sample_ref
 
 Q_LOGVAR_RANGE = (-12.0, -5.0)
 
@@ -126,19 +126,26 @@ class LadderBlock(nn.Module):
             s_dec = F.interpolate(s_dec, size=self.upsample_to, mode="bilinear", align_corners=False)
         return s_dec
 
+    def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
+        """Clamped z ~ q and analytic KL(q || p); FastLadderBlock swaps in the fused op."""
+        return reparam_kl_ref(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
+
+    def reparam_sample(self, p_mu, p_lv, eps, temperature):
+        """z ~ p with its variance scaled by ``temperature``; fused in FastLadderBlock."""
+        return reparam_sample_ref(p_mu, p_lv, eps, self.min_logvar, temperature)
+
     def encode(self, s_enc, s_dec, cond, eps, is_last):
         """Posterior pass: z ~ q, analytic KL(q || p); returns (Layer, next s_dec)."""
         p_mu, p_lv, h = self.prior_params(s_dec, cond)
         q_mu, q_lv = self.posterior_params(s_enc, s_dec)
-        z, kl = reparam_kl_ref(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
+        z, kl = self.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps)
         layer = Layer(z, q_mu, q_lv.clamp(self.min_logvar, 1.0), p_mu, p_lv.clamp(self.min_logvar, 1.0), kl)
         return layer, (None if is_last else self.update(s_dec + h, z))
 
     def generate(self, s_dec, cond, eps, temperature, is_last):
         """Prior pass: z ~ p with its variance scaled by ``temperature``."""
         p_mu, p_lv, h = self.prior_params(s_dec, cond)
-        p_lv = p_lv.clamp(self.min_logvar, 1.0)
-        z = p_mu + torch.exp(0.5 * p_lv) * math.sqrt(temperature) * eps
+        z = self.reparam_sample(p_mu, p_lv, eps, temperature)
         return z, (None if is_last else self.update(s_dec + h, z))
 
 

@@ -28,13 +28,11 @@ import torch
 
 from dvpvae.blocks import ResBlock
 from dvpvae.config import Config
-from dvpvae.decoder import Layer, LadderBlock, PseudoinputBlock
+from dvpvae.decoder import LadderBlock, PseudoinputBlock
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
 from dvpvae.model import DVPVAE, DVPVAEOutput
 from dvpvae.noise import Noise
-
-MAX_LOGVAR = 1.0
 
 # Dynamo traces through the lru_cache of the DCT basis builder; the basis is a pure
 # function of (size, rows, dtype, device), so tracing the builder gives the same constant.
@@ -47,13 +45,14 @@ def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
     References are bound directly (not through ``kernels``' dispatch) so that compiled CPU
     graphs trace plain tensor code with no Python-side backend lookups.
     """
+    from kernels import available_backends
     from kernels.conv1x1_act import conv1x1_act, conv1x1_act_ref
     from kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
     from kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
                                          idct_pseudoinput_ref)
     from kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
 
-    if fused and device.type == "cuda" and "triton" in __import__("kernels").available_backends(device):
+    if fused and device.type == "cuda" and "triton" in available_backends(device):
         return SimpleNamespace(conv1x1_act=conv1x1_act, conv1x1_residual=conv1x1_residual,
                                dct=dct_pseudoinput, idct=idct_pseudoinput,
                                reparam_kl=reparam_kl, reparam_sample=reparam_sample)
@@ -98,20 +97,11 @@ class FastLadderBlock(LadderBlock):
 
     ops: SimpleNamespace
 
-    def encode(self, s_enc, s_dec, cond, eps, is_last):
-        p_mu, p_lv, h = self.prior_params(s_dec, cond)
-        q_mu, q_lv = self.posterior_params(s_enc, s_dec)
-        z, kl = self.ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
-        # The clamped log-variances are only read by estimate_nll's log-densities; inside a
-        # compiled graph they are dead code elsewhere.
-        layer = Layer(z, q_mu, q_lv.clamp(self.min_logvar, MAX_LOGVAR), p_mu,
-                      p_lv.clamp(self.min_logvar, MAX_LOGVAR), kl)
-        return layer, (None if is_last else self.update(s_dec + h, z))
+    def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
+        return self.ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
 
-    def generate(self, s_dec, cond, eps, temperature, is_last):
-        p_mu, p_lv, h = self.prior_params(s_dec, cond)
-        z = self.ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
-        return z, (None if is_last else self.update(s_dec + h, z))
+    def reparam_sample(self, p_mu, p_lv, eps, temperature):
+        return self.ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
 
 
 class FastDiffusionPrior(DiffusionPrior):

@@ -41,6 +41,11 @@ class Layer:
     kl: torch.Tensor | None = None
 
 
+def upsample_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to (size, size), align_corners=False (the research code's upsampling)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def gaussian_log_density(z, mu, logvar) -> torch.Tensor:
     """log N(z; mu, exp(logvar)) summed per example."""
     return (-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar))).flatten(1).sum(-1)
@@ -121,10 +126,16 @@ class LadderBlock(nn.Module):
         return out[:, :self.width], out[:, self.width:]
 
     def update(self, s_dec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        s_dec = self.resnet(s_dec + self.z_proj(z))
+        s_dec = self.resnet(s_dec + self.project(z))
         if self.upsample_to is not None:
-            s_dec = F.interpolate(s_dec, size=self.upsample_to, mode="bilinear", align_corners=False)
+            s_dec = self.upsample(s_dec, self.upsample_to)
         return s_dec
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """z_proj(z); FastLadderBlock fuses it into the addition when z has few channels."""
+        return self.z_proj(z)
+
+    upsample = staticmethod(upsample_bilinear)
 
     def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
         """Clamped z ~ q and analytic KL(q || p); FastLadderBlock swaps in the fused op."""
@@ -187,8 +198,14 @@ class TopDownDecoder(nn.Module):
     def aggregate(self, zs: list[torch.Tensor]) -> torch.Tensor:
         """Likelihood parameters from the sum of upsampled ladder latents / sqrt(L)."""
         size = self.cfg.image_size
-        a = sum(F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in zs)
-        return self.out_conv(self.z_to_features(a / math.sqrt(len(zs))))
+        a = sum(self.upsample(z, size) for z in zs)
+        return self.head(a / math.sqrt(len(zs)))
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        """out_conv(z_to_features(a)); FastTopDownDecoder composes the two convolutions."""
+        return self.out_conv(self.z_to_features(a))
+
+    upsample = staticmethod(upsample_bilinear)
 
     def initial_state(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return torch.ones((n,) + self.top_shape, dtype=like.dtype, device=like.device)

@@ -28,7 +28,8 @@ import torch
 
 from dvpvae.blocks import ResBlock
 from dvpvae.config import Config
-from dvpvae.decoder import LadderBlock, PseudoinputBlock
+from dvpvae.decoder import LadderBlock, PseudoinputBlock, TopDownDecoder
+from dvpvae.fast_layers import composed_head, pointwise_conv, upsample_bilinear
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
 from dvpvae.model import DVPVAE, DVPVAEOutput
@@ -93,15 +94,29 @@ class FastPseudoinputBlock(PseudoinputBlock):
 
 
 class FastLadderBlock(LadderBlock):
-    """Clamps, reparameterization and the per-example KL in one fused op."""
+    """Clamps, reparameterization and the per-example KL in one fused op; cheaper z
+    projection and upsampling (``dvpvae.fast_layers``)."""
 
     ops: SimpleNamespace
+    upsample = staticmethod(upsample_bilinear)
+
+    def project(self, z):
+        return pointwise_conv(z, self.z_proj)
 
     def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
         return self.ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
 
     def reparam_sample(self, p_mu, p_lv, eps, temperature):
         return self.ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
+
+
+class FastTopDownDecoder(TopDownDecoder):
+    """Latent aggregation with matmul upsampling and a single composed output convolution."""
+
+    upsample = staticmethod(upsample_bilinear)
+
+    def head(self, a):
+        return composed_head(a, self.z_to_features, self.out_conv)
 
 
 class FastDiffusionPrior(DiffusionPrior):
@@ -129,7 +144,8 @@ def _compiled_unet_loss():
 
 
 _FAST_CLASSES = {ResBlock: FastResBlock, PseudoinputBlock: FastPseudoinputBlock,
-                 LadderBlock: FastLadderBlock, DiffusionPrior: FastDiffusionPrior}
+                 LadderBlock: FastLadderBlock, TopDownDecoder: FastTopDownDecoder,
+                 DiffusionPrior: FastDiffusionPrior}
 
 
 class FastDVPVAE(DVPVAE):

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,17 @@ namespace dvpvae {
 // Columns of the (T, 5) step table; row i is the step t = (i+1)/T -> s = i/T.
 // Same layout as kernels/ddpm_step.py (COL_*) and DiffusionPrior.coefficients.
 enum Col : int64_t { kSigmaT = 0, kInvAlphaT = 1, kCZ = 2, kCX = 3, kCNoise = 4, kNumCols = 5 };
+
+// One ancestral update of one element (row i of the table, c_n = temperature * c_noise):
+// z_s = c_z z + c_x clamp((z - sigma_t eps_hat) / alpha_t, -1, 1) + c_n noise.
+// Shared by ddpm_step_cpu and the native UNet loop so both round alike.
+template <typename acc_t>
+inline acc_t ddpm_update(acc_t z, acc_t eps_hat, acc_t noise, acc_t sigma_t, acc_t inv_alpha_t, acc_t c_z,
+                         acc_t c_x, acc_t c_n) {
+  acc_t x_hat = (z - sigma_t * eps_hat) * inv_alpha_t;
+  x_hat = std::min(std::max(x_hat, acc_t(-1)), acc_t(1));
+  return c_z * z + c_x * x_hat + c_n * noise;
+}
 
 // float64 CPU table (T, 5) for the linear log-SNR schedule.
 at::Tensor ddpm_coefficients(int64_t T, double gamma_min, double gamma_max);
@@ -46,6 +58,14 @@ at::Tensor ddpm_sample_aoti(const at::Tensor& z_T, const at::Tensor& noise, cons
                             at::TensorList weights, c10::string_view package, double temperature);
 at::Tensor ddpm_sample_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
                             at::TensorList weights, c10::string_view package, double temperature);
+// The same loop with a native float32 CPU forward of dvpvae.unet.UNet (unet_cpu.cpp);
+// weights in UNet.named_parameters() order.
+at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                                at::TensorList weights, int64_t num_res_blocks, int64_t groups, double eps,
+                                double temperature);
+at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                                 at::TensorList weights, int64_t num_res_blocks, int64_t groups, double eps,
+                                 double temperature);
 // Drop every cached package loader; returns how many were dropped.
 int64_t release_packages();
 

@@ -117,10 +117,8 @@ void step_kernel(const scalar_t* z_t, const scalar_t* eps_hat, const scalar_t* n
   constexpr int64_t kGrain = 32768;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t z = static_cast<acc_t>(z_t[i]);
-      acc_t x_hat = (z - sigma_t * static_cast<acc_t>(eps_hat[i])) * inv_alpha_t;
-      x_hat = std::min(std::max(x_hat, acc_t(-1)), acc_t(1));
-      out[i] = static_cast<scalar_t>(c_z * z + c_x * x_hat + c_n * static_cast<acc_t>(noise[i]));
+      out[i] = static_cast<scalar_t>(ddpm_update<acc_t>(z_t[i], eps_hat[i], noise[i], sigma_t, inv_alpha_t,
+                                                         c_z, c_x, c_n));
     }
   });
 }

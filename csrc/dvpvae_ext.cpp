@@ -19,6 +19,8 @@ TORCH_LIBRARY(dvpvae, m) {
         "float temperature) -> Tensor");
   m.def("ddpm_sample(Tensor z_T, Tensor noise, Tensor coef, Tensor[] weights, str package, "
         "float temperature) -> Tensor");
+  m.def("ddpm_sample_unet(Tensor z_T, Tensor noise, Tensor coef, Tensor[] weights, int num_res_blocks, "
+        "int groups, float eps, float temperature) -> Tensor");
   m.def("release_packages() -> int");
 }
 
@@ -31,11 +33,13 @@ TORCH_LIBRARY_IMPL(dvpvae, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_step", &dvpvae::ddpm_step_cpu);
   m.impl("ddpm_sample", &dvpvae::ddpm_sample_aoti);
+  m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_step", &dvpvae::ddpm_step_meta);
   m.impl("ddpm_sample", &dvpvae::ddpm_sample_meta);
+  m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
 }
 
 // A Python module init so the extension imports as `dvpvae._C` (setup.py build); the ops

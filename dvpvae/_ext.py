@@ -23,7 +23,7 @@ import threading
 import torch
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-_SOURCES = ("dvpvae_ext.cpp", "ddpm_cpu.cpp")
+_SOURCES = ("dvpvae_ext.cpp", "ddpm_cpu.cpp", "unet_cpu.cpp")
 
 _lock = threading.Lock()
 _ops = None

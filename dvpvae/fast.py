@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from dvpvae.blocks import ResBlock
+from dvpvae.cpu_conv import conv1x1_cl
 from dvpvae.config import Config
 from dvpvae.decoder import LadderBlock, PseudoinputBlock, TopDownDecoder
 from dvpvae.fast_layers import composed_head, pointwise_conv, upsample_bilinear
@@ -34,6 +35,7 @@ from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
 from dvpvae.model import DVPVAE, DVPVAEOutput
 from dvpvae.noise import Noise
+from kernels.conv1x1_act import apply_activation
 
 # Dynamo traces through the lru_cache of the DCT basis builder; the basis is a pure
 # function of (size, rows, dtype, device), so tracing the builder gives the same constant.
@@ -41,7 +43,8 @@ warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"t
 
 
 def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
-    """The functions the fast modules call: Triton kernels on CUDA, references elsewhere.
+    """The functions the fast modules call: Triton kernels on CUDA, split-gradient
+    channels-last 1x1 convolutions (``dvpvae.cpu_conv``) and references on the CPU.
 
     References are bound directly (not through ``kernels``' dispatch) so that compiled CPU
     graphs trace plain tensor code with no Python-side backend lookups.
@@ -55,11 +58,24 @@ def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
 
     if fused and device.type == "cuda" and "triton" in available_backends(device):
         return SimpleNamespace(conv1x1_act=conv1x1_act, conv1x1_residual=conv1x1_residual,
+                               conv1x1=functools.partial(conv1x1_act, activation="none"),
                                dct=dct_pseudoinput, idct=idct_pseudoinput,
                                reparam_kl=reparam_kl, reparam_sample=reparam_sample)
-    return SimpleNamespace(conv1x1_act=conv1x1_act_ref, conv1x1_residual=conv1x1_residual_ref,
-                           dct=dct_pseudoinput_ref, idct=idct_pseudoinput_ref,
-                           reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref)
+    ops = SimpleNamespace(conv1x1_act=conv1x1_act_ref, conv1x1_residual=conv1x1_residual_ref,
+                          conv1x1=torch.nn.functional.conv2d,
+                          dct=dct_pseudoinput_ref, idct=idct_pseudoinput_ref,
+                          reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref)
+    if fused and device.type == "cpu":
+        ops.conv1x1, ops.conv1x1_act, ops.conv1x1_residual = conv1x1_cl, _conv1x1_act_cpu, _conv1x1_residual_cpu
+    return ops
+
+
+def _conv1x1_act_cpu(x, weight, bias, activation):
+    return apply_activation(conv1x1_cl(x, weight, bias), activation)
+
+
+def _conv1x1_residual_cpu(h, weight, bias, skip, gate):
+    return skip + gate.reshape(()).to(h.dtype) * conv1x1_cl(h, weight, bias)
 
 
 class FastResBlock(ResBlock):
@@ -78,7 +94,8 @@ class FastResBlock(ResBlock):
         h = ops.conv1x1_act(first, self.conv_in.weight, self.conv_in.bias, self.activation)
         h = act(self.conv_mid1(h))
         h = act(self.conv_mid2(h))
-        return ops.conv1x1_residual(h, self.conv_out.weight, self.conv_out.bias, self.skip(x), self.gate)
+        skip = x if isinstance(self.skip, torch.nn.Identity) else ops.conv1x1(x, self.skip.weight, self.skip.bias)
+        return ops.conv1x1_residual(h, self.conv_out.weight, self.conv_out.bias, skip, self.gate)
 
 
 class FastPseudoinputBlock(PseudoinputBlock):

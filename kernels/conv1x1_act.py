@@ -55,7 +55,11 @@ def conv1x1_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Plain-PyTorch y = act(conv2d(x, weight, bias)) with a (out, in, 1, 1) weight."""
     check_conv_args(x, weight, bias)
     _check_activation(activation)
-    z = torch.nn.functional.conv2d(x, weight, bias)
+    return apply_activation(torch.nn.functional.conv2d(x, weight, bias), activation)
+
+
+def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The named activation of the op (``"none"``: identity), in plain PyTorch."""
     if activation == "relu":
         return torch.relu(z)
     if activation == "silu":

@@ -76,21 +76,24 @@ DVPVAE_INLINE vec vsilu(vec x) { return x / (1.0f + vexp(-x)); }
 
 // NP consecutive output pixels of one row, all output channels: out[p] = res[p] + bias +
 // sum over taps and input channels of in[p + tap][ci] * w[tap][ci][:]. `in` points at the
-// window's top-left pixel; rows are in_w pixels apart.
+// window's top-left pixel; pixels are ldi floats apart, rows in_w pixels. No bias: 0.
 template <int KS, int NP>
-DVPVAE_INLINE void conv_pixels(const float* in, int in_w, int cin, const float* w, const float* bias,
-                               int cout, float* out, const float* res) {
-  for (int cb = 0; cb < cout; cb += kV) {
+DVPVAE_INLINE void conv_pixels(const float* in, ptrdiff_t in_w, ptrdiff_t ldi, ptrdiff_t cin, const float* w,
+                               const float* bias, ptrdiff_t cout, float* out, const float* res) {
+  // ptrdiff_t offsets and bumped pointers: with int indices the inner loop spent more
+  // instructions on sign-extended address arithmetic than on FMAs.
+  for (ptrdiff_t cb = 0; cb < cout; cb += kV) {
     vec acc[NP];
-    const vec b = load(bias + cb);
+    const vec b = bias ? load(bias + cb) : vec{};
     for (int p = 0; p < NP; ++p) acc[p] = b;
+    const float* wp = w + cb;
     for (int ky = 0; ky < KS; ++ky) {
       for (int kx = 0; kx < KS; ++kx) {
-        const float* ip = in + (ky * in_w + kx) * cin;
-        const float* wp = w + (ky * KS + kx) * cin * cout + cb;
-        for (int ci = 0; ci < cin; ++ci) {
-          const vec wv = load(wp + ci * cout);
-          for (int p = 0; p < NP; ++p) acc[p] += ip[p * cin + ci] * wv;
+        const float* ip = in + (ky * in_w + kx) * ldi;
+#pragma GCC unroll 4
+        for (ptrdiff_t ci = 0; ci < cin; ++ci, wp += cout, ++ip) {
+          const vec wv = load(wp);
+          for (int p = 0; p < NP; ++p) acc[p] += ip[p * ldi] * wv;
         }
       }
     }
@@ -103,25 +106,27 @@ DVPVAE_INLINE void conv_pixels(const float* in, int in_w, int cin, const float* 
 
 // KSxKS convolution (KS = 3: `in` is zero-bordered, (H+2) x (W+2) pixels; KS = 1: plain
 // H x W) of cin channels to cout (a multiple of 16) channels, out = [res +] conv(in).
+// Input pixels are ldi floats apart (cin for a plain NHWC tensor). With KS = 1 and H = 1
+// it is the matrix product out (W x cout) = in (W x cin) w (cin x cout).
 template <int KS>
-DVPVAE_INLINE void conv_impl(const float* in, int cin, const float* w, const float* bias, int cout,
+DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
                              int H, int W, float* out, const float* res) {
   constexpr int kMaxNP = 8;  // accumulators: 8 pixels x 16 channels fit AVX-512's registers
   const int in_w = W + KS - 1;
   for (int y = 0; y < H; ++y) {
     for (int x = 0; x < W; x += kMaxNP) {
-      const float* ip = in + (y * in_w + x) * cin;
+      const float* ip = in + (y * in_w + x) * ldi;
       float* op = out + (y * W + x) * cout;
       const float* rp = res ? res + (y * W + x) * cout : nullptr;
       switch (std::min(kMaxNP, W - x)) {
-        case 8: conv_pixels<KS, 8>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 7: conv_pixels<KS, 7>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 6: conv_pixels<KS, 6>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 5: conv_pixels<KS, 5>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 4: conv_pixels<KS, 4>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 3: conv_pixels<KS, 3>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        case 2: conv_pixels<KS, 2>(ip, in_w, cin, w, bias, cout, op, rp); break;
-        default: conv_pixels<KS, 1>(ip, in_w, cin, w, bias, cout, op, rp); break;
+        case 8: conv_pixels<KS, 8>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 7: conv_pixels<KS, 7>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 6: conv_pixels<KS, 6>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 5: conv_pixels<KS, 5>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 4: conv_pixels<KS, 4>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 3: conv_pixels<KS, 3>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        case 2: conv_pixels<KS, 2>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
+        default: conv_pixels<KS, 1>(ip, in_w, ldi, cin, w, bias, cout, op, rp); break;
       }
     }
   }
@@ -129,12 +134,12 @@ DVPVAE_INLINE void conv_impl(const float* in, int cin, const float* w, const flo
 
 DVPVAE_CLONES void conv3x3(const float* in, int cin, const float* w, const float* bias, int cout,
                            int H, int W, float* out, const float* res) {
-  conv_impl<3>(in, cin, w, bias, cout, H, W, out, res);
+  conv_impl<3>(in, cin, cin, w, bias, cout, H, W, out, res);
 }
 
 DVPVAE_CLONES void conv1x1(const float* in, int cin, const float* w, const float* bias, int cout,
                            int H, int W, float* out, const float* res) {
-  conv_impl<1>(in, cin, w, bias, cout, H, W, out, res);
+  conv_impl<1>(in, cin, cin, w, bias, cout, H, W, out, res);
 }
 
 // GroupNorm of x (HW pixels x ch channels, `groups` groups of consecutive channels),
@@ -189,35 +194,29 @@ DVPVAE_CLONES void group_norm_act(const float* x, int H, int W, int ch, int grou
 }
 
 // Single-head attention core: o[i] = sum_j softmax_j(q[i].k[j] / sqrt(C)) v[j], with q, k, v
-// the three C-channel slices of qkv (HW x 3C). kT (C x HWp) and srow (HWp) are scratch,
-// HWp = HW rounded up to 16.
-DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* kT, float* srow) {
+// the three C-channel slices of qkv (HW x 3C), as two matrix products on the convolution
+// kernel. Scratch: kT (C x HWp), v (HW x C), s (HW x HWp), HWp = HW rounded up to 16.
+DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* kT, float* v, float* s) {
   const int HWp = (HW + kV - 1) / kV * kV;
   for (int c = 0; c < C; ++c) {
     for (int j = 0; j < HW; ++j) kT[c * HWp + j] = qkv[j * 3 * C + C + c];
     for (int j = HW; j < HWp; ++j) kT[c * HWp + j] = 0.0f;
   }
+  for (int j = 0; j < HW; ++j) std::memcpy(v + j * C, qkv + j * 3 * C + 2 * C, C * sizeof(float));
+  conv_impl<1>(qkv, 3 * C, C, kT, nullptr, HWp, 1, HW, s, nullptr);
   const float scale = static_cast<float>(std::sqrt(static_cast<double>(C)));
   for (int i = 0; i < HW; ++i) {
-    const float* q = qkv + i * 3 * C;
-    for (int j = 0; j < HWp; j += kV) {
-      vec s{};
-      for (int c = 0; c < C; ++c) s += q[c] * load(kT + c * HWp + j);
-      store(srow + j, s / scale);
-    }
-    float m = srow[0];
-    for (int j = 1; j < HW; ++j) m = std::max(m, srow[j]);
-    for (int j = 0; j < HWp; j += kV) store(srow + j, vexp(load(srow + j) - m));
+    float* si = s + i * HWp;
+    float m = -INFINITY;
+    for (int j = 0; j < HWp; j += kV) store(si + j, load(si + j) / scale);
+    for (int j = 0; j < HW; ++j) m = std::max(m, si[j]);
     float total = 0.0f;
-    for (int j = 0; j < HW; ++j) total += srow[j];
-    float* oi = o + i * C;
-    for (int c = 0; c < C; c += kV) store(oi + c, vec{});
-    for (int j = 0; j < HW; ++j) {
-      const float aij = srow[j] / total;
-      const float* v = qkv + j * 3 * C + 2 * C;
-      for (int c = 0; c < C; c += kV) store(oi + c, load(oi + c) + aij * load(v + c));
-    }
+    for (int j = 0; j < HWp; j += kV) store(si + j, vexp(load(si + j) - m));
+    for (int j = 0; j < HW; ++j) total += si[j];
+    for (int j = 0; j < HWp; j += kV) store(si + j, load(si + j) / total);
   }
+  // The padded columns j >= HW of s multiply nothing: the product stops at HW.
+  conv_impl<1>(s, HWp, HW, v, nullptr, C, 1, HW, o, nullptr);
 }
 
 // ---------------------------------------------------------------------------- weights
@@ -378,14 +377,14 @@ std::vector<float> film_table(at::TensorList w, int64_t T, int64_t C, int64_t nb
 // zero-bordered buffers keep their borders: only interiors are ever written.
 struct Workspace {
   std::vector<float> mem;
-  float *zpad, *padC, *pad2C, *cat, *t1, *t2, *m1, *m2, *h, *qkv, *o, *kT, *srow, *eps16, *scratch;
+  float *zpad, *padC, *pad2C, *cat, *t1, *t2, *m1, *m2, *h, *qkv, *o, *kT, *v, *s, *eps16, *scratch;
   std::vector<float*> stack;
 
   Workspace(const UNetW& u, int H, int W) {
     const size_t HW = H * W, P = (H + 2) * (W + 2), C = u.C, HWp = (HW + kV - 1) / kV * kV;
     const size_t sizes[] = {P * u.in_ch, P * C, P * 2 * C, HW * 2 * C, HW * C, HW * C, HW * C, HW * C,
-                            HW * C, HW * 3 * C, HW * C, C * HWp, HWp, HW * u.cout_pad, 6 * C};
-    float** ptrs[] = {&zpad, &padC, &pad2C, &cat, &t1, &t2, &m1, &m2, &h, &qkv, &o, &kT, &srow, &eps16, &scratch};
+                            HW * C, HW * 3 * C, HW * C, C * HWp, HW * C, HW * HWp, HW * u.cout_pad, 6 * C};
+    float** ptrs[] = {&zpad, &padC, &pad2C, &cat, &t1, &t2, &m1, &m2, &h, &qkv, &o, &kT, &v, &s, &eps16, &scratch};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     total += (u.nrb + 1) * HW * C;
@@ -435,7 +434,7 @@ void unet_forward(const UNetW& u, Workspace& ws, const float* films, const float
   group_norm_act(ws.m1, H, W, C, u.groups, u.attn_gn_w, u.attn_gn_b, u.eps, nullptr, nullptr, false, false,
                  ws.t1, ws.scratch);
   conv1x1(ws.t1, C, u.qkv_w, u.qkv_b, 3 * C, H, W, ws.qkv, nullptr);
-  attention(ws.qkv, HW, C, ws.o, ws.kT, ws.srow);
+  attention(ws.qkv, HW, C, ws.o, ws.kT, ws.v, ws.s);
   conv1x1(ws.o, C, u.proj_w, u.proj_b, C, H, W, ws.m2, ws.m1);
   block(ws.m2, ws.h);
   for (int j = u.nrb; j >= 0; --j) {

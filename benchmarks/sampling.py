@@ -2,16 +2,19 @@
 
 Providers:
   reference  the Python loop over DiffusionPrior.step (dvpvae.sampling.sample_prior_ref)
-  extension  torch.ops.dvpvae.ddpm_sample: the T-step loop in C++ over an AOTInductor
-             package of the UNet (dvpvae.sampling.sample_prior(backend="extension"))
+  extension  the T-step loop in C++ as sample_prior(backend="extension") runs it: the
+             native UNet forward (torch.ops.dvpvae.ddpm_sample_unet) where supported, else
+             the AOTInductor package
+  aoti       (with --aoti) the loop over the AOTInductor package of the UNet
+             (torch.ops.dvpvae.ddpm_sample), for comparison
 
 Usage:
-  python benchmarks/sampling.py [--preset mnist] [--n 1 16 256] [--json PATH]
+  python benchmarks/sampling.py [--preset mnist] [--n 1 16 256] [--aoti] [--json PATH]
 
 The JSON holds ``results`` (one object per preset/n/backend with ``seconds_median``,
 ``seconds_min``, ``seconds_max``, ``gflops``), ``speedup`` keyed by n (reference median /
-extension median), the machine (threads, CPU, torch version) and the one-time package
-compile cost. Providers are timed in alternation (reference, extension, reference, ...)
+extension median), the extension's form ("native" or "aoti"), the machine (threads, CPU,
+torch version) and, when a package is used, its one-time compile cost. Providers are timed in alternation (reference, extension, reference, ...)
 so that both see the same machine load. Weights are random (the zero-initialised output
 conv is perturbed so eps_hat != 0); speed does not depend on their values.
 """
@@ -39,7 +42,8 @@ from _harness import cpu_name, matmul_peak_gflops  # noqa: E402
 from dvpvae import _ext, get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
 from dvpvae.noise import Noise  # noqa: E402
-from dvpvae.sampling import compile_prior, package_path, sample_prior, sample_prior_ref  # noqa: E402
+from dvpvae.sampling import (compile_package, native_supported, package_path, sample_prior,  # noqa: E402
+                             sample_prior_aoti, sample_prior_ref)
 
 
 def timeit_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=0, help="0: chosen per n (more for small n)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
+    ap.add_argument("--aoti", action="store_true", help="also time the AOTInductor form of the loop")
     ap.add_argument("--json", default=None, help="write machine-readable results here")
     args = ap.parse_args(argv)
 
@@ -93,15 +98,20 @@ def main(argv=None) -> int:
         print(f"extension unavailable: {_ext.missing_reason()}", file=sys.stderr)
         return 2
     prior = make_prior(args.preset)
-    cached = os.path.exists(package_path(prior))
-    t0 = time.perf_counter()
-    path = compile_prior(prior)
-    compile_s = time.perf_counter() - t0
+    form = "native" if native_supported(prior) else "aoti"
+    package = None
+    if form == "aoti" or args.aoti:
+        cached = os.path.exists(package_path(prior))
+        t0 = time.perf_counter()
+        path = compile_package(prior)
+        package = {"path": path, "cached": cached, "compile_seconds": time.perf_counter() - t0}
     peak = matmul_peak_gflops()
     print(f"preset={args.preset} T={prior.T} shape={tuple(prior.shape)} threads={torch.get_num_threads()} "
           f"cpu={cpu_name()!r} torch={torch.__version__}")
-    print(f"package {path} ({'cached' if cached else 'compiled'} in {compile_s:.1f} s); "
-          f"fp32 GEMM peak ~{peak:.0f} GFLOP/s")
+    print(f"extension: {form} UNet forward; fp32 GEMM peak ~{peak:.0f} GFLOP/s")
+    if package:
+        print(f"package {package['path']} ({'cached' if package['cached'] else 'compiled'} in "
+              f"{package['compile_seconds']:.1f} s)")
 
     results, speedup = [], {}
     for n in args.n:
@@ -112,7 +122,10 @@ def main(argv=None) -> int:
             "reference": lambda: sample_prior_ref(prior, n, args.temperature, Noise(draws)),
             "extension": lambda: sample_prior(prior, n, args.temperature, Noise(draws), backend="extension"),
         }
-        diff = (providers["reference"]() - providers["extension"]()).abs().max().item()
+        if args.aoti:
+            providers["aoti"] = lambda: sample_prior_aoti(prior, n, args.temperature, Noise(draws))
+        ref = providers["reference"]()
+        diffs = {name: (ref - fn()).abs().max().item() for name, fn in providers.items() if name != "reference"}
         repeats = args.repeats or (20 if n <= 16 else 5)
         flops = unet_flops(prior, n) * prior.T
         medians = {}
@@ -122,25 +135,27 @@ def main(argv=None) -> int:
             medians[backend] = med
             results.append({"preset": args.preset, "n": n, "backend": backend, "seconds_median": med,
                             "seconds_min": min(times), "seconds_max": max(times), "repeats": repeats,
-                            "gflops": flops / med / 1e9, "max_abs_diff_vs_reference": diff})
+                            "gflops": flops / med / 1e9, "max_abs_diff_vs_reference": diffs.get(backend, 0.0),
+                            "speedup": medians["reference"] / med})
         speedup[str(n)] = medians["reference"] / medians["extension"]
 
     print(f"\n{'n':>5} {'backend':>10} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'GFLOP/s':>8} {'speedup':>8}")
     for r in results:
-        sp = f"{speedup[str(r['n'])]:.2f}x" if r["backend"] == "extension" else ""
+        sp = f"{r['speedup']:.2f}x" if r["backend"] != "reference" else ""
         print(f"{r['n']:>5} {r['backend']:>10} {r['seconds_median'] * 1e3:>10.2f} {r['seconds_min'] * 1e3:>9.2f} "
               f"{r['seconds_max'] * 1e3:>9.2f} {r['gflops']:>8.2f} {sp:>8}")
-    print("max |extension - reference|: " + ", ".join(
-        f"n={r['n']}: {r['max_abs_diff_vs_reference']:.1e}" for r in results if r["backend"] == "extension"))
+    for backend in [b for b in ("extension", "aoti") if any(r["backend"] == b for r in results)]:
+        print(f"max |{backend} - reference|: " + ", ".join(
+            f"n={r['n']}: {r['max_abs_diff_vs_reference']:.1e}" for r in results if r["backend"] == backend))
 
     if args.json:
         out = {
             "benchmark": "sampling", "preset": args.preset, "T": prior.T,
-            "temperature": args.temperature, "results": results, "speedup": speedup,
+            "temperature": args.temperature, "extension_form": form, "results": results, "speedup": speedup,
             "machine": {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "python": platform.python_version(),
                         "gemm_peak_gflops": peak},
-            "package": {"path": path, "cached": cached, "compile_seconds": compile_s},
+            "package": package,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -19,8 +19,8 @@
 // oneDNN convolutions the package calls through ATen (~85 us each); ONEDNN_VERBOSE shows
 // ~20 us of that inside the brgconv kernel, the rest is per-call primitive-descriptor and
 // weight-reorder work in torch's mkldnn wrapper. The loop itself (this file) costs a few
-// us per step. Going past ~2x at N = 16 therefore needs a convolution with less per-call
-// overhead (a direct 3x3 kernel for C <= 32, or cached oneDNN primitives), not a faster loop.
+// us per step. That is why float32 CPU priors of dvpvae.unet.UNet take the native forward
+// of unet_cpu.cpp instead (no per-call set-up); this loop serves every other prior.
 #include "ddpm.h"
 
 #include <ATen/Dispatch.h>

@@ -5,6 +5,8 @@ The extension registers ``torch.ops.dvpvae.*``:
   ddpm_coefficients(T, gamma_min, gamma_max) -> (T, 5) float64 step table
   ddpm_step(z_t, eps_hat, noise, coef, step, temperature) -> z_s    (CPU, CUDA builds: CUDA)
   ddpm_sample(z_T, noise, coef, weights, package, temperature) -> u (the T-step loop)
+  ddpm_sample_unet(z_T, noise, coef, weights, num_res_blocks, groups, eps, temperature) -> u
+      (the same loop with a native float32 CPU forward of dvpvae.unet.UNet)
   release_packages() -> number of cached AOTInductor loaders dropped
 
 Where it comes from, in order:
@@ -56,12 +58,17 @@ class _Ops:
                                             float(temperature))
 
     @staticmethod
+    def ddpm_sample_unet(z_T, noise, coef, weights, num_res_blocks, groups, eps, temperature=1.0) -> torch.Tensor:
+        return torch.ops.dvpvae.ddpm_sample_unet(z_T, noise, coef, list(weights), int(num_res_blocks),
+                                                 int(groups), float(eps), float(temperature))
+
+    @staticmethod
     def release_packages() -> int:
         return torch.ops.dvpvae.release_packages()
 
 
 def _register_fakes() -> None:
-    # ddpm_step / ddpm_sample have C++ Meta kernels; the table op has no tensor inputs, so
+    # ddpm_step / ddpm_sample / ddpm_sample_unet have C++ Meta kernels; the table op has no tensor inputs, so
     # FakeTensorMode needs a Python fake to know its output shape.
     try:
         @torch.library.register_fake("dvpvae::ddpm_coefficients")

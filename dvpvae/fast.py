@@ -13,7 +13,9 @@ computed:
   reference order and passed in, so the compiled graphs hold no RNG and replay exactly.
 * ``estimate_nll`` runs the deterministic encoder once per image, not once per sample.
 * sampling of u through the C++ extension's T-step loop (``dvpvae.sampling``); on CUDA the
-  whole sampler is captured in a CUDA graph per batch size (``dvpvae.cuda_graphs``).
+  whole sampler is captured in a CUDA graph per batch size (``dvpvae.cuda_graphs``), and the
+  no-grad compiled passes (evaluation, importance sampling, decoding) run as CUDA graphs
+  (``compile_mode``).
 
 Each piece can be switched off for debugging: ``FastDVPVAE(..., compile=False,
 fused_kernels=False, extension=False, cuda_graphs=False)``.
@@ -160,6 +162,27 @@ def _compiled_unet_loss():
     return torch.compile(DiffusionPrior._weighted_mse, dynamic=False)
 
 
+def compile_mode(device: torch.device, cuda_graphs: bool, grad_enabled: bool) -> str | None:
+    """torch.compile mode of a fast path: CUDA graphs ("reduce-overhead") for the no-grad
+    passes (evaluation, importance sampling, decoding) on CUDA, the default elsewhere.
+
+    Training stays on plain compiled kernels: its graphs would pin every saved activation
+    in the CUDA-graph memory pool, and a training step is long enough that launches do not
+    dominate.
+    """
+    return "reduce-overhead" if cuda_graphs and device.type == "cuda" and not grad_enabled else None
+
+
+def _graph_replay(compiled):
+    """Call a CUDA-graph-compiled function as a new step each time and return copies:
+    a later replay overwrites the graph's output buffers, which callers may still hold."""
+    @functools.wraps(compiled)
+    def run(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, compiled(*args))
+    return run
+
+
 _FAST_CLASSES = {ResBlock: FastResBlock, PseudoinputBlock: FastPseudoinputBlock,
                  LadderBlock: FastLadderBlock, TopDownDecoder: FastTopDownDecoder,
                  DiffusionPrior: FastDiffusionPrior}
@@ -178,7 +201,7 @@ class FastDVPVAE(DVPVAE):
                 module.__class__ = _FAST_CLASSES[type(module)]
         self.prior.use_compile = compile
         self._ops_device: torch.device | None = None
-        self._compiled: dict[str, object] = {}
+        self._compiled: dict[tuple[str, str | None], object] = {}
         self._graph_samplers: dict = {}
 
     @classmethod
@@ -205,14 +228,16 @@ class FastDVPVAE(DVPVAE):
                 module.ops = ops
         self._ops_device = device
 
-    def _maybe_compiled(self, name: str, fn):
+    def _maybe_compiled(self, name: str, fn, device: torch.device):
         if not self.use_compile:
             return fn
-        if name not in self._compiled:
+        mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
+        if (name, mode) not in self._compiled:
             # dynamic=False: a new batch size recompiles once instead of generating slower
             # shape-generic code for every size.
-            self._compiled[name] = torch.compile(fn, dynamic=False)
-        return self._compiled[name]
+            compiled = torch.compile(fn, dynamic=False, mode=mode)
+            self._compiled[name, mode] = compiled if mode is None else _graph_replay(compiled)
+        return self._compiled[name, mode]
 
     # ------------------------------------------------------------------ forward
     def _loss_terms(self, x: torch.Tensor, draws: dict):
@@ -221,7 +246,7 @@ class FastDVPVAE(DVPVAE):
 
     def _forward_given_draws(self, x: torch.Tensor, draws: dict) -> DVPVAEOutput:
         self._bind_ops(x.device)
-        loss, rec, kl = self._maybe_compiled("loss", self._loss_terms)(x, draws)
+        loss, rec, kl = self._maybe_compiled("loss", self._loss_terms, x.device)(x, draws)
         return DVPVAEOutput(loss, rec, kl, -(rec + kl.sum(-1)))
 
     # ------------------------------------------------------------------ importance sampling
@@ -237,7 +262,7 @@ class FastDVPVAE(DVPVAE):
         self._bind_ops(x.device)
         # The encoder is deterministic: one pass per image serves all kk samples.
         feats = self.encoder(x)
-        fn = self._maybe_compiled("log_weights", self._log_weights_batched)
+        fn = self._maybe_compiled("log_weights", self._log_weights_batched, x.device)
         return fn(x, feats, target, draws, kk)
 
     # ------------------------------------------------------------------ sampling
@@ -256,7 +281,7 @@ class FastDVPVAE(DVPVAE):
 
     def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:
         self._bind_ops(u.device)
-        return self._maybe_compiled("decode", super()._decode_sample)(u, draws, temperature)
+        return self._maybe_compiled("decode", super()._decode_sample, u.device)(u, draws, temperature)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, noise=None, prior_temperature: float = 1.0):

@@ -131,3 +131,28 @@ def test_compiled_presets_match_reference(preset):
     fast = FastDVPVAE.from_reference(ref)
     compare_forward(ref, fast, x[:2], True, factor=REORDER_FACTOR)
     compare_forward(ref, fast, x[:2], False, factor=REORDER_FACTOR)
+
+
+@pytest.mark.parametrize("device,cuda_graphs,grad,expected", [
+    ("cuda", True, False, "reduce-overhead"),  # evaluation / importance sampling on GPU
+    ("cuda", True, True, None),  # training step: plain compiled kernels
+    ("cuda", False, False, None),  # flag off
+    ("cpu", True, False, None),  # never on CPU
+])
+def test_cuda_graphs_only_for_no_grad_passes_on_cuda(device, cuda_graphs, grad, expected):
+    assert dvpvae.fast.compile_mode(torch.device(device), cuda_graphs, grad) == expected
+
+
+def test_graph_replay_returns_fresh_copies_of_every_output():
+    # On CPU, mode="reduce-overhead" compiles without capturing, which exercises the wrapper.
+    def fn(a):
+        return a * 2, {"sum": a.sum()}
+
+    run = dvpvae.fast._graph_replay(torch.compile(fn, mode="reduce-overhead", dynamic=False))
+    a = torch.arange(6.0)
+    first = run(a)
+    second = run(a + 1)
+    torch.testing.assert_close(first[0], a * 2)
+    torch.testing.assert_close(first[1]["sum"], a.sum())
+    torch.testing.assert_close(second[0], (a + 1) * 2)
+    assert first[0].data_ptr() != second[0].data_ptr()

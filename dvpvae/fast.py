@@ -18,7 +18,8 @@ computed:
   (``compile_mode``).
 
 Each piece can be switched off for debugging: ``FastDVPVAE(..., compile=False,
-fused_kernels=False, extension=False, cuda_graphs=False)``.
+fused_kernels=False, extension=False, cuda_graphs=False)``; with all four off the model
+computes exactly what DVPVAE computes, bit for bit (tested).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from dvpvae.blocks import ResBlock
 from dvpvae.cpu_conv import conv1x1_cl
 from dvpvae.config import Config
 from dvpvae.decoder import LadderBlock, PseudoinputBlock, TopDownDecoder
+from dvpvae.decoder import upsample_bilinear as decoder_upsample
 from dvpvae.fast_layers import composed_head, pointwise_conv, upsample_bilinear
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
@@ -46,7 +48,9 @@ warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"t
 
 def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
     """The functions the fast modules call: Triton kernels on CUDA, split-gradient
-    channels-last 1x1 convolutions (``dvpvae.cpu_conv``) and references on the CPU.
+    channels-last 1x1 convolutions (``dvpvae.cpu_conv``) and references on the CPU, and the
+    exact layer rewrites of ``dvpvae.fast_layers``. With ``fused=False`` every entry is the
+    reference's own computation, so the uncompiled model reproduces DVPVAE bit for bit.
 
     References are bound directly (not through ``kernels``' dispatch) so that compiled CPU
     graphs trace plain tensor code with no Python-side backend lookups.
@@ -58,18 +62,28 @@ def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
                                          idct_pseudoinput_ref)
     from kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
 
+    layers = (dict(upsample=upsample_bilinear, project=pointwise_conv, head=composed_head) if fused else
+              dict(upsample=decoder_upsample, project=_apply_conv, head=_reference_head))
     if fused and device.type == "cuda" and "triton" in available_backends(device):
         return SimpleNamespace(conv1x1_act=conv1x1_act, conv1x1_residual=conv1x1_residual,
                                conv1x1=functools.partial(conv1x1_act, activation="none"),
                                dct=dct_pseudoinput, idct=idct_pseudoinput,
-                               reparam_kl=reparam_kl, reparam_sample=reparam_sample)
+                               reparam_kl=reparam_kl, reparam_sample=reparam_sample, **layers)
     ops = SimpleNamespace(conv1x1_act=conv1x1_act_ref, conv1x1_residual=conv1x1_residual_ref,
                           conv1x1=torch.nn.functional.conv2d,
                           dct=dct_pseudoinput_ref, idct=idct_pseudoinput_ref,
-                          reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref)
+                          reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref, **layers)
     if fused and device.type == "cpu":
         ops.conv1x1, ops.conv1x1_act, ops.conv1x1_residual = conv1x1_cl, _conv1x1_act_cpu, _conv1x1_residual_cpu
     return ops
+
+
+def _apply_conv(x, conv):
+    return conv(x)
+
+
+def _reference_head(a, pointwise, conv3x3):
+    return conv3x3(pointwise(a))
 
 
 def _conv1x1_act_cpu(x, weight, bias, activation):
@@ -117,10 +131,12 @@ class FastLadderBlock(LadderBlock):
     projection and upsampling (``dvpvae.fast_layers``)."""
 
     ops: SimpleNamespace
-    upsample = staticmethod(upsample_bilinear)
+
+    def upsample(self, s, size):
+        return self.ops.upsample(s, size)
 
     def project(self, z):
-        return pointwise_conv(z, self.z_proj)
+        return self.ops.project(z, self.z_proj)
 
     def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
         return self.ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
@@ -132,10 +148,13 @@ class FastLadderBlock(LadderBlock):
 class FastTopDownDecoder(TopDownDecoder):
     """Latent aggregation with matmul upsampling and a single composed output convolution."""
 
-    upsample = staticmethod(upsample_bilinear)
+    ops: SimpleNamespace
+
+    def upsample(self, z, size):
+        return self.ops.upsample(z, size)
 
     def head(self, a):
-        return composed_head(a, self.z_to_features, self.out_conv)
+        return self.ops.head(a, self.z_to_features, self.out_conv)
 
 
 class FastDiffusionPrior(DiffusionPrior):
@@ -264,6 +283,11 @@ class FastDVPVAE(DVPVAE):
         feats = self.encoder(x)
         fn = self._maybe_compiled("log_weights", self._log_weights_batched, x.device)
         return fn(x, feats, target, draws, kk)
+
+    @torch.no_grad()
+    def active_units(self, x: torch.Tensor, thresholds=(0.01, 0.001), batch_size: int = 500) -> dict[float, float]:
+        self._bind_ops(x.device)
+        return super().active_units(x, thresholds, batch_size)
 
     # ------------------------------------------------------------------ sampling
     def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:

@@ -106,6 +106,27 @@ if triton is not None:
         return d
 
     @triton.jit
+    def conv1x1_tile(acc, x_ptr, w_ptr, b_ptr, n, rco, rp, mco, mp, CIN, W,
+                     sxn, sxc, sxh, sxw, swo, swi, sb,
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + W[rco] @ x[n][:, rp] (+ bias): one (out-channel x pixel) tile of the 1x1
+        conv, shared by conv1x1_act's and conv1x1_residual's forward kernels."""
+        rk = tl.arange(0, BLOCK_K)
+        p_off = (rp // W).to(tl.int64) * sxh + (rp % W).to(tl.int64) * sxw
+        x_base = x_ptr + n * sxn
+        for k0 in range(0, CIN, BLOCK_K):
+            ci = k0 + rk
+            mci = ci < CIN
+            wt = tl.load(w_ptr + rco[:, None] * swo + ci[None, :] * swi,
+                         mask=mco[:, None] & mci[None, :], other=0.0)
+            xt = tl.load(x_base + ci[:, None].to(tl.int64) * sxc + p_off[None, :],
+                         mask=mci[:, None] & mp[None, :], other=0.0)
+            acc += tl.dot(wt, xt, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rco * sb, mask=mco, other=0.0)[:, None]
+        return acc
+
+    @triton.jit
     def _conv1x1_act_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
                                 CIN, COUT, W, P,
                                 sxn, sxc, sxh, sxw, swo, swi, sb,
@@ -118,22 +139,11 @@ if triton is not None:
         n = tl.program_id(2).to(tl.int64)
         rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
         rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
         mco = rco < COUT
         mp = rp < P
-        p_off = (rp // W).to(tl.int64) * sxh + (rp % W).to(tl.int64) * sxw
-        x_base = x_ptr + n * sxn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
-        for k0 in range(0, CIN, BLOCK_K):
-            ci = k0 + rk
-            mci = ci < CIN
-            wt = tl.load(w_ptr + rco[:, None] * swo + ci[None, :] * swi,
-                         mask=mco[:, None] & mci[None, :], other=0.0)
-            xt = tl.load(x_base + ci[:, None].to(tl.int64) * sxc + p_off[None, :],
-                         mask=mci[:, None] & mp[None, :], other=0.0)
-            acc += tl.dot(wt, xt, input_precision="ieee")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rco * sb, mask=mco, other=0.0)[:, None]
+        acc = conv1x1_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                           x_ptr, w_ptr, b_ptr, n, rco, rp, mco, mp, CIN, W,
+                           sxn, sxc, sxh, sxw, swo, swi, sb, HAS_BIAS, BLOCK_K)
         out = n * COUT * P + rco[:, None].to(tl.int64) * P + rp[None, :]
         mout = mco[:, None] & mp[None, :]
         if STORE_Z:

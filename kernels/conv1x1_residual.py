@@ -6,9 +6,10 @@ A 1x1 convolution of an NCHW tensor is, per image, the product W (Cout x Cin) @ 
 Design trade-off:
   * Layout: the kernels read h, skip and grad_out in NCHW through strides (no permute
     copies; channels-last inputs work too); the output is allocated contiguous NCHW. A program
-    computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image, loops over Cin
-    with tl.dot (input_precision="ieee": TF32 would lose ~3 digits), and the epilogue adds
-    bias, scales by gate and adds the skip tile: the branch output never reaches memory.
+    computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image with conv1x1_act's
+    ``conv1x1_tile`` (a loop over Cin with tl.dot; input_precision="ieee": TF32 would lose ~3
+    digits), and the epilogue adds bias, scales by gate and adds the skip tile: the branch
+    output never reaches memory.
   * gate is a python float or a 0-dim/1-element tensor; both are handed to the kernel as a
     1-element device tensor (a float becomes torch.full, a fill kernel: no host sync and no
     host-to-device copy), so the kernel reads it in the compute dtype and fp64 is exact.
@@ -73,6 +74,7 @@ def conv1x1_residual_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    from kernels.conv1x1_act import conv1x1_tile
 
     @triton.jit
     def _conv1x1_residual_fwd_kernel(h_ptr, w_ptr, b_ptr, skip_ptr, gate_ptr, out_ptr,
@@ -87,23 +89,13 @@ if triton is not None:
         n = tl.program_id(2).to(tl.int64)
         rco = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
         rp = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
         mco = rco < COUT
         mp = rp < P
+        acc = conv1x1_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                           h_ptr, w_ptr, b_ptr, n, rco, rp, mco, mp, CIN, W,
+                           shn, shc, shh, shw, swo, swi, sb, HAS_BIAS, BLOCK_K)
         hh = (rp // W).to(tl.int64)
         ww = (rp % W).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-        for k0 in range(0, CIN, BLOCK_K):
-            ci = k0 + rk
-            mci = ci < CIN
-            wt = tl.load(w_ptr + rco[:, None] * swo + ci[None, :] * swi,
-                         mask=mco[:, None] & mci[None, :], other=0.0)
-            ht = tl.load(h_ptr + n * shn + ci[:, None].to(tl.int64) * shc
-                         + (hh * shh + ww * shw)[None, :],
-                         mask=mci[:, None] & mp[None, :], other=0.0)
-            acc += tl.dot(wt, ht, input_precision="ieee")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rco * sb, mask=mco, other=0.0)[:, None]
         m2 = mco[:, None] & mp[None, :]
         s = tl.load(skip_ptr + n * ssn + rco[:, None].to(tl.int64) * ssc
                     + (hh * ssh + ww * ssw)[None, :], mask=m2, other=0.0)

@@ -65,6 +65,20 @@ def reparam_sample_ref(p_mu, p_logvar, eps, min_logvar, temperature=1.0, backend
 if triton is not None:
 
     @triton.jit
+    def _clamp(x, lo, hi):
+        return tl.minimum(tl.maximum(x, lo), hi)
+
+    @triton.jit
+    def _load_inputs(qm_ptr, qlv_ptr, pm_ptr, plv_ptr, eps_ptr, idx, mask, ACC: tl.constexpr):
+        """(q_mu, q_logvar, p_mu, p_logvar, eps) at ``idx`` in the accumulation dtype."""
+        qm = tl.load(qm_ptr + idx, mask=mask, other=0.0).to(ACC)
+        qlv = tl.load(qlv_ptr + idx, mask=mask, other=0.0).to(ACC)
+        pm = tl.load(pm_ptr + idx, mask=mask, other=0.0).to(ACC)
+        plv = tl.load(plv_ptr + idx, mask=mask, other=0.0).to(ACC)
+        e = tl.load(eps_ptr + idx, mask=mask, other=0.0).to(ACC)
+        return qm, qlv, pm, plv, e
+
+    @triton.jit
     def _reparam_kl_fwd_kernel(qm_ptr, qlv_ptr, pm_ptr, plv_ptr, eps_ptr, z_ptr, part_ptr,
                                D, chunk, n_splits, min_logvar, max_logvar,
                                BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -82,11 +96,9 @@ if triton is not None:
             cols = start + off + tl.arange(0, BLOCK)
             mask = cols < D
             idx = base + cols
-            qm = tl.load(qm_ptr + idx, mask=mask, other=0.0).to(ACC)
-            pm = tl.load(pm_ptr + idx, mask=mask, other=0.0).to(ACC)
-            e = tl.load(eps_ptr + idx, mask=mask, other=0.0).to(ACC)
-            lq = tl.minimum(tl.maximum(tl.load(qlv_ptr + idx, mask=mask, other=0.0).to(ACC), lo), hi)
-            lp = tl.minimum(tl.maximum(tl.load(plv_ptr + idx, mask=mask, other=0.0).to(ACC), lo), hi)
+            qm, qlv, pm, plv, e = _load_inputs(qm_ptr, qlv_ptr, pm_ptr, plv_ptr, eps_ptr, idx, mask, ACC)
+            lq = _clamp(qlv, lo, hi)
+            lp = _clamp(plv, lo, hi)
             std_q = tl.exp(0.5 * lq)  # exp(lq) = std_q^2: one exp fewer per element
             tl.store(z_ptr + idx, (qm + std_q * e).to(z_ptr.dtype.element_ty), mask=mask)
             d = qm - pm
@@ -116,13 +128,9 @@ if triton is not None:
             cols = start + off + tl.arange(0, BLOCK)
             mask = cols < D
             idx = base + cols
-            qm = tl.load(qm_ptr + idx, mask=mask, other=0.0).to(ACC)
-            pm = tl.load(pm_ptr + idx, mask=mask, other=0.0).to(ACC)
-            e = tl.load(eps_ptr + idx, mask=mask, other=0.0).to(ACC)
-            qlv = tl.load(qlv_ptr + idx, mask=mask, other=0.0).to(ACC)
-            plv = tl.load(plv_ptr + idx, mask=mask, other=0.0).to(ACC)
-            lq = tl.minimum(tl.maximum(qlv, lo), hi)
-            lp = tl.minimum(tl.maximum(plv, lo), hi)
+            qm, qlv, pm, plv, e = _load_inputs(qm_ptr, qlv_ptr, pm_ptr, plv_ptr, eps_ptr, idx, mask, ACC)
+            lq = _clamp(qlv, lo, hi)
+            lp = _clamp(plv, lo, hi)
             # torch.clamp passes the gradient on the closed interval [lo, hi].
             q_in = (qlv >= lo) & (qlv <= hi)
             p_in = (plv >= lo) & (plv <= hi)
@@ -152,7 +160,7 @@ if triton is not None:
         hi = tl.cast(max_logvar, ACC)
         st = tl.cast(sqrt_temp, ACC)
         pm = tl.load(pm_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lp = tl.minimum(tl.maximum(tl.load(plv_ptr + offs, mask=mask, other=0.0).to(ACC), lo), hi)
+        lp = _clamp(tl.load(plv_ptr + offs, mask=mask, other=0.0).to(ACC), lo, hi)
         e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(z_ptr + offs, (pm + tl.exp(0.5 * lp) * st * e).to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -167,7 +175,7 @@ if triton is not None:
         hi = tl.cast(max_logvar, ACC)
         st = tl.cast(sqrt_temp, ACC)
         plv = tl.load(plv_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lp = tl.minimum(tl.maximum(plv, lo), hi)
+        lp = _clamp(plv, lo, hi)
         e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(ACC)
         scale = tl.exp(0.5 * lp) * st

@@ -133,6 +133,24 @@ def idct_pseudoinput_ref(u: torch.Tensor, scale: torch.Tensor, size) -> torch.Te
 if triton is not None:
 
     @triton.jit
+    def _basis_rows(d_ptr, N, rk, rn, K):
+        """Rows D[:K] of an (K, N) DCT basis as a (BK x BN) tile, zero outside."""
+        return tl.load(d_ptr + rk[:, None] * N + rn[None, :],
+                       mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+
+    @triton.jit
+    def _basis_cols(d_ptr, N, rk, rn, K):
+        """D[:K]^T as a (BN x BK) tile, zero outside."""
+        return tl.load(d_ptr + rk[None, :] * N + rn[:, None],
+                       mask=(rk[None, :] < K) & (rn[:, None] < N), other=0.0)
+
+    @triton.jit
+    def _scale_tile(scale_ptr, c, ssc, ssi, ssj, rk, mkk):
+        """The K x K scale of channel c; 1 outside, so masked divisions stay finite."""
+        return tl.load(scale_ptr + c * ssc + rk[:, None] * ssi + rk[None, :] * ssj,
+                       mask=mkk, other=1.0)
+
+    @triton.jit
     def _dct_fwd_kernel(x_ptr, dh_ptr, dw_ptr, scale_ptr, u_ptr, v_ptr,
                         C, H, W, K,
                         sxn, sxc, sxh, sxw, ssc, ssi, ssj,
@@ -151,15 +169,12 @@ if triton is not None:
                       mask=mh[:, None] & mw[None, :], other=-1.0)
         img = (img + 1.0) * 0.5  # padding (-1) maps to 0, so it adds nothing to the dots
         # Cropped basis rows D_H[:K] (BK x BH) and D_W[:K]^T (BW x BK); zero outside.
-        dh = tl.load(dh_ptr + rk[:, None] * H + rh[None, :],
-                     mask=mk[:, None] & mh[None, :], other=0.0)
-        dwt = tl.load(dw_ptr + rk[None, :] * W + rw[:, None],
-                      mask=mk[None, :] & mw[:, None], other=0.0)
+        dh = _basis_rows(dh_ptr, H, rk, rh, K)
+        dwt = _basis_cols(dw_ptr, W, rk, rw, K)
         rows = tl.dot(dh, img, input_precision="ieee")        # (BK x BW)
         coef = tl.dot(rows, dwt, input_precision="ieee")      # (BK x BK)
         mkk = mk[:, None] & mk[None, :]
-        s = tl.load(scale_ptr + c * ssc + rk[:, None] * ssi + rk[None, :] * ssj,
-                    mask=mkk, other=1.0)
+        s = _scale_tile(scale_ptr, c, ssc, ssi, ssj, rk, mkk)
         v = coef / s
         u = tl.minimum(tl.maximum(v, -1.0), 1.0)
         out = pid * K * K + rk[:, None] * K + rk[None, :]
@@ -185,14 +200,11 @@ if triton is not None:
         g = tl.load(gu_ptr + n * sgn + c * sgc + rk[:, None] * sgi + rk[None, :] * sgj,
                     mask=mkk, other=0.0)
         v = tl.load(v_ptr + pid * K * K + rk[:, None] * K + rk[None, :], mask=mkk, other=0.0)
-        s = tl.load(scale_ptr + c * ssc + rk[:, None] * ssi + rk[None, :] * ssj,
-                    mask=mkk, other=1.0)
+        s = _scale_tile(scale_ptr, c, ssc, ssi, ssj, rk, mkk)
         # Inclusive mask like torch.clamp's backward; then d(coef/s)/dcoef = 1/s.
         gc = tl.where((v >= -1.0) & (v <= 1.0), g / s, 0.0)
-        dht = tl.load(dh_ptr + rk[None, :] * H + rh[:, None],
-                      mask=mk[None, :] & mh[:, None], other=0.0)    # D_H[:K]^T (BH x BK)
-        dw = tl.load(dw_ptr + rk[:, None] * W + rw[None, :],
-                     mask=mk[:, None] & mw[None, :], other=0.0)    # D_W[:K]   (BK x BW)
+        dht = _basis_cols(dh_ptr, H, rk, rh, K)    # D_H[:K]^T (BH x BK)
+        dw = _basis_rows(dw_ptr, W, rk, rw, K)    # D_W[:K]   (BK x BW)
         t = tl.dot(dht, gc, input_precision="ieee")               # (BH x BK)
         gx = tl.dot(t, dw, input_precision="ieee") * 0.5          # (BH x BW); d((x+1)/2) = 1/2
         tl.store(gx_ptr + pid * H * W + rh[:, None] * W + rw[None, :], gx,
@@ -210,12 +222,9 @@ if triton is not None:
         mkk = mk[:, None] & mk[None, :]
         u = tl.load(u_ptr + n * sun + c * suc + rk[:, None] * sui + rk[None, :] * suj,
                     mask=mkk, other=0.0)
-        s = tl.load(scale_ptr + c * ssc + rk[:, None] * ssi + rk[None, :] * ssj,
-                    mask=mkk, other=0.0)
-        dht = tl.load(dh_ptr + rk[None, :] * H + rh[:, None],
-                      mask=mk[None, :] & (rh[:, None] < H), other=0.0)
-        dw = tl.load(dw_ptr + rk[:, None] * W + rw[None, :],
-                     mask=mk[:, None] & (rw[None, :] < W), other=0.0)
+        s = _scale_tile(scale_ptr, c, ssc, ssi, ssj, rk, mkk)
+        dht = _basis_cols(dh_ptr, H, rk, rh, K)
+        dw = _basis_rows(dw_ptr, W, rk, rw, K)
         t = tl.dot(dht, u * s, input_precision="ieee")            # (BH x BK)
         return tl.dot(t, dw, input_precision="ieee")              # (BH x BW)
 
@@ -255,15 +264,12 @@ if triton is not None:
         g = tl.load(gx_ptr + n * sgn + c * sgc + rh[:, None] * sgh + rw[None, :] * sgw,
                     mask=mh[:, None] & mw[None, :], other=0.0)
         gv = tl.where((img >= 0.0) & (img <= 1.0), 2.0 * g, 0.0)
-        dh = tl.load(dh_ptr + rk[:, None] * H + rh[None, :],
-                     mask=mk[:, None] & mh[None, :], other=0.0)    # (BK x BH)
-        dwt = tl.load(dw_ptr + rk[None, :] * W + rw[:, None],
-                      mask=mk[None, :] & mw[:, None], other=0.0)   # (BW x BK)
+        dh = _basis_rows(dh_ptr, H, rk, rh, K)    # (BK x BH)
+        dwt = _basis_cols(dw_ptr, W, rk, rw, K)   # (BW x BK)
         t = tl.dot(dh, gv, input_precision="ieee")                # (BK x BW)
         gcoef = tl.dot(t, dwt, input_precision="ieee")            # (BK x BK)
         mkk = mk[:, None] & mk[None, :]
-        s = tl.load(scale_ptr + c * ssc + rk[:, None] * ssi + rk[None, :] * ssj,
-                    mask=mkk, other=0.0)
+        s = _scale_tile(scale_ptr, c, ssc, ssi, ssj, rk, mkk)
         tl.store(gu_ptr + pid * K * K + rk[:, None] * K + rk[None, :], gcoef * s, mask=mkk)
 
 

@@ -19,49 +19,42 @@ _UNET_RES = {"in_layers.0": "norm_in", "in_layers.2": "conv_in", "emb_layers.1":
              "out_layers.0": "norm_out", "out_layers.3": "conv_out", "skip_connection": "skip"}
 
 
-def _resblock_tail(tail: str) -> str:
-    """Translate the part of a name inside a research-code ResBlock."""
-    if tail.startswith("beta"):
-        return "gate"
-    m = re.fullmatch(r"net\.(\d)\.net\.[01]\.(weight|bias)", tail)
-    if m:
-        return f"{_RES_ENC[m.group(1)]}.{m.group(2)}"
-    m = re.fullmatch(r"net\.3\.(weight|bias)", tail)
-    if m:
-        return f"conv_out.{m.group(1)}"
-    m = re.fullmatch(r"skip\.(weight|bias)", tail)
-    if m:
-        return tail
-    raise KeyError(tail)
+def _unet_block(m: re.Match) -> str:
+    group, idx, layer, kind = m[1], int(m[2]), m[3], m[4]
+    if group == "input_blocks":
+        head = f"down.{idx - 1}"
+    elif group == "middle_block":
+        head = {0: "mid1", 2: "mid2"}[idx]
+    else:
+        head = f"up.{idx}"
+    return f"{head}.{_UNET_RES[layer]}.{kind}"
 
 
-def _unet_tail(tail: str) -> str:
-    m = re.fullmatch(r"input_blocks\.0\.0\.(weight|bias)", tail)
-    if m:
-        return f"input_conv.{m.group(1)}"
-    m = re.fullmatch(r"time_embed\.(\d)\.(weight|bias)", tail)
-    if m:
-        return tail
-    m = re.fullmatch(r"out\.0\.(weight|bias)", tail)
-    if m:
-        return f"out_norm.{m.group(1)}"
-    m = re.fullmatch(r"out\.2\.(weight|bias)", tail)
-    if m:
-        return f"out_conv.{m.group(1)}"
-    m = re.fullmatch(r"middle_block\.1\.(norm|qkv|proj_out)\.(weight|bias)", tail)
-    if m:
-        return f"mid_attn.{'proj' if m.group(1) == 'proj_out' else m.group(1)}.{m.group(2)}"
-    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:0\.)?(\w+\.\d|skip_connection)\.(weight|bias)", tail)
-    if m:
-        group, idx, layer, kind = m.groups()
-        idx = int(idx)
-        if group == "input_blocks":
-            head = f"down.{idx - 1}"
-        elif group == "middle_block":
-            head = {0: "mid1", 2: "mid2"}[idx]
-        else:
-            head = f"up.{idx}"
-        return f"{head}.{_UNET_RES[layer]}.{kind}"
+# (pattern, our name) rules tried in order on the part of a name inside a research-code
+# ResBlock / UNet; the first full match wins.
+_RESBLOCK_RULES = (
+    (r"beta.*", lambda m: "gate"),
+    (r"net\.(\d)\.net\.[01]\.(weight|bias)", lambda m: f"{_RES_ENC[m[1]]}.{m[2]}"),
+    (r"net\.3\.(weight|bias)", lambda m: f"conv_out.{m[1]}"),
+    (r"skip\.(weight|bias)", lambda m: m[0]),
+)
+_UNET_RULES = (
+    (r"input_blocks\.0\.0\.(weight|bias)", lambda m: f"input_conv.{m[1]}"),
+    (r"time_embed\.(\d)\.(weight|bias)", lambda m: m[0]),
+    (r"out\.0\.(weight|bias)", lambda m: f"out_norm.{m[1]}"),
+    (r"out\.2\.(weight|bias)", lambda m: f"out_conv.{m[1]}"),
+    (r"middle_block\.1\.(norm|qkv|proj_out)\.(weight|bias)",
+     lambda m: f"mid_attn.{'proj' if m[1] == 'proj_out' else m[1]}.{m[2]}"),
+    (r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:0\.)?(\w+\.\d|skip_connection)\.(weight|bias)",
+     _unet_block),
+)
+
+
+def _translate(tail: str, rules) -> str:
+    for pattern, rename in rules:
+        m = re.fullmatch(pattern, tail)
+        if m:
+            return rename(m)
     raise KeyError(tail)
 
 
@@ -75,20 +68,20 @@ def official_key(name: str) -> str | None:
             return "encoder.input_conv." + name.rsplit(".", 1)[1]
         m = re.fullmatch(r"encoder\.encoder_blocks\.(\d+)\.(\d+)\.(.+)", name)
         if m:
-            return f"encoder.scales.{m.group(1)}.{m.group(2)}.{_resblock_tail(m.group(3))}"
+            return f"encoder.scales.{m.group(1)}.{m.group(2)}.{_translate(m.group(3), _RESBLOCK_RULES)}"
         if name == "decoder.decoder_blocks.0.q_logvar":
             return "decoder.pseudoinput.q_logvar"
         if name == "decoder.decoder_blocks.0.dct_scale":
             return "decoder.pseudoinput.dct_scale"
         if name.startswith("decoder.z_L_prior.model."):
-            return "decoder.pseudoinput.prior.unet." + _unet_tail(name[len("decoder.z_L_prior.model."):])
+            return "decoder.pseudoinput.prior.unet." + _translate(name[len("decoder.z_L_prior.model."):], _UNET_RULES)
         m = re.fullmatch(r"decoder\.decoder_blocks\.(\d+)\.(z_up|resnet\.\d+|s_to_p|s_to_q)\.?(.*)", name)
         if m:
             block, part, tail = int(m.group(1)) - 1, m.group(2), m.group(3)
             if part == "z_up":
                 return f"decoder.blocks.{block}.z_proj.{tail}"
             ours = {"s_to_p": "prior_net", "s_to_q": "posterior_net"}.get(part, part)
-            return f"decoder.blocks.{block}.{ours}.{_resblock_tail(tail)}"
+            return f"decoder.blocks.{block}.{ours}.{_translate(tail, _RESBLOCK_RULES)}"
         if name.startswith("decoder.post_process.0."):
             return "decoder.out_conv." + name.rsplit(".", 1)[1]
         if name.startswith("decoder.z_to_features."):

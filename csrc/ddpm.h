@@ -44,6 +44,12 @@ at::Tensor ddpm_coefficients(int64_t T, double gamma_min, double gamma_max);
 void check_step_args(const at::Tensor& z_t, const at::Tensor& eps_hat, const at::Tensor& noise,
                      const at::Tensor& coef, int64_t step);
 
+// Shared validation of the T-step loops' arguments: coef a (T, 5) table with T >= 1, z_T
+// (N, ...) with N >= 1, noise (T,) + z_T.shape, all on z_T's device, z_T and noise
+// contiguous. `op` prefixes the messages. Returns T.
+int64_t check_loop_args(const char* op, const at::Tensor& z_T, const at::Tensor& noise,
+                        const at::Tensor& coef);
+
 at::Tensor ddpm_step_cpu(const at::Tensor& z_t, const at::Tensor& eps_hat,
                          const at::Tensor& noise, const at::Tensor& coef, int64_t step,
                          double temperature);

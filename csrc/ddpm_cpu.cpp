@@ -100,6 +100,25 @@ void check_step_args(const at::Tensor& z_t, const at::Tensor& eps_hat, const at:
               " outside [0, ", coef.size(0) - 1, "] (row i is the step t=(i+1)/T -> s=i/T)");
 }
 
+int64_t check_loop_args(const char* op, const at::Tensor& z_T, const at::Tensor& noise,
+                        const at::Tensor& coef) {
+  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols, op, ": coef must be a (T, 5) table, got shape ",
+              coef.sizes());
+  const int64_t T = coef.size(0);
+  TORCH_CHECK(T > 0, op, ": T must be positive, got ", T);
+  TORCH_CHECK(z_T.dim() >= 1 && z_T.size(0) >= 1, op, ": z_T must be (N, ...) with N >= 1, got shape ",
+              z_T.sizes());
+  std::vector<int64_t> noise_shape{T};
+  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
+  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), op, ": noise must have shape ",
+              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
+  CHECK_DEVICE(noise, z_T.device());
+  CHECK_DEVICE(coef, z_T.device());
+  CHECK_CONTIGUOUS(z_T);
+  CHECK_CONTIGUOUS(noise);
+  return T;
+}
+
 namespace {
 template <typename scalar_t>
 void step_kernel(const scalar_t* z_t, const scalar_t* eps_hat, const scalar_t* noise,
@@ -208,20 +227,7 @@ int64_t release_packages() {
 
 at::Tensor ddpm_sample_aoti(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
                             at::TensorList weights, c10::string_view package, double temperature) {
-  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols,
-              "dvpvae.ddpm_sample: coef must be a (T, 5) table, got shape ", coef.sizes());
-  const int64_t T = coef.size(0);
-  TORCH_CHECK(T > 0, "dvpvae.ddpm_sample: T must be positive, got ", T);
-  TORCH_CHECK(z_T.dim() >= 1 && z_T.size(0) >= 1,
-              "dvpvae.ddpm_sample: z_T must be (N, ...) with N >= 1, got shape ", z_T.sizes());
-  std::vector<int64_t> noise_shape{T};
-  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
-  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), "dvpvae.ddpm_sample: noise must have shape ",
-              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
-  CHECK_DEVICE(noise, z_T.device());
-  CHECK_DEVICE(coef, z_T.device());
-  CHECK_CONTIGUOUS(z_T);
-  CHECK_CONTIGUOUS(noise);
+  const int64_t T = check_loop_args("dvpvae.ddpm_sample", z_T, noise, coef);
   TORCH_CHECK(noise.scalar_type() == z_T.scalar_type(), "dvpvae.ddpm_sample: noise dtype ",
               noise.scalar_type(), " != z_T dtype ", z_T.scalar_type());
   for (size_t j = 0; j < weights.size(); ++j) {

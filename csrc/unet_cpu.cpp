@@ -463,19 +463,9 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
               z_T.scalar_type());
   TORCH_CHECK(z_T.dim() == 4 && z_T.size(0) >= 1 && z_T.size(2) >= 1 && z_T.size(3) >= 1,
               "dvpvae.ddpm_sample_unet: z_T must be (N, C, H, W) with N >= 1, got shape ", z_T.sizes());
-  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols && coef.size(0) >= 1,
-              "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table with T >= 1, got shape ", coef.sizes());
+  const int64_t T = check_loop_args("dvpvae.ddpm_sample_unet", z_T, noise, coef), N = z_T.size(0);
   TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
               "dvpvae.ddpm_sample_unet: coef must be float32 or float64, got ", coef.scalar_type());
-  const int64_t T = coef.size(0), N = z_T.size(0);
-  std::vector<int64_t> noise_shape{T};
-  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
-  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), "dvpvae.ddpm_sample_unet: noise must have shape ",
-              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
-  CHECK_DEVICE(noise, z_T.device());
-  CHECK_DEVICE(coef, z_T.device());
-  CHECK_CONTIGUOUS(z_T);
-  CHECK_CONTIGUOUS(noise);
   CHECK_CONTIGUOUS(coef);
   TORCH_CHECK(noise.scalar_type() == at::kFloat, "dvpvae.ddpm_sample_unet: noise must be float32, got ",
               noise.scalar_type());

@@ -49,7 +49,7 @@ def extension_modules():
         return [], {}
 
     # Relative source paths (setuptools rejects absolute ones), absolute include dirs.
-    sources = ["csrc/dvpvae_ext.cpp", "csrc/ddpm_cpu.cpp", "csrc/unet_cpu.cpp"]
+    sources = ["csrc/dvpvae_ext.cpp", "csrc/ddpm_cpu.cpp", "csrc/unet_cpu.cpp", "csrc/conv_wgrad_cpu.cpp"]
     # cpp_extension adds neither -O3 nor -fopenmp; without -fopenmp at::parallel_for
     # compiles to a serial loop even though libtorch itself uses OpenMP.
     cxx = ["-O3", "-std=c++20", "-fopenmp"]

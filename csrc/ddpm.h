@@ -75,4 +75,9 @@ at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise,
 // Drop every cached package loader; returns how many were dropped.
 int64_t release_packages();
 
+// Weight gradient (Co, Ci, 3, 3) of a 3x3 stride-1 padding-1 convolution from channels-last
+// float32 grad (N, Co, H, W) and input (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
+at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input);
+at::Tensor conv3x3_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input);
+
 }  // namespace dvpvae

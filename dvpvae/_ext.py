@@ -8,6 +8,8 @@ The extension registers ``torch.ops.dvpvae.*``:
   ddpm_sample_unet(z_T, noise, coef, weights, num_res_blocks, groups, eps, temperature) -> u
       (the same loop with a native float32 CPU forward of dvpvae.unet.UNet)
   release_packages() -> number of cached AOTInductor loaders dropped
+  conv3x3_weight_grad(grad, input) -> (Co, Ci, 3, 3) weight gradient of a 3x3 padding-1
+      convolution on channels-last float32 tensors (CPU; dvpvae.cpu_conv uses it)
 
 Where it comes from, in order:
   1. the prebuilt ``dvpvae._C`` (``pip install --no-build-isolation -e .``);
@@ -25,7 +27,7 @@ import threading
 import torch
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-_SOURCES = ("dvpvae_ext.cpp", "ddpm_cpu.cpp", "unet_cpu.cpp")
+_SOURCES = ("dvpvae_ext.cpp", "ddpm_cpu.cpp", "unet_cpu.cpp", "conv_wgrad_cpu.cpp")
 
 _lock = threading.Lock()
 _ops = None

@@ -48,9 +48,17 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.standardize:
             x = (x * 127.5 + 127.5 - CIFAR_MEAN) / CIFAR_STD
-        d = self.input_conv(x)
+        d = self.stem(x)
         feats = []
         for scale, n in zip(self.scales, self.latent_scales):
-            d = scale(d)
+            d = self.run_scale(scale, d)
             feats.extend([d] * n)
         return feats
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """input_conv(x); FastEncoder computes it in the layout of the blocks that follow."""
+        return self.input_conv(x)
+
+    def run_scale(self, scale: nn.Sequential, d: torch.Tensor) -> torch.Tensor:
+        """One scale's blocks and pooling; FastEncoder keeps the result channels-last."""
+        return scale(d)

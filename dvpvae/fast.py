@@ -11,6 +11,9 @@ computed:
 * torch.compile of the training/evaluation forward, the importance-sampling pass and the
   sample decoder (inductor's C++ backend on CPU). All noise is drawn eagerly in the
   reference order and passed in, so the compiled graphs hold no RNG and replay exactly.
+* on the CPU, channels-last convolutions with one oneDNN call per gradient; the weight
+  gradient of the 3x3 convolutions comes from the C++ extension's AVX2 kernel where it is
+  faster than oneDNN (``dvpvae.cpu_conv``).
 * ``estimate_nll`` runs the deterministic encoder once per image, not once per sample.
 * sampling of u through the C++ extension's T-step loop (``dvpvae.sampling``); on CUDA the
   whole sampler is captured in a CUDA graph per batch size (``dvpvae.cuda_graphs``), and the
@@ -30,13 +33,14 @@ from types import SimpleNamespace
 import torch
 
 from dvpvae.blocks import ResBlock
-from dvpvae.cpu_conv import conv1x1_cl
+from dvpvae.cpu_conv import channels_last, conv1x1_cl, conv3x3_cl
 from dvpvae.config import Config
 from dvpvae.decoder import LadderBlock, PseudoinputBlock, TopDownDecoder
 from dvpvae.decoder import upsample_bilinear as decoder_upsample
 from dvpvae.fast_layers import composed_head, pointwise_conv, upsample_bilinear
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import DiffusionPrior
+from dvpvae.encoder import Encoder
 from dvpvae.model import DVPVAE, DVPVAEOutput
 from dvpvae.noise import Noise
 from kernels.conv1x1_act import apply_activation
@@ -46,11 +50,12 @@ from kernels.conv1x1_act import apply_activation
 warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"torch\._dynamo.*")
 
 
-def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
+def _op_table(device: torch.device, fused: bool, extension: bool) -> SimpleNamespace:
     """The functions the fast modules call: Triton kernels on CUDA, split-gradient
-    channels-last 1x1 convolutions (``dvpvae.cpu_conv``) and references on the CPU, and the
-    exact layer rewrites of ``dvpvae.fast_layers``. With ``fused=False`` every entry is the
-    reference's own computation, so the uncompiled model reproduces DVPVAE bit for bit.
+    channels-last convolutions (``dvpvae.cpu_conv``; the 3x3 weight gradient from the C++
+    extension when ``extension`` and faster) and references on the CPU, and the exact layer
+    rewrites of ``dvpvae.fast_layers``. With ``fused=False`` every entry is the reference's
+    own computation, so the uncompiled model reproduces DVPVAE bit for bit.
 
     References are bound directly (not through ``kernels``' dispatch) so that compiled CPU
     graphs trace plain tensor code with no Python-side backend lookups.
@@ -64,6 +69,7 @@ def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
 
     layers = (dict(upsample=upsample_bilinear, project=pointwise_conv, head=composed_head) if fused else
               dict(upsample=decoder_upsample, project=_apply_conv, head=_reference_head))
+    layers.update(conv3x3=_apply_conv, stem=_apply_conv, channels_last=_identity)
     if fused and device.type == "cuda" and "triton" in available_backends(device):
         return SimpleNamespace(conv1x1_act=conv1x1_act, conv1x1_residual=conv1x1_residual,
                                conv1x1=functools.partial(conv1x1_act, activation="none"),
@@ -75,11 +81,28 @@ def _op_table(device: torch.device, fused: bool) -> SimpleNamespace:
                           reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref, **layers)
     if fused and device.type == "cpu":
         ops.conv1x1, ops.conv1x1_act, ops.conv1x1_residual = conv1x1_cl, _conv1x1_act_cpu, _conv1x1_residual_cpu
+        ops.conv3x3 = functools.partial(_conv3x3_cpu, weight_grad_backend="auto" if extension else "onednn")
+        # Every activation channels-last: a kernel that mixes NCHW and channels-last
+        # operands is not vectorized by inductor (67 ms for one encoder gradient kernel).
+        ops.channels_last = channels_last
+        ops.stem = _channels_last_stem
     return ops
 
 
 def _apply_conv(x, conv):
     return conv(x)
+
+
+def _identity(x):
+    return x
+
+
+def _channels_last_stem(x, conv):
+    return channels_last(pointwise_conv(x, conv))
+
+
+def _conv3x3_cpu(x, conv, weight_grad_backend):
+    return conv3x3_cl(x, conv.weight, conv.bias, weight_grad_backend)
 
 
 def _reference_head(a, pointwise, conv3x3):
@@ -95,7 +118,8 @@ def _conv1x1_residual_cpu(h, weight, bias, skip, gate):
 
 
 class FastResBlock(ResBlock):
-    """ResBlock whose 1x1 convs run as matmuls with fused epilogues.
+    """ResBlock whose 1x1 convs run with fused epilogues and whose 3x3 convs use the fast
+    path's split-gradient convolution.
 
     Both block kinds reduce to a1 = act(conv_in(x')), a2 = act(conv_mid1(a1)),
     a3 = act(conv_mid2(a2)), out = skip(x) + gate * conv_out(a3), with x' = act(x) for the
@@ -108,10 +132,22 @@ class FastResBlock(ResBlock):
         ops, act = self.ops, self.act
         first = act(x) if self.pre_activation else x
         h = ops.conv1x1_act(first, self.conv_in.weight, self.conv_in.bias, self.activation)
-        h = act(self.conv_mid1(h))
-        h = act(self.conv_mid2(h))
+        h = act(ops.conv3x3(h, self.conv_mid1))
+        h = act(ops.conv3x3(h, self.conv_mid2))
         skip = x if isinstance(self.skip, torch.nn.Identity) else ops.conv1x1(x, self.skip.weight, self.skip.bias)
         return ops.conv1x1_residual(h, self.conv_out.weight, self.conv_out.bias, skip, self.gate)
+
+
+class FastEncoder(Encoder):
+    """Encoder whose activations stay channels-last from the input convolution on."""
+
+    ops: SimpleNamespace
+
+    def stem(self, x):
+        return self.ops.stem(x, self.input_conv)
+
+    def run_scale(self, scale, d):
+        return self.ops.channels_last(scale(d))
 
 
 class FastPseudoinputBlock(PseudoinputBlock):
@@ -202,7 +238,7 @@ def _graph_replay(compiled):
     return run
 
 
-_FAST_CLASSES = {ResBlock: FastResBlock, PseudoinputBlock: FastPseudoinputBlock,
+_FAST_CLASSES = {ResBlock: FastResBlock, Encoder: FastEncoder, PseudoinputBlock: FastPseudoinputBlock,
                  LadderBlock: FastLadderBlock, TopDownDecoder: FastTopDownDecoder,
                  DiffusionPrior: FastDiffusionPrior}
 
@@ -241,7 +277,7 @@ class FastDVPVAE(DVPVAE):
     def _bind_ops(self, device: torch.device) -> None:
         if self._ops_device == device:
             return
-        ops = _op_table(device, self.use_fused)
+        ops = _op_table(device, self.use_fused, self.use_extension)
         for module in self.modules():
             if isinstance(module, tuple(_FAST_CLASSES.values())):
                 module.ops = ops

@@ -327,11 +327,13 @@ class FastDVPVAE(DVPVAE):
 
     # ------------------------------------------------------------------ sampling
     def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:
-        from dvpvae.sampling import compile_prior, sample_prior
+        from dvpvae.sampling import compile_prior, native_supported, sample_prior
 
         prior = self.prior
-        backend = None
-        if self.use_extension and prior.coefficients.device.type == "cpu" and not prior.training:
+        if not self.use_extension:
+            return sample_prior(prior, n, temperature, noise, backend="reference")
+        backend = None  # the native forward needs no compile; sample_prior picks by n
+        if prior.coefficients.device.type == "cpu" and not prior.training and not native_supported(prior):
             from dvpvae import _ext
 
             if _ext.available():

@@ -5,8 +5,8 @@
 //
 // On the 2-core AVX2 CI machine, for (250, 32, 28, 28), oneDNN's avx2 backward-weights
 // kernel took 32-52 ms and this loop nest 21-36 ms in the same runs (about 1.5x faster;
-// dvpvae.cpu_conv times both on first use and keeps the faster). For each tap (ky, kx) the sum is a
-// (Co x pixels) @ (pixels x Ci) product whose pixel index runs along image rows, so the
+// dvpvae.cpu_conv times both on first use and keeps the faster). For each tap (ky, kx)
+// the sum is a (Co x pixels) @ (pixels x Ci) product whose pixel index runs along image rows, so the
 // borders are handled by shortening rows, without padding copies or im2col. A register
 // tile of 4 output channels x 16 input channels (8 AVX2 accumulators, 8 FMAs per 2 vector
 // loads and 4 broadcasts) is swept over a chunk of rows small enough for L1. Work items are

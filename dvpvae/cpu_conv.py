@@ -8,10 +8,10 @@
   oneDNN on this machine (timed on first use, ``conv3x3_weight_grad``).
 
 Both are ``torch.library`` custom ops, so compiled graphs call each as one opaque node.
-Tensor arguments are made channels-last in traced code,
-before the ops, so that inductor writes them channels-last in the kernels that produce
-them (a separate NCHW -> channels-last copy of a (250, 32, 28, 28) gradient took 15 ms),
-and ``needs_exact_strides`` keeps inductor from handing over other strides.
+Tensor arguments are made channels-last in traced code, before the ops, so that inductor
+writes them channels-last in the kernels that produce them (a separate NCHW ->
+channels-last copy of a (250, 32, 28, 28) gradient took 15 ms), and ``needs_exact_strides``
+keeps inductor from handing over other strides.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ _weight_grad_choice: dict[tuple, str] = {}
 def channels_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` in channels-last memory format (no copy when it already is)."""
     return t.contiguous(memory_format=_CL)
-
 
 
 def _conv_backward(grad, x, weight, padding: int, mask: list[bool]):
@@ -135,20 +134,21 @@ def conv3x3_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """
     if backend not in WEIGHT_GRAD_BACKENDS:
         raise ValueError(f"unknown weight-gradient backend {backend!r}; choose from {WEIGHT_GRAD_BACKENDS}")
-    if backend == "onednn" or (backend == "auto" and not _extension_weight_grad_supported(grad, x)):
-        return _onednn_weight_grad(grad, x, weight)
     if backend == "auto":
-        key = (tuple(grad.shape), tuple(x.shape), torch.get_num_threads())
+        # Decided once per key, so later calls skip the support checks as well as the timing.
+        key = (tuple(grad.shape), tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
         if key not in _weight_grad_choice:
             candidates = dict(extension=_extension_weight_grad, onednn=_onednn_weight_grad)
-            _weight_grad_choice[key] = _fastest(candidates, (grad, x, weight))
-        if _weight_grad_choice[key] == "onednn":
-            return _onednn_weight_grad(grad, x, weight)
-    return _extension_weight_grad(grad, x, weight)
+            _weight_grad_choice[key] = (_fastest(candidates, (grad, x, weight))
+                                        if _extension_weight_grad_supported(grad, x) else "onednn")
+        backend = _weight_grad_choice[key]
+    fn = _onednn_weight_grad if backend == "onednn" else _extension_weight_grad
+    return fn(grad, x, weight)
 
 
 def weight_grad_choices() -> dict[tuple, str]:
-    """What ``conv3x3_weight_grad(backend="auto")`` picked: (grad shape, input shape, threads) -> backend."""
+    """What ``conv3x3_weight_grad(backend="auto")`` picked, by (grad shape, input shape, dtype,
+    device type, threads)."""
     return dict(_weight_grad_choice)
 
 

@@ -327,18 +327,19 @@ class FastDVPVAE(DVPVAE):
 
     # ------------------------------------------------------------------ sampling
     def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:
-        from dvpvae.sampling import compile_prior, native_supported, sample_prior
+        from dvpvae import _ext
+        from dvpvae.sampling import compile_prior, sample_prior
 
         prior = self.prior
         if not self.use_extension:
             return sample_prior(prior, n, temperature, noise, backend="reference")
-        backend = None  # the native forward needs no compile; sample_prior picks by n
-        if prior.coefficients.device.type == "cpu" and not prior.training and not native_supported(prior):
-            from dvpvae import _ext
-
-            if _ext.available():
-                compile_prior(prior)  # cached on disk: paid once per machine and architecture
-                backend = "extension"
+        # compile_prior compiles (once per machine and architecture, cached on disk) only
+        # where the native forward does not serve the prior; with the native forward the
+        # automatic choice decides by n.
+        backend = None
+        if (prior.coefficients.device.type == "cpu" and not prior.training and _ext.available()
+                and compile_prior(prior) is not None):
+            backend = "extension"
         return sample_prior(prior, n, temperature, noise, backend=backend)
 
     def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:

@@ -34,9 +34,10 @@ The AOTInductor package (compile_package):
 Automatic choice (``backend=None``), controlled by ``DVPVAE_PRIOR_COMPILE``:
   * ``auto`` (default): the extension when it is built *and* needs no compile (the native
     forward serves the prior, or its package is already compiled in this process or on
-    disk); otherwise the reference loop. On CPUs without AVX-512 the native forward is
-    used only up to ``NATIVE_MAX_N_WITHOUT_AVX512`` samples per call (measured crossover). A first call therefore never stalls for a
+    disk); otherwise the reference loop. A first call therefore never stalls for a
     compile; call ``compile_prior(prior)`` once (or pass ``backend="extension"``) to opt in.
+    On CPUs without AVX-512 the native forward is used only up to
+    ``NATIVE_MAX_N_WITHOUT_AVX512`` samples per call (the measured crossover).
   * ``1``: compile on first use.  ``0``: always the reference loop.
 The reference loop is also used when the UNet is in training mode with active dropout
 (both C++ forms run the UNet in eval mode) or when the prior lives on an unsupported device.

@@ -1,17 +1,19 @@
-// Weight gradient of a 3x3, stride-1, zero-padding-1 convolution on channels-last float32
-// tensors (the ResNet blocks' middle convolutions), for the CPU training step.
+// Weight and bias gradients of a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1)
+// kernel on channels-last float32 tensors (the ResNet blocks' convolutions), for the CPU
+// training step.
 //
-//   dW[o, i, ky, kx] = sum_{n, y, x} grad[n, y, x, o] * input[n, y + ky - 1, x + kx - 1, i]
+//   dW[o, i, ky, kx] = sum_{n, y, x} grad[n, y, x, o] * input[n, y + ky - p, x + kx - p, i]
+//   db[o]            = sum_{n, y, x} grad[n, y, x, o]
 //
-// On the 2-core AVX2 CI machine, for (250, 32, 28, 28), oneDNN's avx2 backward-weights
-// kernel took 32-52 ms and this loop nest 21-36 ms in the same runs (about 1.5x faster;
-// dvpvae.cpu_conv times both on first use and keeps the faster). For each tap (ky, kx)
-// the sum is a (Co x pixels) @ (pixels x Ci) product whose pixel index runs along image rows, so the
-// borders are handled by shortening rows, without padding copies or im2col. A register
-// tile of 4 output channels x 16 input channels (8 AVX2 accumulators, 8 FMAs per 2 vector
-// loads and 4 broadcasts) is swept over a chunk of rows small enough for L1. Work items are
-// (image, row chunk) pairs; each thread sums into its own (9, Co, Ci) buffer and the
-// buffers are added at the end, so the result does not depend on scheduling.
+// For each tap the sum is a (Co x pixels) @ (pixels x Ci) product whose pixel index runs
+// along image rows. One sweep over a chunk of rows small enough for L1 accumulates a
+// register tile of 4 output channels x 8 input channels for the three taps of one kernel
+// row (12 AVX2 accumulators: 12 FMAs per 3 vector loads and 4 broadcasts, 12 independent
+// FMA chains); a 1x1 kernel uses 4 output x 16 input channels instead. The first and last
+// pixel of each row skip the taps that fall on the zero padding, and kernel rows that fall
+// outside the image are skipped, so no padded copy is needed. Work items are (image, row
+// chunk) pairs; each thread sums into its own buffer and the buffers are added at the end,
+// so the result does not depend on scheduling (only on the thread count).
 #include "ddpm.h"
 
 #include <ATen/Functions.h>
@@ -19,14 +21,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DVPVAE_HAVE_AVX2_KERNEL 1
-#define DVPVAE_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define DVPVAE_HAVE_AVX2_KERNEL 0
-#endif
+#include "avx2.h"
 
 namespace dvpvae {
 namespace {
@@ -35,115 +32,181 @@ constexpr int kOutBlock = 4;  // output channels per register tile
 constexpr int kLanes = 8;     // input channels per AVX2 vector
 
 #if DVPVAE_HAVE_AVX2_KERNEL
-// out[o0+o, i0:i0+8*V] += sum over the pixels of rows [y0, y1) of grad[p, o0+o] * input[p + tap, i0:...].
-// Named accumulators rather than arrays: GCC then keeps all 8 in registers.
-template <int V>
-DVPVAE_AVX2 inline __attribute__((always_inline)) void tap_tile(
-    const float* __restrict g, const float* __restrict x, float* __restrict out, int64_t y0, int64_t y1,
-    int64_t H, int64_t W, int64_t Co, int64_t Ci, int dy, int dx, int64_t o0, int64_t i0) {
-  static_assert(V == 1 || V == 2, "one or two vectors of input channels per tile");
-  __m256 a00 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a30 = _mm256_setzero_ps();
-  __m256 a01 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-  const int64_t xs = dx < 0 ? 1 : 0, xe = dx > 0 ? W - 1 : W;
+#define DVPVAE_INLINE DVPVAE_AVX2 inline __attribute__((always_inline))
+
+// a_o += grad[o] * xv for the kOutBlock output channels at gp.
+DVPVAE_INLINE void fma_out_block(const float* __restrict gp, __m256 xv, __m256& a0, __m256& a1, __m256& a2,
+                                 __m256& a3) {
+  a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp), xv, a0);
+  a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 1), xv, a1);
+  a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 2), xv, a2);
+  a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 3), xv, a3);
+}
+
+// al/am/ar += grad[0] * xl/xm/xr: one output channel, the three taps of a kernel row.
+DVPVAE_INLINE void fma_taps(const float* __restrict gp, __m256 xl, __m256 xm, __m256 xr, __m256& al, __m256& am,
+                            __m256& ar) {
+  const __m256 b = _mm256_broadcast_ss(gp);
+  al = _mm256_fmadd_ps(b, xl, al);
+  am = _mm256_fmadd_ps(b, xm, am);
+  ar = _mm256_fmadd_ps(b, xr, ar);
+}
+
+DVPVAE_INLINE void add_to(float* __restrict d, __m256 a) { _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a)); }
+
+// out[3 ky + kx, o0 : o0 + 4, i0 : i0 + 8] += products of grad rows [y0, y1) with the input rows
+// shifted by ky - 1, for the three taps kx of kernel row ky. Named accumulators (not arrays):
+// GCC then keeps all 12 in registers.
+DVPVAE_AVX2 void kernel_row_tile3(const float* __restrict g, const float* __restrict x, float* __restrict out,
+                                  int64_t y0, int64_t y1, int64_t H, int64_t W, int64_t Co, int64_t Ci, int ky,
+                                  int64_t o0, int64_t i0) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;  // tap kx = 0 (input pixel to the left)
+  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;                  // kx = 1
+  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;                  // kx = 2 (input pixel to the right)
   for (int64_t y = y0; y < y1; ++y) {
-    const int64_t yy = y + dy;
+    const int64_t yy = y + ky - 1;
     if (yy < 0 || yy >= H) continue;
-    const float* gp = g + (y * W + xs) * Co + o0;
-    const float* xp = x + (yy * W + xs + dx) * Ci + i0;
-    for (int64_t c = xs; c < xe; ++c, gp += Co, xp += Ci) {
-      const __m256 x0 = _mm256_loadu_ps(xp);
-      const __m256 x1 = V == 2 ? _mm256_loadu_ps(xp + kLanes) : x0;
-      __m256 b = _mm256_broadcast_ss(gp);
-      a00 = _mm256_fmadd_ps(b, x0, a00);
-      if (V == 2) a01 = _mm256_fmadd_ps(b, x1, a01);
-      b = _mm256_broadcast_ss(gp + 1);
-      a10 = _mm256_fmadd_ps(b, x0, a10);
-      if (V == 2) a11 = _mm256_fmadd_ps(b, x1, a11);
-      b = _mm256_broadcast_ss(gp + 2);
-      a20 = _mm256_fmadd_ps(b, x0, a20);
-      if (V == 2) a21 = _mm256_fmadd_ps(b, x1, a21);
-      b = _mm256_broadcast_ss(gp + 3);
-      a30 = _mm256_fmadd_ps(b, x0, a30);
-      if (V == 2) a31 = _mm256_fmadd_ps(b, x1, a31);
+    const float* gp = g + y * W * Co + o0;
+    const float* xp = x + yy * W * Ci + i0;
+    // Output pixel c reads input pixels c - 1 (kx = 0), c (kx = 1) and c + 1 (kx = 2); those
+    // outside the row are the zero padding and are skipped at the two ends.
+    fma_out_block(gp, _mm256_loadu_ps(xp), a10, a11, a12, a13);
+    if (W > 1) fma_out_block(gp, _mm256_loadu_ps(xp + Ci), a20, a21, a22, a23);
+    for (int64_t c = 1; c < W - 1; ++c) {
+      // One broadcast per output channel feeds all three taps: 16 live registers, no spills.
+      const float* gc = gp + c * Co;
+      const float* xc = xp + c * Ci;
+      const __m256 xl = _mm256_loadu_ps(xc - Ci), xm = _mm256_loadu_ps(xc), xr = _mm256_loadu_ps(xc + Ci);
+      fma_taps(gc, xl, xm, xr, a00, a10, a20);
+      fma_taps(gc + 1, xl, xm, xr, a01, a11, a21);
+      fma_taps(gc + 2, xl, xm, xr, a02, a12, a22);
+      fma_taps(gc + 3, xl, xm, xr, a03, a13, a23);
+    }
+    if (W > 1) {
+      const float* gc = gp + (W - 1) * Co;
+      const float* xc = xp + (W - 1) * Ci;
+      fma_out_block(gc, _mm256_loadu_ps(xc - Ci), a00, a01, a02, a03);
+      fma_out_block(gc, _mm256_loadu_ps(xc), a10, a11, a12, a13);
     }
   }
-  const __m256 lo[kOutBlock] = {a00, a10, a20, a30}, hi[kOutBlock] = {a01, a11, a21, a31};
-  for (int o = 0; o < kOutBlock; ++o) {
-    float* d = out + (o0 + o) * Ci + i0;
-    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), lo[o]));
-    if (V == 2) _mm256_storeu_ps(d + kLanes, _mm256_add_ps(_mm256_loadu_ps(d + kLanes), hi[o]));
+  float* d = out + (3 * ky * Co + o0) * Ci + i0;
+  const int64_t tap = Co * Ci;
+  add_to(d, a00), add_to(d + Ci, a01), add_to(d + 2 * Ci, a02), add_to(d + 3 * Ci, a03);
+  add_to(d + tap, a10), add_to(d + tap + Ci, a11), add_to(d + tap + 2 * Ci, a12), add_to(d + tap + 3 * Ci, a13);
+  d += 2 * tap;
+  add_to(d, a20), add_to(d + Ci, a21), add_to(d + 2 * Ci, a22), add_to(d + 3 * Ci, a23);
+}
+
+// out[o0 : o0 + 4, i0 : i0 + 8V] += products of grad rows [y0, y1) with the same input rows (1x1).
+template <int V>
+DVPVAE_AVX2 void kernel_tile1(const float* __restrict g, const float* __restrict x, float* __restrict out,
+                              int64_t y0, int64_t y1, int64_t W, int64_t Co, int64_t Ci, int64_t o0, int64_t i0) {
+  static_assert(V == 1 || V == 2, "one or two vectors of input channels per tile");
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  const float* gp = g + y0 * W * Co + o0;
+  const float* xp = x + y0 * W * Ci + i0;
+  for (int64_t p = 0; p < (y1 - y0) * W; ++p, gp += Co, xp += Ci) {
+    fma_out_block(gp, _mm256_loadu_ps(xp), a0, a1, a2, a3);
+    if (V == 2) fma_out_block(gp, _mm256_loadu_ps(xp + kLanes), b0, b1, b2, b3);
+  }
+  float* d = out + o0 * Ci + i0;
+  add_to(d, a0), add_to(d + Ci, a1), add_to(d + 2 * Ci, a2), add_to(d + 3 * Ci, a3);
+  if (V == 2) {
+    d += kLanes;
+    add_to(d, b0), add_to(d + Ci, b1), add_to(d + 2 * Ci, b2), add_to(d + 3 * Ci, b3);
   }
 }
 
-// Accumulate the work items [w0, w1) (image-major, then row chunk) into out (9, Co, Ci).
+// bias[o] += sum over the pixels [p0, p1) of grad[p, o].
+DVPVAE_AVX2 void channel_sums(const float* __restrict g, float* __restrict bias, int64_t p0, int64_t p1,
+                              int64_t Co) {
+  int64_t o = 0;
+  for (; o + kLanes <= Co; o += kLanes) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) s = _mm256_add_ps(s, _mm256_loadu_ps(g + p * Co + o));
+    _mm256_storeu_ps(bias + o, _mm256_add_ps(_mm256_loadu_ps(bias + o), s));
+  }
+  for (; o < Co; ++o)
+    for (int64_t p = p0; p < p1; ++p) bias[o] += g[p * Co + o];
+}
+
+// Accumulate the work items [w0, w1) (image-major, then row chunk) into out (K*K, Co, Ci)
+// and bias (Co).
 DVPVAE_AVX2 void wgrad_items(const float* __restrict g, const float* __restrict x, float* __restrict out,
-                             int64_t w0, int64_t w1, int64_t chunks, int64_t rows, int64_t H, int64_t W,
-                             int64_t Co, int64_t Ci) {
+                             float* __restrict bias, int64_t w0, int64_t w1, int64_t chunks, int64_t rows,
+                             int64_t H, int64_t W, int64_t Co, int64_t Ci, int64_t K) {
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t n = w / chunks, y0 = (w % chunks) * rows, y1 = std::min(H, y0 + rows);
     const float* gn = g + n * H * W * Co;
     const float* xn = x + n * H * W * Ci;
-    for (int tap = 0; tap < 9; ++tap) {
-      const int dy = tap / 3 - 1, dx = tap % 3 - 1;
-      float* outk = out + tap * Co * Ci;
-      for (int64_t o0 = 0; o0 < Co; o0 += kOutBlock) {
+    for (int64_t o0 = 0; o0 < Co; o0 += kOutBlock) {
+      if (K == 1) {
         int64_t i0 = 0;
-        for (; i0 + 2 * kLanes <= Ci; i0 += 2 * kLanes)
-          tap_tile<2>(gn, xn, outk, y0, y1, H, W, Co, Ci, dy, dx, o0, i0);
-        if (i0 < Ci) tap_tile<1>(gn, xn, outk, y0, y1, H, W, Co, Ci, dy, dx, o0, i0);
+        for (; i0 + 2 * kLanes <= Ci; i0 += 2 * kLanes) kernel_tile1<2>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
+        if (i0 < Ci) kernel_tile1<1>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
+        continue;
       }
+      for (int ky = 0; ky < 3; ++ky)
+        for (int64_t i0 = 0; i0 < Ci; i0 += kLanes)
+          kernel_row_tile3(gn, xn, out, y0, y1, H, W, Co, Ci, ky, o0, i0);
     }
+    channel_sums(gn, bias, y0 * W, y1 * W, Co);
   }
 }
 #endif
 
-bool cpu_has_avx2_fma() {
-#if DVPVAE_HAVE_AVX2_KERNEL
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
-at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input) {
-  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: conv3x3_weight_grad needs an x86-64 CPU with AVX2 and FMA");
-  TORCH_CHECK(grad.dim() == 4 && input.dim() == 4, "dvpvae: conv3x3_weight_grad: grad and input must be 4-D "
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                        int64_t kernel_size) {
+  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: conv_weight_grad needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(kernel_size == 1 || kernel_size == 3,
+              "dvpvae: conv_weight_grad: kernel_size must be 1 or 3 (3 means padding 1), got ", kernel_size);
+  TORCH_CHECK(grad.dim() == 4 && input.dim() == 4, "dvpvae: conv_weight_grad: grad and input must be 4-D "
               "(N, C, H, W), got ", grad.sizes(), " and ", input.sizes());
   TORCH_CHECK(grad.scalar_type() == at::kFloat && input.scalar_type() == at::kFloat,
-              "dvpvae: conv3x3_weight_grad: grad and input must be float32, got ", grad.scalar_type(), " and ",
+              "dvpvae: conv_weight_grad: grad and input must be float32, got ", grad.scalar_type(), " and ",
               input.scalar_type());
   CHECK_DEVICE(grad, input.device());
   const int64_t N = input.size(0), Ci = input.size(1), H = input.size(2), W = input.size(3), Co = grad.size(1);
   TORCH_CHECK(grad.size(0) == N && grad.size(2) == H && grad.size(3) == W,
-              "dvpvae: conv3x3_weight_grad: grad ", grad.sizes(), " does not match input ", input.sizes(),
-              " (stride 1, padding 1: same N, H, W)");
-  TORCH_CHECK(Co % kOutBlock == 0 && Ci % kLanes == 0, "dvpvae: conv3x3_weight_grad needs out channels % ",
+              "dvpvae: conv_weight_grad: grad ", grad.sizes(), " does not match input ", input.sizes(),
+              " (stride 1, 'same' padding: same N, H, W)");
+  TORCH_CHECK(Co % kOutBlock == 0 && Ci % kLanes == 0, "dvpvae: conv_weight_grad needs out channels % ",
               kOutBlock, " == 0 and in channels % ", kLanes, " == 0, got ", Co, " and ", Ci);
   const auto cl = at::MemoryFormat::ChannelsLast;
   TORCH_CHECK(grad.is_contiguous(cl) && input.is_contiguous(cl),
-              "dvpvae: conv3x3_weight_grad: grad and input must be channels-last contiguous");
+              "dvpvae: conv_weight_grad: grad and input must be channels-last contiguous");
+  const int64_t K = kernel_size, taps = K * K;
   const int64_t rows = std::clamp<int64_t>(64 / std::max<int64_t>(W, 1), 1, std::max<int64_t>(H, 1));
   const int64_t chunks = (H + rows - 1) / rows, items = N * chunks;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  at::Tensor partial = at::zeros({threads, 9, Co, Ci}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  // Per thread: (K*K, Co, Ci) weight partials, then Co bias partials.
+  const int64_t per_thread = taps * Co * Ci + Co;
+  at::Tensor partial = at::zeros({threads, per_thread}, input.options().memory_format(at::MemoryFormat::Contiguous));
   const float* g = grad.data_ptr<float>();
   const float* x = input.data_ptr<float>();
   float* out = partial.data_ptr<float>();
 #if DVPVAE_HAVE_AVX2_KERNEL
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      wgrad_items(g, x, out + t * 9 * Co * Ci, items * t / threads, items * (t + 1) / threads, chunks, rows, H,
-                  W, Co, Ci);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* buf = out + t * per_thread;
+      wgrad_items(g, x, buf, buf + taps * Co * Ci, items * t / threads, items * (t + 1) / threads, chunks, rows,
+                  H, W, Co, Ci, K);
+    }
   });
 #endif
-  // (9, Co, Ci) -> (Co, Ci, 3, 3)
-  return partial.sum(0).permute({1, 2, 0}).reshape({Co, Ci, 3, 3}).contiguous();
+  const at::Tensor total = partial.sum(0);
+  // (K*K, Co, Ci) -> (Co, Ci, K, K)
+  at::Tensor weight_grad = total.narrow(0, 0, taps * Co * Ci).view({taps, Co, Ci}).permute({1, 2, 0})
+                               .reshape({Co, Ci, K, K}).contiguous();
+  return {weight_grad, total.narrow(0, taps * Co * Ci, Co).clone()};
 }
 
-at::Tensor conv3x3_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input) {
-  return at::empty({grad.size(1), input.size(1), 3, 3}, input.options());
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
+                                                         int64_t kernel_size) {
+  return {at::empty({grad.size(1), input.size(1), kernel_size, kernel_size}, input.options()),
+          at::empty({grad.size(1)}, input.options())};
 }
 
 }  // namespace dvpvae

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <tuple>
 #include <vector>
 
 // Argument checks that raise a c10::Error (RuntimeError in Python) naming the argument,
@@ -77,7 +78,9 @@ int64_t release_packages();
 
 // Weight gradient (Co, Ci, 3, 3) of a 3x3 stride-1 padding-1 convolution from channels-last
 // float32 grad (N, Co, H, W) and input (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
-at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input);
-at::Tensor conv3x3_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input);
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                        int64_t kernel_size);
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
+                                                         int64_t kernel_size);
 
 }  // namespace dvpvae

@@ -22,7 +22,7 @@ TORCH_LIBRARY(dvpvae, m) {
   m.def("ddpm_sample_unet(Tensor z_T, Tensor noise, Tensor coef, Tensor[] weights, int num_res_blocks, "
         "int groups, float eps, float temperature) -> Tensor");
   m.def("release_packages() -> int");
-  m.def("conv3x3_weight_grad(Tensor grad, Tensor input) -> Tensor");
+  m.def("conv_weight_grad(Tensor grad, Tensor input, int kernel_size) -> (Tensor, Tensor)");
 }
 
 // Ops without tensor arguments dispatch to CompositeExplicitAutograd.
@@ -35,14 +35,14 @@ TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_step", &dvpvae::ddpm_step_cpu);
   m.impl("ddpm_sample", &dvpvae::ddpm_sample_aoti);
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
-  m.impl("conv3x3_weight_grad", &dvpvae::conv3x3_weight_grad_cpu);
+  m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_step", &dvpvae::ddpm_step_meta);
   m.impl("ddpm_sample", &dvpvae::ddpm_sample_meta);
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
-  m.impl("conv3x3_weight_grad", &dvpvae::conv3x3_weight_grad_meta);
+  m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_meta);
 }
 
 // A Python module init so the extension imports as `dvpvae._C` (setup.py build); the ops

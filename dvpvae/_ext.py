@@ -8,8 +8,9 @@ The extension registers ``torch.ops.dvpvae.*``:
   ddpm_sample_unet(z_T, noise, coef, weights, num_res_blocks, groups, eps, temperature) -> u
       (the same loop with a native float32 CPU forward of dvpvae.unet.UNet)
   release_packages() -> number of cached AOTInductor loaders dropped
-  conv3x3_weight_grad(grad, input) -> (Co, Ci, 3, 3) weight gradient of a 3x3 padding-1
-      convolution on channels-last float32 tensors (CPU; dvpvae.cpu_conv uses it)
+  conv_weight_grad(grad, input, kernel_size) -> (weight grad (Co, Ci, k, k), bias grad (Co,)) of a
+      stride-1 1x1 or 3x3 padding-1 convolution on channels-last float32 tensors (CPU;
+      dvpvae.cpu_conv uses it)
 
 Where it comes from, in order:
   1. the prebuilt ``dvpvae._C`` (``pip install --no-build-isolation -e .``);

@@ -11,9 +11,9 @@ computed:
 * torch.compile of the training/evaluation forward, the importance-sampling pass and the
   sample decoder (inductor's C++ backend on CPU). All noise is drawn eagerly in the
   reference order and passed in, so the compiled graphs hold no RNG and replay exactly.
-* on the CPU, channels-last convolutions with one oneDNN call per gradient; the weight
-  gradient of the 3x3 convolutions comes from the C++ extension's AVX2 kernel where it is
-  faster than oneDNN (``dvpvae.cpu_conv``).
+* on the CPU, the ResNet blocks' convolutions run channels-last with oneDNN's forward and
+  input gradient; their weight and bias gradients come from the C++ extension's AVX2
+  kernel where it is faster than oneDNN (``dvpvae.cpu_conv``).
 * ``estimate_nll`` runs the deterministic encoder once per image, not once per sample.
 * sampling of u through the C++ extension's T-step loop (``dvpvae.sampling``); on CUDA the
   whole sampler is captured in a CUDA graph per batch size (``dvpvae.cuda_graphs``), and the
@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from dvpvae.blocks import ResBlock
-from dvpvae.cpu_conv import channels_last, conv1x1_cl, conv3x3_cl
+from dvpvae.cpu_conv import channels_last, conv_cl
 from dvpvae.config import Config
 from dvpvae.decoder import LadderBlock, PseudoinputBlock, TopDownDecoder
 from dvpvae.decoder import upsample_bilinear as decoder_upsample
@@ -52,7 +52,7 @@ warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"t
 
 def _op_table(device: torch.device, fused: bool, extension: bool) -> SimpleNamespace:
     """The functions the fast modules call: Triton kernels on CUDA, split-gradient
-    channels-last convolutions (``dvpvae.cpu_conv``; the 3x3 weight gradient from the C++
+    channels-last convolutions (``dvpvae.cpu_conv``; weight gradients from the C++
     extension when ``extension`` and faster) and references on the CPU, and the exact layer
     rewrites of ``dvpvae.fast_layers``. With ``fused=False`` every entry is the reference's
     own computation, so the uncompiled model reproduces DVPVAE bit for bit.
@@ -80,8 +80,11 @@ def _op_table(device: torch.device, fused: bool, extension: bool) -> SimpleNames
                           dct=dct_pseudoinput_ref, idct=idct_pseudoinput_ref,
                           reparam_kl=reparam_kl_ref, reparam_sample=reparam_sample_ref, **layers)
     if fused and device.type == "cpu":
-        ops.conv1x1, ops.conv1x1_act, ops.conv1x1_residual = conv1x1_cl, _conv1x1_act_cpu, _conv1x1_residual_cpu
-        ops.conv3x3 = functools.partial(_conv3x3_cpu, weight_grad_backend="auto" if extension else "onednn")
+        conv = functools.partial(conv_cl, weight_grad_backend="auto" if extension else "onednn")
+        ops.conv1x1 = conv
+        ops.conv1x1_act = functools.partial(_conv1x1_act_cpu, conv=conv)
+        ops.conv1x1_residual = functools.partial(_conv1x1_residual_cpu, conv=conv)
+        ops.conv3x3 = functools.partial(_conv3x3_cpu, conv=conv)
         # Every activation channels-last: a kernel that mixes NCHW and channels-last
         # operands is not vectorized by inductor (67 ms for one encoder gradient kernel).
         ops.channels_last = channels_last
@@ -101,20 +104,20 @@ def _channels_last_stem(x, conv):
     return channels_last(pointwise_conv(x, conv))
 
 
-def _conv3x3_cpu(x, conv, weight_grad_backend):
-    return conv3x3_cl(x, conv.weight, conv.bias, weight_grad_backend)
+def _conv3x3_cpu(x, layer, conv):
+    return conv(x, layer.weight, layer.bias)
 
 
 def _reference_head(a, pointwise, conv3x3):
     return conv3x3(pointwise(a))
 
 
-def _conv1x1_act_cpu(x, weight, bias, activation):
-    return apply_activation(conv1x1_cl(x, weight, bias), activation)
+def _conv1x1_act_cpu(x, weight, bias, activation, conv):
+    return apply_activation(conv(x, weight, bias), activation)
 
 
-def _conv1x1_residual_cpu(h, weight, bias, skip, gate):
-    return skip + gate.reshape(()).to(h.dtype) * conv1x1_cl(h, weight, bias)
+def _conv1x1_residual_cpu(h, weight, bias, skip, gate, conv):
+    return skip + gate.reshape(()).to(h.dtype) * conv(h, weight, bias)
 
 
 class FastResBlock(ResBlock):

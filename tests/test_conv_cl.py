@@ -1,10 +1,10 @@
-"""The fast path's 3x3 convolution: the extension's weight-gradient kernel and the custom op."""
+"""The fast path's 1x1 / 3x3 convolution op and the extension's weight- and bias-gradient kernel."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv3x3_cl, conv3x3_weight_grad, weight_grad_choices
+from dvpvae.cpu_conv import conv_cl, conv_weight_grad, weight_grad_choices
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -18,22 +18,28 @@ def _pair(n, ci, co, h, w, dtype=torch.float32, seed=0):
     return grad, x
 
 
-def _exact_weight_grad(grad, x):
-    w = torch.zeros(grad.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
-    args = (grad.double(), x.double(), w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    return torch.ops.aten.convolution_backward(*args, [False, True, False])[1]
+def _exact_grads(grad, x, k):
+    w = torch.zeros(grad.shape[1], x.shape[1], k, k, dtype=torch.float64)
+    args = (grad.double(), x.double(), w, [grad.shape[1]], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1)
+    return torch.ops.aten.convolution_backward(*args, [False, True, True])[1:]
+
+
+SHAPES = [(3, 32, 32, 7, 7), (2, 32, 32, 14, 14), (2, 40, 8, 5, 6), (1, 8, 4, 1, 1), (4, 16, 12, 28, 28),
+          (1, 24, 4, 3, 11), (2, 16, 8, 4, 2), (2, 8, 4, 6, 1)]
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,ci,co,h,w", [(3, 32, 32, 7, 7), (2, 32, 32, 14, 14), (2, 40, 8, 5, 6),
-                                         (1, 8, 4, 1, 1), (4, 16, 12, 28, 28), (1, 24, 4, 3, 11)])
-def test_extension_weight_grad_matches_float64(n, ci, co, h, w):
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("n,ci,co,h,w", SHAPES)
+def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
     grad, x = _pair(n, ci, co, h, w)
-    got = torch.ops.dvpvae.conv3x3_weight_grad(grad, x)
-    want = _exact_weight_grad(grad, x)
-    assert got.shape == (co, ci, 3, 3) and got.dtype == torch.float32 and got.is_contiguous()
+    got_w, got_b = torch.ops.dvpvae.conv_weight_grad(grad, x, k)
+    want_w, want_b = _exact_grads(grad, x, k)
+    assert got_w.shape == (co, ci, k, k) and got_w.dtype == torch.float32 and got_w.is_contiguous()
+    assert got_b.shape == (co,) and got_b.dtype == torch.float32
     # float32 sums of n*h*w products: error relative to the largest entry
-    assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max() + 1e-6
+    for got, want in ((got_w, want_w), (got_b, want_b)):
+        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max() + 1e-6
 
 
 @needs_kernel
@@ -48,32 +54,39 @@ def test_extension_weight_grad_matches_float64(n, ci, co, h, w):
 def test_extension_weight_grad_rejects_bad_arguments(make, message):
     grad, x = _pair(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv3x3_weight_grad(*make(grad, x))
+        torch.ops.dvpvae.conv_weight_grad(*make(grad, x), 3)
+
+
+@needs_kernel
+def test_extension_weight_grad_rejects_other_kernel_sizes():
+    with pytest.raises(RuntimeError, match="kernel_size must be 1 or 3"):
+        torch.ops.dvpvae.conv_weight_grad(*_pair(1, 8, 4, 5, 5), 5)
 
 
 @pytest.mark.parametrize("backend", ["auto", "extension", "onednn"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv3x3_cl_matches_conv2d_with_gradients(backend, bias):
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_cl_matches_conv2d_with_gradients(backend, bias, k):
     if backend == "extension" and not HAVE_KERNEL:
         pytest.skip("needs the built C++ extension on an AVX2 CPU")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 16, 6, 7, generator=g).requires_grad_()
-    w = (0.1 * torch.randn(8, 16, 3, 3, generator=g)).requires_grad_()
+    w = (0.1 * torch.randn(8, 16, k, k, generator=g)).requires_grad_()
     b = torch.randn(8, generator=g).requires_grad_() if bias else None
     params = [t for t in (x, w, b) if t is not None]
     grad_out = torch.randn(3, 8, 6, 7, generator=g)
-    ours = conv3x3_cl(x, w, b, backend)
-    ref = F.conv2d(x, w, b, padding=1)
+    ours = conv_cl(x, w, b, backend)
+    ref = F.conv2d(x, w, b, padding=k // 2)
     assert ours.is_contiguous(memory_format=CL)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad(ours, params, grad_out), torch.autograd.grad(ref, params, grad_out)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
-def test_conv3x3_cl_float64_is_exact_through_onednn():
+def test_conv_cl_float64_is_exact_through_onednn():
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    ours = conv3x3_cl(x, w, None)  # auto: float64 is not the kernel's, oneDNN serves it
+    ours = conv_cl(x, w, None)  # auto: float64 is not the kernel's, oneDNN serves it
     ref = F.conv2d(x, w, None, padding=1)
     torch.testing.assert_close(ours, ref)
     grad_out = torch.randn_like(ref)
@@ -82,24 +95,34 @@ def test_conv3x3_cl_float64_is_exact_through_onednn():
 
 
 @needs_kernel
-def test_auto_backend_records_its_choice_and_agrees_with_both():
+@pytest.mark.parametrize("k", [1, 3])
+def test_auto_backend_records_its_choice_and_agrees_with_both(k):
     grad, x = _pair(2, 16, 8, 9, 9, seed=3)
-    w = torch.zeros(8, 16, 3, 3)
-    auto = conv3x3_weight_grad(grad, x, w, "auto")
-    key = (tuple(grad.shape), tuple(x.shape), x.dtype, "cpu", torch.get_num_threads())
+    w = torch.zeros(8, 16, k, k)
+    auto = conv_weight_grad(grad, x, w, "auto")
+    key = (tuple(grad.shape), tuple(x.shape), k, x.dtype, "cpu", torch.get_num_threads())
     assert weight_grad_choices()[key] in ("extension", "onednn")
     for backend in ("extension", "onednn"):
-        torch.testing.assert_close(auto, conv3x3_weight_grad(grad, x, w, backend), rtol=1e-5, atol=1e-5)
+        for got, want in zip(auto, conv_weight_grad(grad, x, w, backend)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_weight_grad_backend_is_rejected():
     grad, x = _pair(1, 8, 4, 3, 3)
     with pytest.raises(ValueError, match="unknown weight-gradient backend 'cudnn'"):
-        conv3x3_weight_grad(grad, x, torch.zeros(4, 8, 3, 3), "cudnn")
+        conv_weight_grad(grad, x, torch.zeros(4, 8, 3, 3), "cudnn")
 
 
-def test_conv3x3_cl_passes_opcheck():
+@pytest.mark.parametrize("shape", [(4, 8, 5, 5), (4, 8, 3), (4, 8, 1, 3)])
+def test_conv_cl_rejects_other_kernel_shapes(shape):
+    x = torch.randn(1, 8, 6, 6)
+    with pytest.raises(ValueError, match="1, 1\\) or \\(out, in, 3, 3\\)"):
+        conv_cl(x, torch.randn(shape), None)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_cl_passes_opcheck(k):
     x = torch.randn(2, 8, 4, 5).contiguous(memory_format=CL).requires_grad_()
-    w = torch.randn(4, 8, 3, 3, requires_grad=True)
+    w = torch.randn(4, 8, k, k, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.dvpvae.conv3x3_cl.default, (x, w, b, "auto"))
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, "auto"))

@@ -76,6 +76,21 @@ def timeit(fn, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def timeit_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Time several providers in alternation (A B A B ...): on a shared machine the load
+    changes by the second, and alternating exposes every provider to the same conditions."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def measure(fn, device, warmup=2, repeats=7, inner=None, budget_s=0.4):
     """Per-call seconds (median, min, max, inner) over ``repeats`` timings of ``inner`` calls.
 

@@ -38,27 +38,12 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # appended: the repository's packages keep precedence
     sys.path.append(BENCH)
 
-from _harness import cpu_name, matmul_peak_gflops  # noqa: E402
+from _harness import cpu_name, matmul_peak_gflops, timeit_interleaved  # noqa: E402
 from dvpvae import _ext, get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
 from dvpvae.noise import Noise  # noqa: E402
 from dvpvae.sampling import (compile_package, native_supported, package_path, sample_prior,  # noqa: E402
                              sample_prior_aoti, sample_prior_ref)
-
-
-def timeit_interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Time several providers in alternation (A B A B ...): on a shared machine the load
-    changes by the second, and alternating exposes every provider to the same conditions."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def unet_flops(prior, n: int) -> int:

@@ -18,14 +18,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
-@pytest.fixture(scope="module")
-def throughput():
+def _load_benchmark(name: str):
     if BENCH not in sys.path:  # appended: benchmarks/kernels.py must not shadow the kernels package
         sys.path.append(BENCH)
-    spec = importlib.util.spec_from_file_location("bench_throughput", os.path.join(BENCH, "throughput.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load_benchmark("throughput")
 
 
 TINY = ["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "1", "--k", "2",
@@ -99,3 +103,21 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.05)  # longer than the sampling interval: the probe must see it
         del t
     assert m.mb > 32
+
+
+def test_conv_grads_reports_both_providers_with_small_errors(tmp_path):
+    from dvpvae import _ext
+
+    if not _ext.available() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs the built C++ extension on an AVX2 CPU")
+    path = tmp_path / "conv.json"
+    rc = _load_benchmark("conv_grads").main(["--preset", "tiny", "--batch", "2", "--sizes", "5", "3",
+                                             "--repeats", "1", "--warmup", "0", "--json", str(path)])
+    assert rc == 0
+    rep = json.loads(path.read_text())
+    assert rep["threads"] == torch.get_num_threads()
+    cases = {(r["provider"], r["kernel_size"], r["size"]) for r in rep["results"]}
+    assert cases == {(p, k, s) for p in ("onednn", "extension") for k in (1, 3) for s in (5, 3)}
+    for r in rep["results"]:
+        assert r["channels"] == 16 and r["ms_median"] > 0 and r["gflops"] > 0
+        assert r["max_rel_error_vs_float64"] < 1e-5

@@ -338,7 +338,7 @@ class FastDVPVAE(DVPVAE):
             return sample_prior(prior, n, temperature, noise, backend="reference")
         # compile_prior compiles (once per machine and architecture, cached on disk) only
         # where the native forward does not serve the prior; with the native forward the
-        # automatic choice decides by n.
+        # automatic choice already picks the extension.
         backend = None
         if (prior.coefficients.device.type == "cpu" and not prior.training and _ext.available()
                 and compile_prior(prior) is not None):

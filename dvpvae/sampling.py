@@ -36,8 +36,6 @@ Automatic choice (``backend=None``), controlled by ``DVPVAE_PRIOR_COMPILE``:
     forward serves the prior, or its package is already compiled in this process or on
     disk); otherwise the reference loop. A first call therefore never stalls for a
     compile; call ``compile_prior(prior)`` once (or pass ``backend="extension"``) to opt in.
-    On CPUs without AVX-512 the native forward is used only up to
-    ``NATIVE_MAX_N_WITHOUT_AVX512`` samples per call (the measured crossover).
   * ``1``: compile on first use.  ``0``: always the reference loop.
 The reference loop is also used when the UNet is in training mode with active dropout
 (both C++ forms run the UNet in eval mode) or when the prior lives on an unsupported device.
@@ -260,19 +258,8 @@ def _device_supported(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dvpvae::ddpm_sample", key)
 
 
-# Without AVX-512 the native forward lost to the reference loop beyond small batches
-# (2-core AMD EPYC, AVX2, MNIST prior: 3.7x faster at n = 1, 1.2x at 16, 2x slower at 256;
-# on a 2-core AVX-512 Xeon it was 13.7x / 7.5x / 2.6x faster).
-NATIVE_MAX_N_WITHOUT_AVX512 = 16
-
-
-def _native_pays_off(n: int | None) -> bool:
-    return n is None or n <= NATIVE_MAX_N_WITHOUT_AVX512 or torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-def resolve_backend(prior, backend: str | None = None, n: int | None = None) -> str:
-    """The backend ``sample_prior`` would use for ``prior`` and ``n`` samples (see the module
-    docstring)."""
+def resolve_backend(prior, backend: str | None = None) -> str:
+    """The backend ``sample_prior`` would use for ``prior`` (see the module docstring)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "reference":
@@ -293,11 +280,9 @@ def resolve_backend(prior, backend: str | None = None, n: int | None = None) -> 
     if (policy == "0" or not _ext.available() or not _device_supported(device)
             or _has_active_dropout(prior.unet)):
         return "reference"
-    if policy == "1":
+    if policy == "1" or native_supported(prior) or _ready_package(prior) is not None:
         return "extension"
-    if native_supported(prior):
-        return "extension" if _native_pays_off(n) else "reference"
-    return "extension" if _ready_package(prior) is not None else "reference"
+    return "reference"
 
 
 @torch.no_grad()
@@ -343,7 +328,7 @@ def sample_prior(prior, n: int, temperature: float = 1.0, noise: Noise | dict | 
     Returns:
         u of shape (n, C, c, c), dtype and device of the prior.
     """
-    name = resolve_backend(prior, backend, n)
+    name = resolve_backend(prior, backend)
     if name == "reference":
         return sample_prior_ref(prior, n, temperature, noise)
     inputs = _native_inputs(prior)

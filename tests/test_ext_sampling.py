@@ -466,16 +466,6 @@ def test_automatic_backend_policy(priors, monkeypatch):
         omni.eval()
 
 
-@needs_ext
-@pytest.mark.parametrize("capability,n,expected", [("AVX512", 256, "extension"), ("AVX2", 16, "extension"),
-                                                   ("AVX2", 17, "reference"), ("AVX2", None, "extension")])
-def test_automatic_backend_weighs_batch_size_without_avx512(priors, monkeypatch, capability, n, expected):
-    monkeypatch.setenv("DVPVAE_PRIOR_COMPILE", "auto")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert sampling.resolve_backend(priors["mnist"], n=n) == expected
-    assert sampling.resolve_backend(priors["mnist"], "extension", n=n) == "extension"
-
-
 def test_prior_sample_uses_sampling_module(monkeypatch):
     # DiffusionPrior.sample delegates to dvpvae.sampling; the reference backend is the
     # Python loop over DiffusionPrior.step, bit for bit.

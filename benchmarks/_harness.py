@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 
@@ -50,6 +51,25 @@ def machine_info(device: torch.device) -> dict:
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=triton_version(), python=platform.python_version(),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+
+def add_run_options(ap) -> None:
+    """The --warmup / --threads / --json options of the extension benchmarks."""
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
+    ap.add_argument("--json", default=None, help="write machine-readable results here")
+
+
+def start_extension_run(args) -> int:
+    """Apply --threads; 0 when the C++ extension is built, else say why and return 2."""
+    from dvpvae import _ext
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _ext.available():
+        print(f"extension unavailable: {_ext.missing_reason()}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def write_json(path: str, obj: dict) -> None:

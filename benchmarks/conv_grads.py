@@ -31,8 +31,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # appended: the repository's packages keep precedence
     sys.path.append(BENCH)
 
-from _harness import machine_info, timeit_interleaved, write_json  # noqa: E402
-from dvpvae import _ext, get_config  # noqa: E402
+from _harness import (add_run_options, machine_info, start_extension_run, timeit_interleaved,  # noqa: E402
+                      write_json)
+from dvpvae import get_config  # noqa: E402
 from dvpvae.cpu_conv import conv_weight_grad  # noqa: E402
 
 
@@ -65,15 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None,
                     help="resolutions (default: the image size, 1/2 and 1/4 of it)")
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
-    ap.add_argument("--json", default=None, help="write machine-readable results here")
+    add_run_options(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not _ext.available():
-        print(f"extension unavailable: {_ext.missing_reason()}", file=sys.stderr)
+    if start_extension_run(args):
         return 2
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         print("the extension's kernel needs an AVX2 CPU", file=sys.stderr)

@@ -38,8 +38,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # appended: the repository's packages keep precedence
     sys.path.append(BENCH)
 
-from _harness import cpu_name, matmul_peak_gflops, timeit_interleaved  # noqa: E402
-from dvpvae import _ext, get_config  # noqa: E402
+from _harness import (add_run_options, cpu_name, matmul_peak_gflops, start_extension_run,  # noqa: E402
+                      timeit_interleaved)
+from dvpvae import get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
 from dvpvae.noise import Noise  # noqa: E402
 from dvpvae.sampling import (compile_package, native_supported, package_path, sample_prior,  # noqa: E402
@@ -71,16 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=0, help="0: chosen per n (more for small n)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
     ap.add_argument("--aoti", action="store_true", help="also time the AOTInductor form of the loop")
-    ap.add_argument("--json", default=None, help="write machine-readable results here")
+    add_run_options(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not _ext.available():
-        print(f"extension unavailable: {_ext.missing_reason()}", file=sys.stderr)
+    if start_extension_run(args):
         return 2
     prior = make_prior(args.preset)
     form = "native" if native_supported(prior) else "aoti"

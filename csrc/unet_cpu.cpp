@@ -44,12 +44,18 @@ constexpr int kV = 16;  // channels per vector; UNet widths are multiples of 16 
 typedef float vec __attribute__((vector_size(kV * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kV * sizeof(int32_t))));
 
-DVPVAE_INLINE vec load(const float* p) {
-  vec v;
+// Half a vec: with AVX2 (16 registers of 8 floats) GCC lowered 16-float accumulators
+// through the stack, so the convolution there holds each 16-channel block as two of these.
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+
+template <typename V = vec>
+DVPVAE_INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-DVPVAE_INLINE void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+DVPVAE_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 DVPVAE_INLINE vec splat(float x) { return vec{} + x; }
 
 // e^x, Cephes' expf polynomial (~1 ulp): x = n ln2 + r with |r| <= ln2/2, 2^n from the
@@ -78,89 +84,57 @@ DVPVAE_INLINE vec vsilu(vec x) { return x / (1.0f + vexp(-x)); }
 // NP consecutive output pixels of one row, all output channels: out[p] = res[p] + bias +
 // sum over taps and input channels of in[p + tap][ci] * w[tap][ci][:]. `in` points at the
 // window's top-left pixel; pixels are ldi floats apart, rows in_w pixels. No bias: 0.
-template <int KS, int NP>
+// Each 16-channel block is accumulated in kV / lanes(V) vectors of type V.
+template <typename V, int KS, int NP>
 DVPVAE_INLINE void conv_pixels(const float* in, ptrdiff_t in_w, ptrdiff_t ldi, ptrdiff_t cin, const float* w,
                                const float* bias, ptrdiff_t cout, float* out, const float* res) {
+  constexpr int kL = sizeof(V) / sizeof(float), kParts = kV / kL;
   // ptrdiff_t offsets and bumped pointers: with int indices the inner loop spent more
   // instructions on sign-extended address arithmetic than on FMAs.
   for (ptrdiff_t cb = 0; cb < cout; cb += kV) {
-    vec acc[NP];
-    const vec b = bias ? load(bias + cb) : vec{};
-    for (int p = 0; p < NP; ++p) acc[p] = b;
+    V acc[kParts][NP];
+#pragma GCC unroll 2
+    for (int h = 0; h < kParts; ++h) {
+      const V b = bias ? load<V>(bias + cb + h * kL) : V{};
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; ++p) acc[h][p] = b;
+    }
     const float* wp = w + cb;
     for (int ky = 0; ky < KS; ++ky) {
       for (int kx = 0; kx < KS; ++kx) {
         const float* ip = in + (ky * in_w + kx) * ldi;
 #pragma GCC unroll 4
         for (ptrdiff_t ci = 0; ci < cin; ++ci, wp += cout, ++ip) {
-          const vec wv = load(wp);
-          for (int p = 0; p < NP; ++p) acc[p] += ip[p * ldi] * wv;
-        }
-      }
-    }
-    for (int p = 0; p < NP; ++p) {
-      float* o = out + p * cout + cb;
-      store(o, res ? load(res + p * cout + cb) + acc[p] : acc[p]);
-    }
-  }
-}
-
-// conv_pixels with each 16-channel block held as two 8-float halves: with AVX2 (16
-// registers of 8 floats) GCC lowered the 16-float accumulators through the stack.
-typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
-
-DVPVAE_INLINE vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-DVPVAE_INLINE void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-template <int KS, int NP>
-DVPVAE_INLINE void conv_pixels_halves(const float* in, ptrdiff_t in_w, ptrdiff_t ldi, ptrdiff_t cin,
-                                      const float* w, const float* bias, ptrdiff_t cout, float* out,
-                                      const float* res) {
-  for (ptrdiff_t cb = 0; cb < cout; cb += kV) {
-    vec8 lo[NP], hi[NP];
-    const vec8 blo = bias ? load8(bias + cb) : vec8{}, bhi = bias ? load8(bias + cb + 8) : vec8{};
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) lo[p] = blo, hi[p] = bhi;
-    const float* wp = w + cb;
-    for (int ky = 0; ky < KS; ++ky) {
-      for (int kx = 0; kx < KS; ++kx) {
-        const float* ip = in + (ky * in_w + kx) * ldi;
-        for (ptrdiff_t ci = 0; ci < cin; ++ci, wp += cout, ++ip) {
-          const vec8 wlo = load8(wp), whi = load8(wp + 8);
+          V wv[kParts];
+#pragma GCC unroll 2
+          for (int h = 0; h < kParts; ++h) wv[h] = load<V>(wp + h * kL);
 #pragma GCC unroll 8
           for (int p = 0; p < NP; ++p) {
             const float xv = ip[p * ldi];
-            lo[p] += xv * wlo;
-            hi[p] += xv * whi;
+#pragma GCC unroll 2
+            for (int h = 0; h < kParts; ++h) acc[h][p] += xv * wv[h];
           }
         }
       }
     }
 #pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-      float* o = out + p * cout + cb;
-      store8(o, res ? load8(res + p * cout + cb) + lo[p] : lo[p]);
-      store8(o + 8, res ? load8(res + p * cout + cb + 8) + hi[p] : hi[p]);
-    }
+    for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 2
+      for (int h = 0; h < kParts; ++h) {
+        float* o = out + p * cout + cb + h * kL;
+        store(o, res ? load<V>(res + p * cout + cb + h * kL) + acc[h][p] : acc[h][p]);
+      }
   }
 }
 
 // conv_pixels for the n <= NP pixels left at the end of a row.
-template <int KS, int NP, bool Halves>
+template <typename V, int KS, int NP>
 DVPVAE_INLINE void conv_pixels_tail(int n, const float* in, ptrdiff_t in_w, ptrdiff_t ldi, ptrdiff_t cin,
                                     const float* w, const float* bias, ptrdiff_t cout, float* out, const float* res) {
-  if (n == NP) {
-    if constexpr (Halves)
-      conv_pixels_halves<KS, NP>(in, in_w, ldi, cin, w, bias, cout, out, res);
-    else
-      conv_pixels<KS, NP>(in, in_w, ldi, cin, w, bias, cout, out, res);
-  } else if constexpr (NP > 1) {
-    conv_pixels_tail<KS, NP - 1, Halves>(n, in, in_w, ldi, cin, w, bias, cout, out, res);
-  }
+  if (n == NP)
+    conv_pixels<V, KS, NP>(in, in_w, ldi, cin, w, bias, cout, out, res);
+  else if constexpr (NP > 1)
+    conv_pixels_tail<V, KS, NP - 1>(n, in, in_w, ldi, cin, w, bias, cout, out, res);
 }
 
 // KSxKS convolution (KS = 3: `in` is zero-bordered, (H+2) x (W+2) pixels; KS = 1: plain
@@ -168,7 +142,7 @@ DVPVAE_INLINE void conv_pixels_tail(int n, const float* in, ptrdiff_t in_w, ptrd
 // Input pixels are ldi floats apart (cin for a plain NHWC tensor). With KS = 1 and H = 1
 // it is the matrix product out (W x cout) = in (W x cin) w (cin x cout). MaxNP pixels x
 // 16 channels of accumulators are kept in registers.
-template <int KS, int MaxNP, bool Halves>
+template <typename V, int KS, int MaxNP>
 DVPVAE_INLINE void conv_rows(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
                              int H, int W, float* out, const float* res) {
   const int in_w = W + KS - 1;
@@ -177,14 +151,14 @@ DVPVAE_INLINE void conv_rows(const float* in, int ldi, int cin, const float* w, 
       const float* ip = in + (y * in_w + x) * ldi;
       float* op = out + (y * W + x) * cout;
       const float* rp = res ? res + (y * W + x) * cout : nullptr;
-      conv_pixels_tail<KS, MaxNP, Halves>(std::min(MaxNP, W - x), ip, in_w, ldi, cin, w, bias, cout, op, rp);
+      conv_pixels_tail<V, KS, MaxNP>(std::min(MaxNP, W - x), ip, in_w, ldi, cin, w, bias, cout, op, rp);
     }
   }
 }
 
 // AVX-512's 32 vector registers hold 8 pixels x 16 channels of accumulators. Without it,
 // 16-float accumulators went through the stack (the native sampler ran 2x slower than
-// the Python loop at n = 256 on an AVX2 EPYC): there 6 pixels x two 8-float halves (12 of
+// the Python loop at n = 256 on an AVX2 EPYC): there 6 pixels x two vec8 halves (12 of
 // AVX2's 16 registers). Every clone carries both; the check is made once.
 template <int KS>
 DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
@@ -195,9 +169,9 @@ DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, 
   constexpr bool wide = true;
 #endif
   if (wide)
-    conv_rows<KS, 8, false>(in, ldi, cin, w, bias, cout, H, W, out, res);
+    conv_rows<vec, KS, 8>(in, ldi, cin, w, bias, cout, H, W, out, res);
   else
-    conv_rows<KS, 6, true>(in, ldi, cin, w, bias, cout, H, W, out, res);
+    conv_rows<vec8, KS, 6>(in, ldi, cin, w, bias, cout, H, W, out, res);
 }
 
 DVPVAE_CLONES void conv3x3(const float* in, int cin, const float* w, const float* bias, int cout,

@@ -76,8 +76,9 @@ at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise,
 // Drop every cached package loader; returns how many were dropped.
 int64_t release_packages();
 
-// Weight gradient (Co, Ci, 3, 3) of a 3x3 stride-1 padding-1 convolution from channels-last
-// float32 grad (N, Co, H, W) and input (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
+// Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
+// 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
+// (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                         int64_t kernel_size);
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,

@@ -138,9 +138,8 @@ def conv_cl_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """(grad_x, grad_weight, grad_bias) of ``conv_cl`` for channels-last grad and x; grad_x is
     zeros unless ``need_input_grad``."""
     grad_w, grad_b = conv_weight_grad(grad, x, weight, weight_grad_backend)
-    if not need_input_grad:
-        return torch.zeros_like(x), grad_w.contiguous(), grad_b
-    grad_x = channels_last(_conv_backward(grad, x, weight, [True, False, False])[0])
+    grad_x = (channels_last(_conv_backward(grad, x, weight, [True, False, False])[0]) if need_input_grad
+              else torch.zeros_like(x))
     return grad_x, grad_w.contiguous(), grad_b
 
 

@@ -1,23 +1,35 @@
-"""Shared helpers of the benchmark scripts: timing, machine description, roofline, memory.
+"""Shared helpers of the benchmark scripts: timing, machine description, roofline, memory,
+and the reports.
 
-Every script in ``benchmarks/`` reports the same machine facts (device, CPU, threads,
+Every script in ``benchmarks/`` reports the same machine facts (device, CPU, ISA, threads,
 versions, timestamp) and times callables the same way (warm-up, then per-call seconds
 with median/min/max), so those pieces live here once. Scripts stay runnable as
 ``python benchmarks/<name>.py``: they import this module by file location.
+
+Reports: a script hands its report to ``save_report``, which writes the JSON (by default
+``benchmarks/results/<name>.json``) and regenerates ``RESULTS.md`` from every report
+beside it (``write_results_md``). Measured numbers live there and nowhere else.
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
 import json
+import glob
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
 import time
 
 import torch
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 
 
 # ------------------------------------------------------------------ machine
@@ -30,6 +42,34 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA of this CPU ("AVX2", "AVX-512", plus "AMX" when present),
+    from /proc/cpuinfo, else the capability PyTorch dispatches to."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability(),
+                                                      torch.backends.cpu.get_cpu_capability())
+    if "amx_tile" in flags:
+        isa += " + AMX"
+    return isa
 
 
 def triton_version() -> str | None:
@@ -47,7 +87,9 @@ def device_name(device: torch.device) -> str:
 
 def machine_info(device: torch.device) -> dict:
     """The facts every benchmark JSON carries, so numbers from two runs can be compared."""
-    return dict(device=str(device), device_name=device_name(device),
+    device = torch.device(device)
+    return dict(device=str(device), device_name=device_name(device), cpu=cpu_name(), isa=cpu_isa(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=triton_version(), python=platform.python_version(),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -57,7 +99,7 @@ def add_run_options(ap) -> None:
     """The --warmup / --threads / --json options of the extension benchmarks."""
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
-    ap.add_argument("--json", default=None, help="write machine-readable results here")
+    ap.add_argument("--json", default=None, metavar="PATH", help=JSON_HELP)
 
 
 def start_extension_run(args) -> int:
@@ -76,6 +118,128 @@ def write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+# ------------------------------------------------------------------ reports and RESULTS.md
+JSON_HELP = ("write the JSON report here instead of benchmarks/results/<name>.json; RESULTS.md "
+             "is then regenerated beside it, from the reports in that folder")
+
+
+def save_report(name: str, report: dict, path: str | None = None, argv: list[str] | None = None,
+                columns: list[tuple[str, str]] | None = None, device=None) -> str:
+    """Write benchmark ``name``'s ``report`` as JSON and regenerate RESULTS.md; return the path.
+
+    Adds ``report["run"]``: the command (``python benchmarks/<name>.py`` + ``argv``, default
+    ``sys.argv[1:]``) and the machine (``machine_info``). ``report["results"]`` (or
+    ``report["rows"]``) is the list of row dicts the table shows; ``columns`` picks and
+    names its columns as (key, header) pairs (default: every scalar key). ``path`` None:
+    ``benchmarks/results/<name>.json``, and RESULTS.md goes to ``benchmarks/RESULTS.md``;
+    else RESULTS.md goes beside ``path``.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if device is None:
+        device = report.get("device", "cpu")
+    report["benchmark"] = name
+    report["run"] = dict(command=shlex.join(["python", f"benchmarks/{name}.py", *argv]),
+                         **machine_info(torch.device(device)))
+    if columns is not None:
+        report["table_columns"] = [list(c) for c in columns]
+    path = path or os.path.join(RESULTS_DIR, f"{name}.json")
+    write_json(path, report)
+    md = write_results_md(os.path.dirname(os.path.abspath(path)))
+    print(f"wrote {path} and {md}")
+    return path
+
+
+def write_results_md(json_dir: str = RESULTS_DIR, out: str | None = None) -> str:
+    """(Re)generate RESULTS.md from the reports (``save_report`` JSON) in ``json_dir``.
+
+    One section per benchmark: the exact command, the machine (CPU model, ISA, threads,
+    torch version, date) and the table. ``out`` defaults to ``benchmarks/RESULTS.md`` for
+    ``benchmarks/results`` and to ``json_dir/RESULTS.md`` for any other folder. Files that
+    are not such reports are skipped. Returns the path written.
+    """
+    json_dir = os.path.abspath(json_dir)
+    if out is None:
+        out = RESULTS_MD if json_dir == os.path.abspath(RESULTS_DIR) else os.path.join(json_dir, "RESULTS.md")
+    reports = []
+    for p in sorted(glob.glob(os.path.join(json_dir, "*.json"))):
+        try:
+            with open(p) as f:
+                rep = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rep, dict) and isinstance(rep.get("run"), dict) and "command" in rep["run"]:
+            reports.append(rep)
+    reports.sort(key=lambda r: (r.get("benchmark") != "throughput", str(r.get("benchmark"))))
+    where = os.path.relpath(json_dir, os.path.dirname(HERE))
+    if where.startswith(".."):
+        where = json_dir
+    lines = ["# Benchmark results", "",
+             f"Generated by `benchmarks/_harness.py` (`write_results_md`) from the JSON reports in "
+             f"`{where}/`; rerun a benchmark to update its section. Numbers from different machines "
+             "or loads are not comparable; within a section, providers ran in alternation in one "
+             "process.", ""]
+    for rep in reports:
+        lines += _report_section(rep)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return out
+
+
+def machine_line(run: dict) -> str:
+    """"CPU model, ISA, N threads, torch X, date" (and the GPU on CUDA) of a report's run."""
+    parts = [run.get("cpu") or run.get("device_name", "unknown CPU"), run.get("isa", "unknown ISA")]
+    if str(run.get("device", "cpu")).startswith("cuda"):
+        parts.insert(0, f"{run.get('device_name')} ({run['device']})")
+    parts += [f"{run.get('threads')} threads", f"torch {run.get('torch')}",
+              str(run.get("timestamp", ""))[:10]]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _report_section(rep: dict) -> list[str]:
+    rows = rep.get("results")
+    if rows is None:
+        rows = rep.get("rows", [])
+    rows = [r for r in rows if isinstance(r, dict)]
+    columns = [tuple(c) for c in rep.get("table_columns") or []]
+    if not columns:
+        keys = []
+        for r in rows:
+            keys += [k for k, v in r.items() if k not in keys and (v is None or isinstance(v, (str, int, float)))]
+        columns = [(k, k) for k in keys]
+    if any("error" in r for r in rows) and "error" not in [k for k, _ in columns]:
+        columns.append(("error", "error"))
+    lines = [f"## {rep.get('benchmark')}", "", "```bash", rep["run"]["command"], "```", "",
+             f"Machine: {machine_line(rep['run'])}", ""]
+    if rows:
+        lines.append("| " + " | ".join(h for _, h in columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+        for r in rows:
+            lines.append("| " + " | ".join(_cell(r.get(k)) for k, _ in columns) + " |")
+        lines.append("")
+    for note in rep.get("notes") or []:
+        lines.append(f"- {note}")
+    if rep.get("notes"):
+        lines.append("")
+    return lines
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    if isinstance(v, int):
+        return str(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    if abs(v) >= 1e-3 or v == 0:
+        return f"{v:.4g}"
+    return f"{v:.2e}"
 
 
 # ------------------------------------------------------------------ timing

@@ -3,8 +3,10 @@
 Providers, for each kernel size (1x1, 3x3 with padding 1) and resolution of a preset's
 ResNet blocks (channels-last float32, the shapes of the training step):
   onednn     aten.convolution_backward asked for the weight gradient, plus ATen's channel sum
-             (what ``conv_weight_grad(backend="onednn")`` runs)
+             (``conv_weight_grad(..., use_extension=False)``)
   extension  torch.ops.dvpvae.conv_weight_grad (csrc/conv_wgrad_cpu.cpp), both at once
+             (``conv_weight_grad(..., use_extension=True)``; the channel counts must be ones
+             its kernel covers, ``dvpvae.cpu_conv.extension_covers``)
 
 Usage:
   python benchmarks/conv_grads.py [--preset mnist] [--batch 250] [--sizes 28 14 7] [--repeats 9]
@@ -12,7 +14,9 @@ Usage:
 
 Providers are timed in alternation so that both see the same machine load. The table shows
 median and min ms, GFLOP/s of the weight gradient (2 N H W Co Ci k^2), the speed-up of the
-medians and each provider's largest error relative to a float64 computation.
+medians and each provider's largest error relative to a float64 computation. The report goes
+to ``benchmarks/results/conv_grads.json`` (``--json PATH`` elsewhere) and
+``benchmarks/RESULTS.md`` is regenerated from it (``_harness.save_report``).
 """
 from __future__ import annotations
 
@@ -31,10 +35,15 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # appended: the repository's packages keep precedence
     sys.path.append(BENCH)
 
-from _harness import (add_run_options, machine_info, start_extension_run, timeit_interleaved,  # noqa: E402
-                      write_json)
+from _harness import add_run_options, save_report, start_extension_run, timeit_interleaved  # noqa: E402
 from dvpvae import get_config  # noqa: E402
-from dvpvae.cpu_conv import conv_weight_grad  # noqa: E402
+from dvpvae.cpu_conv import conv_weight_grad, extension_covers  # noqa: E402
+
+PROVIDERS = {"onednn": False, "extension": True}  # name -> use_extension
+TABLE_COLUMNS = [("kernel_size", "k"), ("size", "size"), ("batch", "batch"), ("channels", "channels"),
+                 ("provider", "provider"), ("ms_median", "median ms"), ("ms_min", "min ms"),
+                 ("ms_max", "max ms"), ("gflops", "GFLOP/s"), ("speedup_vs_onednn", "x onednn"),
+                 ("max_rel_error_vs_float64", "rel. error")]
 
 
 def _relative_error(got, want) -> float:
@@ -47,8 +56,8 @@ def bench_shape(n: int, channels: int, size: int, k: int, repeats: int, warmup: 
     x = torch.randn(n, channels, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, channels, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(channels, channels, k, k)
-    providers = {name: (lambda b=name: conv_weight_grad(grad, x, weight, b)) for name in ("onednn", "extension")}
-    exact = conv_weight_grad(grad.double(), x.double(), weight.double(), "onednn")
+    providers = {name: (lambda ext=ext: conv_weight_grad(grad, x, weight, ext)) for name, ext in PROVIDERS.items()}
+    exact = conv_weight_grad(grad.double(), x.double(), weight.double(), False)
     errors = {name: _relative_error(fn(), exact) for name, fn in providers.items()}
     times = timeit_interleaved(providers, repeats, warmup)
     flops = 2 * n * size * size * channels * channels * k * k
@@ -71,13 +80,15 @@ def main(argv=None) -> int:
 
     if start_extension_run(args):
         return 2
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        print("the extension's kernel needs an AVX2 CPU", file=sys.stderr)
-        return 2
     cfg = get_config(args.preset)
     batch = args.batch or cfg.batch_size
     channels = int(cfg.num_ch * cfg.block_ch_mult)
     sizes = args.sizes or [cfg.image_size, cfg.image_size // 2, cfg.image_size // 4]
+    probe = torch.empty(1, channels, 1, 1)
+    if not extension_covers(probe, probe):
+        print(f"the extension's kernel does not cover {channels} channels on this CPU (it needs "
+              "out channels % 4 == 0, in channels % 8 == 0 and AVX2 or AVX-512)", file=sys.stderr)
+        return 2
     print(f"preset={args.preset} batch={batch} channels={channels} threads={torch.get_num_threads()} "
           f"cpu capability={torch.backends.cpu.get_cpu_capability()} torch={torch.__version__}")
     results = []
@@ -90,10 +101,8 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['kernel_size']:>2} {r['size']:>5} {r['provider']:>10} {r['ms_median']:>10.2f} {r['ms_min']:>8.2f} "
               f"{r['gflops']:>8.1f} {r['speedup_vs_onednn']:>8.2f}x {r['max_rel_error_vs_float64']:>8.1e}")
-    if args.json:
-        write_json(args.json, {"benchmark": "conv_grads", "preset": args.preset, "results": results,
-                               **machine_info(torch.device("cpu"))})
-        print(f"wrote {args.json}")
+    save_report("conv_grads", {"preset": args.preset, "results": results}, args.json, argv,
+                TABLE_COLUMNS, device="cpu")
     return 0
 
 

@@ -1,14 +1,9 @@
-"""Benchmark every op in ``kernels/`` against its plain-PyTorch reference.
+"""Benchmark every op in ``dvpvae.kernels`` against its plain-PyTorch reference.
 
     python benchmarks/kernels.py [--json out.json] [--repeats 5] [--threads N] [--ops a,b]
 
-Providers per op:
-  * ``reference``: ``<op>_ref`` (the baseline, and the CPU fallback);
-  * ``auto``: the public op with automatic dispatch (on CPU without the interpreter that
-    is the best CPU path: the C++ extension where it exists, else the reference);
-  * ``cpp``: ddpm_step's compiled CPU/CUDA step when the extension is built;
-  * ``triton``: CUDA only. On CPU, Triton runs in its *interpreter* (numpy, one Python
-    call per program instance), which is a correctness tool, so it is not timed here.
+Providers per op: ``reference`` (``<op>_ref``, the baseline) and ``triton`` (``<op>``,
+timed on CUDA only: on CPU Triton runs in its interpreter, a correctness tool).
 
 Each measurement: warm-up calls, then ``repeats`` timings of ``inner`` calls each; the table
 shows the median with min/max per call. Forward ("fwd") and forward+backward ("fwd+bwd",
@@ -16,8 +11,8 @@ backward of ``randn_like`` output gradients) are timed separately. On CUDA the t
 shows effective GB/s (bytes the op must read and write at least once, divided by the median
 time) against the measured device-to-device copy bandwidth of the GPU.
 
-The default CPU run uses modest batch sizes so that it finishes in about a minute on two
-shared cores; ``--full`` uses the presets' training/test batch sizes.
+The default CPU run uses modest batch sizes; ``--full`` uses the presets' training/test
+batch sizes.
 """
 from __future__ import annotations
 
@@ -28,16 +23,19 @@ import os
 import platform
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from kernels._backend import triton_interpret  # noqa: E402
+from dvpvae.kernels import triton_runs_on
+from dvpvae.kernels.conv1x1_act import conv1x1_act, conv1x1_act_ref
+from dvpvae.kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
+from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref,
+                                            idct_pseudoinput, idct_pseudoinput_ref)
+from dvpvae.kernels.ddpm_step import ddpm_coefficients, ddpm_step, ddpm_step_ref
+from dvpvae.kernels.reparam_kl import (reparam_kl, reparam_kl_ref, reparam_sample,
+                                       reparam_sample_ref)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-if BENCH not in sys.path:  # appended: ROOT/kernels must keep precedence over this file
+if BENCH not in sys.path:  # for _harness when this file is loaded by path
     sys.path.append(BENCH)
 from _harness import measure, triton_version  # noqa: E402
 
@@ -60,106 +58,71 @@ def _nbytes(*ts):
 def build_cases(device, dtype, full):
     """(op, shape label, providers {name: callable(*args)}, make_args, bytes_fwd) per case."""
     cases = []
-    note = []
     big = full or device.type == "cuda"
 
     def add(op, label, providers, make, bytes_fwd):
         cases.append(dict(op=op, label=label, providers=providers, make=make, bytes_fwd=bytes_fwd))
 
-    try:
-        from kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
+    for shape in ([(128, 3, 32, 32), (250, 1, 14, 14)] if big else [(32, 3, 32, 32), (64, 1, 14, 14)]):
+        def make(shape=shape):
+            return [torch.randn(shape, device=device, dtype=dtype) for _ in range(5)] + [-10.0]
+        add("reparam_kl", "x".join(map(str, shape)),
+            {"reference": reparam_kl_ref, "triton": reparam_kl},
+            make, lambda a: _nbytes(*a[:5]) + _nbytes(a[0]))  # 5 reads, z written
+    shape = (512, 3, 32, 32) if big else (64, 3, 32, 32)
 
-        for shape in ([(128, 3, 32, 32), (250, 1, 14, 14)] if big else [(32, 3, 32, 32), (64, 1, 14, 14)]):
-            def make(shape=shape):
-                return [torch.randn(shape, device=device, dtype=dtype) for _ in range(5)] + [-10.0]
-            add("reparam_kl", "x".join(map(str, shape)),
-                {"reference": reparam_kl_ref, "auto": reparam_kl,
-                 "triton": lambda *a: reparam_kl(*a, backend="triton")},
-                make, lambda a: _nbytes(*a[:5]) + _nbytes(a[0]))  # 5 reads, z written
-        shape = (512, 3, 32, 32) if big else (64, 3, 32, 32)
+    def make_s(shape=shape):
+        return [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)] + [-10.0, 0.8]
+    add("reparam_sample", "x".join(map(str, shape)),
+        {"reference": reparam_sample_ref, "triton": reparam_sample},
+        make_s, lambda a: _nbytes(*a[:3]) + _nbytes(a[0]))
 
-        def make_s(shape=shape):
-            return [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)] + [-10.0, 0.8]
-        add("reparam_sample", "x".join(map(str, shape)),
-            {"reference": reparam_sample_ref, "auto": reparam_sample,
-             "triton": lambda *a: reparam_sample(*a, backend="triton")},
-            make_s, lambda a: _nbytes(*a[:3]) + _nbytes(a[0]))
-    except ImportError as e:
-        note.append(f"reparam_kl: skipped ({e})")
+    for shape, sched in ((((500, 1, 7, 7) if big else (250, 1, 7, 7)), (25, -6.0, 7.0)),
+                         (((512, 3, 7, 7) if big else (128, 3, 7, 7)), (25, -10.0, 7.0))):
+        def make_d(shape=shape, sched=sched):
+            coef = ddpm_coefficients(*sched, dtype=dtype, device=device)
+            return [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)] + [
+                coef, torch.tensor(12, device=device), 1.0]
+        add("ddpm_step", "x".join(map(str, shape)),
+            {"reference": ddpm_step_ref, "triton": ddpm_step}, make_d,
+            lambda a: _nbytes(*a[:3]) + _nbytes(a[0]))
 
-    try:
-        from kernels.ddpm_step import ddpm_coefficients, ddpm_step, ddpm_step_ref
+    for n, c, hw, k in (((250 if big else 64), 1, 28, 7), ((128 if big else 32), 3, 32, 7)):
+        def make_f(n=n, c=c, hw=hw, k=k):
+            x = torch.rand(n, c, hw, hw, device=device, dtype=dtype) * 2 - 1
+            return [x, torch.rand(c, k, k, device=device, dtype=dtype) * 10 + 1, k]
 
-        for shape, sched in ((((500, 1, 7, 7) if big else (250, 1, 7, 7)), (25, -6.0, 7.0)),
-                             (((512, 3, 7, 7) if big else (128, 3, 7, 7)), (25, -10.0, 7.0))):
-            def make_d(shape=shape, sched=sched):
-                coef = ddpm_coefficients(*sched, dtype=dtype, device=device)
-                return [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)] + [
-                    coef, torch.tensor(12, device=device), 1.0]
-            providers = {"reference": ddpm_step_ref, "auto": ddpm_step,
-                         "triton": lambda *a: ddpm_step(*a, backend="triton")}
-            from dvpvae import _ext
+        def make_i(n=n, c=c, hw=hw, k=k):
+            u = torch.rand(n, c, k, k, device=device, dtype=dtype) * 2 - 1
+            return [u, torch.rand(c, k, k, device=device, dtype=dtype) * 10 + 1, (hw, hw)]
+        add("dct_pseudoinput", f"{n}x{c}x{hw}x{hw}->{k}",
+            {"reference": dct_pseudoinput_ref, "triton": dct_pseudoinput},
+            make_f, lambda a: _nbytes(a[0]) * (1 + (a[2] / a[0].shape[-1]) ** 2))
+        add("idct_pseudoinput", f"{n}x{c}x{k}x{k}->{hw}",
+            {"reference": idct_pseudoinput_ref, "triton": idct_pseudoinput},
+            make_i, lambda a: _nbytes(a[0]) * (1 + (a[2][0] / a[0].shape[-1]) ** 2))
 
-            if _ext.load() is not None and hasattr(_ext.load(), "ddpm_step"):
-                # int step for the C++ op: its tensor form reads the step on the host
-                providers["cpp"] = lambda z, e, n, c, s, t: ddpm_step(z, e, n, c, 12, t, backend="cpp")
-            add("ddpm_step", "x".join(map(str, shape)), providers, make_d,
-                lambda a: _nbytes(*a[:3]) + _nbytes(a[0]))
-    except ImportError as e:
-        note.append(f"ddpm_step: skipped ({e})")
+    # cifar10 encoder block: 128 -> 96 channels (block_ch_mult 0.75) at 32x32
+    n = 128 if big else 8
+    cin, cout, hw = 128, 96, 32
 
-    try:
-        from kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
-                                             idct_pseudoinput_ref)
+    def make_c(n=n):
+        return [torch.randn(n, cin, hw, hw, device=device, dtype=dtype),
+                torch.randn(cout, cin, 1, 1, device=device, dtype=dtype) * cin ** -0.5,
+                torch.randn(cout, device=device, dtype=dtype), "silu"]
 
-        for n, c, hw, k in (((250 if big else 64), 1, 28, 7), ((128 if big else 32), 3, 32, 7)):
-            def make_f(n=n, c=c, hw=hw, k=k):
-                x = torch.rand(n, c, hw, hw, device=device, dtype=dtype) * 2 - 1
-                return [x, torch.rand(c, k, k, device=device, dtype=dtype) * 10 + 1, k]
-
-            def make_i(n=n, c=c, hw=hw, k=k):
-                u = torch.rand(n, c, k, k, device=device, dtype=dtype) * 2 - 1
-                return [u, torch.rand(c, k, k, device=device, dtype=dtype) * 10 + 1, (hw, hw)]
-            add("dct_pseudoinput", f"{n}x{c}x{hw}x{hw}->{k}",
-                {"reference": dct_pseudoinput_ref, "auto": dct_pseudoinput,
-                 "triton": lambda *a: dct_pseudoinput(*a, backend="triton")},
-                make_f, lambda a: _nbytes(a[0]) * (1 + (a[2] / a[0].shape[-1]) ** 2))
-            add("idct_pseudoinput", f"{n}x{c}x{k}x{k}->{hw}",
-                {"reference": idct_pseudoinput_ref, "auto": idct_pseudoinput,
-                 "triton": lambda *a: idct_pseudoinput(*a, backend="triton")},
-                make_i, lambda a: _nbytes(a[0]) * (1 + (a[2][0] / a[0].shape[-1]) ** 2))
-    except ImportError as e:
-        note.append(f"dct_pseudoinput/idct_pseudoinput: skipped ({e})")
-
-    try:
-        from kernels.conv1x1_act import conv1x1_act, conv1x1_act_ref
-        from kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
-
-        # cifar10 encoder block: 128 -> 96 channels (block_ch_mult 0.75) at 32x32
-        n = 128 if big else 8
-        cin, cout, hw = 128, 96, 32
-
-        def make_c(n=n):
-            return [torch.randn(n, cin, hw, hw, device=device, dtype=dtype),
-                    torch.randn(cout, cin, 1, 1, device=device, dtype=dtype) * cin ** -0.5,
-                    torch.randn(cout, device=device, dtype=dtype), "silu"]
-
-        def make_r(n=n):
-            return [torch.randn(n, cout, hw, hw, device=device, dtype=dtype),
-                    torch.randn(cin, cout, 1, 1, device=device, dtype=dtype) * cout ** -0.5,
-                    torch.randn(cin, device=device, dtype=dtype),
-                    torch.randn(n, cin, hw, hw, device=device, dtype=dtype), 1.0]
-        add("conv1x1_act", f"{n}x{cin}x{hw}x{hw}->{cout}",
-            {"reference": conv1x1_act_ref, "auto": conv1x1_act,
-             "triton": lambda *a: conv1x1_act(*a, backend="triton")},
-            make_c, lambda a: _nbytes(a[0], a[1], a[2]) + a[0].numel() // cin * cout * a[0].element_size())
-        add("conv1x1_residual", f"{n}x{cout}x{hw}x{hw}->{cin}",
-            {"reference": conv1x1_residual_ref, "auto": conv1x1_residual,
-             "triton": lambda *a: conv1x1_residual(*a, backend="triton")},
-            make_r, lambda a: _nbytes(a[0], a[1], a[2], a[3]) * 1 + _nbytes(a[3]))
-    except ImportError as e:
-        note.append(f"conv1x1_act/conv1x1_residual: skipped ({e})")
-    return cases, note
+    def make_r(n=n):
+        return [torch.randn(n, cout, hw, hw, device=device, dtype=dtype),
+                torch.randn(cin, cout, 1, 1, device=device, dtype=dtype) * cout ** -0.5,
+                torch.randn(cin, device=device, dtype=dtype),
+                torch.randn(n, cin, hw, hw, device=device, dtype=dtype), 1.0]
+    add("conv1x1_act", f"{n}x{cin}x{hw}x{hw}->{cout}",
+        {"reference": conv1x1_act_ref, "triton": conv1x1_act},
+        make_c, lambda a: _nbytes(a[0], a[1], a[2]) + a[0].numel() // cin * cout * a[0].element_size())
+    add("conv1x1_residual", f"{n}x{cout}x{hw}x{hw}->{cin}",
+        {"reference": conv1x1_residual_ref, "triton": conv1x1_residual},
+        make_r, lambda a: _nbytes(a[0], a[1], a[2], a[3]) * 1 + _nbytes(a[3]))
+    return cases
 
 
 # ------------------------------------------------------------------ driver
@@ -186,17 +149,19 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases, notes = build_cases(device, dtype, args.full)
+    cases = build_cases(device, dtype, args.full)
+    notes = []
     if args.ops:
         wanted = set(args.ops.split(","))
         cases = [c for c in cases if c["op"] in wanted]
-    timed_triton = device.type == "cuda"
+    timed_triton = (device.type == "cuda" and triton_runs_on(device)
+                    and os.environ.get("TRITON_INTERPRET", "0") != "1")
     if device.type == "cpu":
-        notes.append("Triton on CPU is the interpreter (a correctness tool, ~ms per program "
-                     "instance); it is not benchmarked for speed.")
-    if triton_interpret():
-        notes.append("TRITON_INTERPRET=1 is set: 'auto' dispatches to the interpreter; "
-                     "unset it for meaningful CPU timings.")
+        notes.append("Triton on CPU is the interpreter (a correctness tool); it is not "
+                     "benchmarked for speed.")
+    elif not timed_triton:
+        notes.append(f"Triton cannot run compiled kernels on {device}; only the references "
+                     "are timed.")
     bw = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
     for case in cases:
@@ -205,8 +170,6 @@ def run(args):
             for prov, fn in case["providers"].items():
                 if prov == "triton" and not timed_triton:
                     continue
-                if prov == "cpp" and mode != "fwd":
-                    continue  # forward-only op
                 call_args = _grad_leaves(base) if mode == "fwd+bwd" else base
                 if mode == "fwd":
                     def call(fn=fn, a=call_args):

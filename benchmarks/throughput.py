@@ -1,18 +1,17 @@
 """Throughput of DVP-VAE: training step, evaluation pass, importance-sampled NLL, sampling.
 
-    python benchmarks/throughput.py       # embedded default (below)
+    python benchmarks/throughput.py       # the defaults below
     python benchmarks/throughput.py --batch 250 --nll-batch 16 --k 100 --sample-n 100 --repeats 5 \
-        --threads 2                       # the issue's target measurement (long on CPU)
+        --threads 2                       # the paper's MNIST training batch, K = 100
 
-Embedded default: preset mnist, train/eval batch 64, nll on 8 images with k = 10, sampling
-of 64 images, 2 warm-up calls and 5 timed repeats per (provider, task). On 2 shared cores it
-took ~4 minutes when inductor's on-disk cache was warm from an earlier run and ~10 minutes
-cold, almost all of the difference being FastDVPVAE's torch.compile warm-up.
+Defaults: preset mnist, train/eval batch 64, nll on 8 images with k = 10, sampling of 64
+images, 2 warm-up calls and 5 timed repeats per (provider, task).
 
 Providers (``--providers``), all in one process and one run:
   DVPVAE      the reference model (plain PyTorch, eager)
-  FastDVPVAE  the drop-in fast model, built with ``FastDVPVAE.from_reference`` so that it has
-              exactly the reference's weights; skipped with a note when it is not importable
+  FastDVPVAE  the drop-in fast model, ``FastDVPVAE.from_reference(DVPVAE, **flags)``: the
+              reference's modules, so exactly its weights; ``--fast-flag NAME=on|off`` sets
+              its constructor flags (compile, fused_kernels, extension, cuda_graphs)
   official    the authors' research code (AKuzina/dvp_vae), only with ``--official PATH``:
               its modules are imported from that checkout (never copied here) with stubs for
               packages it imports but does not need for these four calls (wandb, hydra, ...)
@@ -39,14 +38,15 @@ with k samples; sample: images drawn).
 Roofline. ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs (convolutions,
 matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not counted)
 of each task once on the reference model; every provider computes the same function, so
-achieved GFLOP/s = those FLOPs / its median. Where a fast path skips work (FastDVPVAE's
-estimate_nll runs the encoder once per image, not once per sample) its figure is an effective
-rate: the reference's work per second. The peak is a measured fp32 square matmul on this
-machine with the same thread count.
+achieved GFLOP/s = those FLOPs / its median (for a provider that skips work, an effective
+rate: the reference's work per second). The peak is a measured fp32 square matmul with the
+same thread count (``--no-flops`` skips both).
 
-``--json PATH`` writes the machine (device, threads, torch/triton versions, timestamp), the
-configuration and ``results``: one object per (model, task) with ``model``, ``task``,
-``preset``, ``batch``, ``images_per_s``, ``peak_mem_mb`` and extras (``it_per_s``,
+Output: the table on stdout, and the report as JSON in ``benchmarks/results/throughput.json``
+(``--json PATH`` elsewhere), from which ``benchmarks/RESULTS.md`` is regenerated
+(``_harness.save_report``). The JSON holds the run (command, machine, threads, versions,
+timestamp), the configuration and ``results``: one object per (model, task) with ``model``,
+``task``, ``preset``, ``batch``, ``images_per_s``, ``peak_mem_mb`` and extras (``it_per_s``,
 ``seconds_median/min/max``, ``warmup_s``, ``first_call_s``, ``gflops``, ...).
 """
 from __future__ import annotations
@@ -57,7 +57,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import inspect
 import math
 import os
 import statistics
@@ -67,8 +66,8 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-# ROOT first: the repository's ``kernels`` package must win over benchmarks/kernels.py (the
-# script directory is sys.path[0] when run as a script); HERE last, for ``_harness`` only.
+# ROOT first, so that ``dvpvae`` is this checkout's (the script directory, sys.path[0] when
+# run as a script, holds benchmarks/kernels.py); HERE last, for ``_harness`` only.
 if HERE not in sys.path:
     sys.path.append(HERE)
 if ROOT in sys.path:
@@ -78,24 +77,21 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
-from dvpvae import DVPVAE, get_config, set_dct_scale  # noqa: E402
-
-try:  # the fast model may be missing (not written yet, or a broken optional backend)
-    from dvpvae import FastDVPVAE
-    FAST_IMPORT_ERROR = None
-except ImportError as e:
-    FastDVPVAE = None
-    FAST_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+from dvpvae import DVPVAE, FastDVPVAE, get_config, set_dct_scale  # noqa: E402
 
 TASKS = ("train", "eval", "nll", "sample")
 PROVIDERS = ("DVPVAE", "FastDVPVAE", "official")
-# The no-argument run is the README's first command: it has to finish in a few minutes on
-# two shared cores *including* FastDVPVAE's compile warm-up, so it uses a smaller batch and
-# far fewer importance samples than the issue's target measurement.
+# Small sizes: the no-argument run is the README's first command and includes FastDVPVAE's
+# torch.compile warm-up.
 DEFAULTS = dict(preset="mnist", batch=64, tasks="train,eval,nll,sample", repeats=5, warmup=2,
                 k=10, nll_batch=8, sample_n=64)
-TARGET_CMD = ("python benchmarks/throughput.py --batch 250 --nll-batch 16 --k 100 "
-              "--sample-n 100 --repeats 5 --threads 2")
+# FastDVPVAE's constructor flags, forwarded by ``FastDVPVAE.from_reference``.
+FAST_FLAGS = ("compile", "fused_kernels", "extension", "cuda_graphs")
+# The columns of this benchmark's table in RESULTS.md: (report key, header).
+TABLE_COLUMNS = [("model", "model"), ("task", "task"), ("batch", "images/call"),
+                 ("images_per_s", "images/s"), ("seconds_median", "median s"), ("seconds_min", "min s"),
+                 ("seconds_max", "max s"), ("first_call_s", "first call s"), ("peak_mem_mb", "peak MB"),
+                 ("gflops", "GFLOP/s"), ("speedup_vs_DVPVAE", "x DVPVAE")]
 # A timing of one call shorter than this is repeated back-to-back (``inner`` calls) so that
 # the clock and Python overhead do not dominate tiny configurations.
 MIN_TIMING_S = 0.05
@@ -109,44 +105,16 @@ def make_images(cfg, n: int, seed: int = 0) -> torch.Tensor:
     return u8.float() / 127.5 - 1.0
 
 
-def fast_flags_supported() -> set[str]:
-    """Keyword flags FastDVPVAE's constructor takes (``compile``, ``extension``, ...)."""
-    if FastDVPVAE is None:
-        return set()
-    try:
-        params = inspect.signature(FastDVPVAE.__init__).parameters
-    except (TypeError, ValueError):
-        return set()
-    return {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or
-            (p.default is not p.empty and isinstance(p.default, bool))}
-
-
-def fast_from_reference(model, flags: dict):
-    """FastDVPVAE sharing ``model``'s weights, with constructor ``flags`` (e.g. compile=False)."""
-    if not flags:
-        return FastDVPVAE.from_reference(model)
-    params = inspect.signature(FastDVPVAE.from_reference).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) or set(flags) <= set(params):
-        return FastDVPVAE.from_reference(model, **flags)  # forwarded to the constructor
-    # Flags are constructor arguments only: build, then copy the reference's weights.
-    fast = FastDVPVAE(model.config, **flags).to(next(model.parameters()).device)
-    fast.load_state_dict(model.state_dict())
-    return fast
-
-
-def parse_fast_flags(items) -> tuple[dict, list[str]]:
-    """``["compile=off", ...]`` -> ({"compile": False}, notes); flags the class lacks are dropped."""
-    flags, notes = {}, []
-    known = fast_flags_supported()
+def parse_fast_flags(items) -> dict:
+    """``["compile=off", ...]`` -> ``{"compile": False}``; unknown flags and values exit."""
+    flags = {}
     for item in items or []:
         name, _, val = item.partition("=")
-        if val not in ("on", "off"):
-            raise SystemExit(f"--fast-flag expects NAME=on|off, got {item!r}")
-        if name not in known:
-            notes.append(f"FastDVPVAE has no flag {name!r} (known: {sorted(known)}); ignored")
-            continue
+        if name not in FAST_FLAGS or val not in ("on", "off"):
+            raise SystemExit(f"--fast-flag expects NAME=on|off with NAME one of {', '.join(FAST_FLAGS)}; "
+                             f"got {item!r}")
         flags[name] = val == "on"
-    return flags, notes
+    return flags
 
 
 class Provider:
@@ -173,7 +141,7 @@ def ours(name, model, ref, cfg, fast_flags):
         # changed by training and the providers do not train each other's weights.
         tm = copy.deepcopy(ref)
         if name == "FastDVPVAE":
-            tm = fast_from_reference(tm, fast_flags)
+            tm = FastDVPVAE.from_reference(tm, **fast_flags)
         tm.train()
         opt = adamax_for(tm, cfg)
 
@@ -379,18 +347,14 @@ def build_providers(args, cfg, images, device) -> tuple[dict, object, list[str]]
     set_dct_scale(ref, images)
     wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
     out = {}
-    fast_flags, more = parse_fast_flags(args.fast_flag)
-    notes += more
+    fast_flags = parse_fast_flags(args.fast_flag)
     if fast_flags:
         notes.append("FastDVPVAE flags: " + ", ".join(f"{k}={v}" for k, v in fast_flags.items()))
     for name in wanted:
         if name == "DVPVAE":
             out[name] = ours(name, ref, ref, cfg, fast_flags)
         elif name == "FastDVPVAE":
-            if FastDVPVAE is None:
-                notes.append(f"FastDVPVAE skipped: not importable ({FAST_IMPORT_ERROR})")
-                continue
-            out[name] = ours(name, fast_from_reference(ref, fast_flags), ref, cfg, fast_flags)
+            out[name] = ours(name, FastDVPVAE.from_reference(ref, **fast_flags), ref, cfg, fast_flags)
         elif name == "official":
             if not args.official:
                 notes.append("official skipped: pass --official PATH (a checkout of AKuzina/dvp_vae)")
@@ -515,8 +479,7 @@ def measure_task(providers: dict, task: str, data: dict, args, device) -> list[d
 
 
 def _progress(msg: str) -> None:
-    # stderr, so that the table on stdout stays clean; a default run spends minutes in
-    # torch.compile and should say what it is doing.
+    # stderr, so that the table on stdout stays clean.
     print(f"[throughput] {msg}", file=sys.stderr, flush=True)
 
 
@@ -533,8 +496,6 @@ def run(args) -> dict:
     n_data = max(args.batch, args.nll_batch, 512)
     images = make_images(cfg, n_data, args.seed)
     providers, ref, notes = build_providers(args, cfg, images, device)
-    if FastDVPVAE is None and "FastDVPVAE" not in args.providers:
-        notes.append(f"FastDVPVAE not importable ({FAST_IMPORT_ERROR})")
     x = images.to(device)
     data = {"train": x[:args.batch], "eval": x[:args.batch], "nll": x[:args.nll_batch]}
 
@@ -546,7 +507,6 @@ def run(args) -> dict:
                               sample_n=args.sample_n, providers=list(providers), seed=args.seed,
                               min_timing_s=MIN_TIMING_S,
                               loadavg_start=_loadavg()),
-                  target_command=TARGET_CMD,
                   memory_method=("torch.cuda.max_memory_allocated above the allocation before the call"
                                  if device.type == "cuda" else
                                  "peak process RSS (sampled every 1 ms from /proc/self/statm) above the "
@@ -624,21 +584,15 @@ def print_table(rep: dict) -> None:
               f"{_f(r.get('speedup_vs_DVPVAE'), '7.2f') + 'x' if 'speedup_vs_DVPVAE' in r else '-':>8}")
     print()
     print("imgs = images per call (nll: images, each with k importance samples); first s = first call "
-          "(includes torch.compile for FastDVPVAE: minutes on a cold inductor cache, seconds when an "
-          "earlier run left it warm); warm-up s = all warm-up calls; peak MB = "
+          "(includes torch.compile for FastDVPVAE); warm-up s = all warm-up calls; peak MB = "
           + ("peak CUDA allocation above the pre-call allocation" if rep["device"].startswith("cuda") else
              "peak RSS increase during one call (1 ms sampling)")
           + "; GFLOP/s from FlopCounterMode counts (conv/matmul only) of the reference.")
-    c = rep["config"]
-    if (c["preset"], c["batch"], c["k"]) != ("mnist", 250, 100):
-        print(f"The issue's targets (MNIST, train batch 250, nll K=100, 2 threads) are measured with:\n  "
-              f"{rep['target_command']}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"Target measurement: {TARGET_CMD}")
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DEFAULTS
     p.add_argument("--preset", default=d["preset"], help="mnist, omniglot, cifar10, tiny (default %(default)s)")
     p.add_argument("--batch", type=int, default=d["batch"], help="train/eval batch (default %(default)s)")
@@ -646,8 +600,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=d["repeats"], help="timed repeats (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d["warmup"],
                    help="untimed calls per (provider, task) before timing (default %(default)s)")
-    p.add_argument("--k", type=int, default=d["k"],
-                   help="importance samples for nll (default %(default)s; the issue's target uses 100)")
+    p.add_argument("--k", type=int, default=d["k"], help="importance samples for nll (default %(default)s)")
     p.add_argument("--nll-batch", type=int, default=d["nll_batch"], help="images per estimate_nll call "
                    "(default %(default)s)")
     p.add_argument("--sample-n", type=int, default=d["sample_n"], help="images per sample call "
@@ -659,13 +612,13 @@ def parse_args(argv=None):
     p.add_argument("--official", default=None, metavar="PATH",
                    help="checkout of the authors' code (AKuzina/dvp_vae) to time as provider 'official'")
     p.add_argument("--fast-flag", action="append", default=[], metavar="NAME=on|off",
-                   help="constructor flag of FastDVPVAE, repeatable (e.g. compile=off, extension=off) "
-                        "to measure what each fast path contributes; default: the class's own defaults")
+                   help="constructor flag of FastDVPVAE (" + ", ".join(FAST_FLAGS) + "), repeatable, "
+                        "to measure what each fast path contributes; default: all on")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP counts and the matmul peak")
     p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul for the peak")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
+    p.add_argument("--json", default=None, metavar="PATH", help=H.JSON_HELP)
     args = p.parse_args(argv)
     for name in ("batch", "repeats", "k", "nll_batch", "sample_n"):
         if getattr(args, name) <= 0:
@@ -680,9 +633,7 @@ def main(argv=None) -> int:
     rep["wall_s"] = time.perf_counter() - t0
     print_table(rep)
     print(f"total wall time {rep['wall_s']:.0f} s")
-    if args.json:
-        H.write_json(args.json, rep)
-        print(f"wrote {args.json}")
+    H.save_report("throughput", rep, args.json, argv, TABLE_COLUMNS, device=args.device)
     return 0
 
 

@@ -14,7 +14,7 @@
 // outside the image are skipped, so no padded copy is needed. Work items are (image, row
 // chunk) pairs; each thread sums into its own buffer and the buffers are added at the end,
 // so the result does not depend on scheduling (only on the thread count).
-#include "ddpm.h"
+#include "ops.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -23,10 +23,26 @@
 #include <cstdint>
 #include <tuple>
 
-#include "avx2.h"
+// The kernels are AVX2/FMA code behind a target attribute (the rest of the extension is
+// built for the baseline ISA), used only after a run-time check of the CPU.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DVPVAE_HAVE_AVX2_KERNEL 1
+#define DVPVAE_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DVPVAE_HAVE_AVX2_KERNEL 0
+#endif
 
 namespace dvpvae {
 namespace {
+
+bool cpu_has_avx2_fma() {
+#if DVPVAE_HAVE_AVX2_KERNEL
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 constexpr int kOutBlock = 4;  // output channels per register tile
 constexpr int kLanes = 8;     // input channels per AVX2 vector

@@ -1,28 +1,26 @@
-// The T-step DDPM loop with a native forward of dvpvae.unet.UNet (float32, CPU).
-//
-// Why not the AOTInductor package (ddpm_cpu.cpp) for these shapes: the prior's UNet is
-// tiny (16-32 channels on 5x5 or 7x7 pseudoinputs), so each oneDNN convolution the package
-// calls spends ~20 us in its kernel and ~60 us in per-call set-up (primitive creation,
-// weight reorder, allocation), 21 times per step. Here nothing is set up per call:
+// The T-step DDPM loop of the diffusion prior with a native forward of dvpvae.unet.UNet
+// (float32, CPU). The UNet is tiny (16-32 channels on 5x5 or 7x7 pseudoinputs), so library
+// convolutions would spend most of their time in per-call set-up; here nothing is set up
+// per layer call:
 //   * every sample is independent through the whole loop (GroupNorm and attention are
 //     per sample, t is shared), so each thread runs the full T steps for its share of the
 //     batch with its own preallocated buffers and no synchronisation between layers;
 //   * activations are NHWC with the channels innermost, so a 3x3 convolution is a
-//     register-blocked loop over a row of output pixels x 16 output channels (one AVX-512
-//     FMA, or two AVX2 FMAs, per input channel and tap), reading a zero-bordered copy of
-//     its input;
+//     register-blocked loop over a row of output pixels x 16 output channels, reading a
+//     zero-bordered copy of its input;
 //   * GroupNorm is folded to a per-channel scale/shift (as ATen's CPU kernel does) and
-//     fused with FiLM and SiLU into the write of the next convolution's input;
-//   * the time embedding and every block's FiLM (scale, shift) depend only on the step,
-//     so they are computed once per call for all T steps.
-// Weights are re-laid out once per call from the tensors passed in (a few us), so the
-// op always samples with the current weights. Results match the Python loop to ~1e-6
-// (float32 round-off: other summation orders than oneDNN/ATen).
-#include "ddpm.h"
+//     fused with FiLM and SiLU into the write of the next convolution's input.
+// The time embedding and FiLM depend only on the step: Python computes them with the
+// UNet's own modules and passes the (T, blocks, 2, C) table. Weights are re-laid out once
+// per call from the tensors passed in, so the op always samples with the current weights.
+// Results match the Python loop up to float32 round-off (other summation orders than
+// oneDNN/ATen).
+#include "ops.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -44,8 +42,8 @@ constexpr int kV = 16;  // channels per vector; UNet widths are multiples of 16 
 typedef float vec __attribute__((vector_size(kV * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kV * sizeof(int32_t))));
 
-// Half a vec: with AVX2 (16 registers of 8 floats) GCC lowered 16-float accumulators
-// through the stack, so the convolution there holds each 16-channel block as two of these.
+// Half a vec: without AVX-512 the convolution holds each 16-channel block as two of these,
+// which map onto 8-float registers.
 typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
 
 template <typename V = vec>
@@ -59,7 +57,7 @@ DVPVAE_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 DVPVAE_INLINE vec splat(float x) { return vec{} + x; }
 
 // e^x, Cephes' expf polynomial (~1 ulp): x = n ln2 + r with |r| <= ln2/2, 2^n from the
-// exponent bits. libm's expf does not vectorize, and SiLU / softmax need ~10^4 per step.
+// exponent bits. libm's expf does not vectorize, and SiLU / softmax need one per value.
 DVPVAE_INLINE vec vexp(vec x) {
   x = x < -87.3f ? splat(-87.3f) : x;  // keeps 2^n a normal number
   x = x > 88.3f ? splat(88.3f) : x;
@@ -89,8 +87,8 @@ template <typename V, int KS, int NP>
 DVPVAE_INLINE void conv_pixels(const float* in, ptrdiff_t in_w, ptrdiff_t ldi, ptrdiff_t cin, const float* w,
                                const float* bias, ptrdiff_t cout, float* out, const float* res) {
   constexpr int kL = sizeof(V) / sizeof(float), kParts = kV / kL;
-  // ptrdiff_t offsets and bumped pointers: with int indices the inner loop spent more
-  // instructions on sign-extended address arithmetic than on FMAs.
+  // ptrdiff_t offsets and bumped pointers keep sign extensions out of the inner loop's
+  // address arithmetic.
   for (ptrdiff_t cb = 0; cb < cout; cb += kV) {
     V acc[kParts][NP];
 #pragma GCC unroll 2
@@ -156,10 +154,9 @@ DVPVAE_INLINE void conv_rows(const float* in, int ldi, int cin, const float* w, 
   }
 }
 
-// AVX-512's 32 vector registers hold 8 pixels x 16 channels of accumulators. Without it,
-// 16-float accumulators went through the stack (the native sampler ran 2x slower than
-// the Python loop at n = 256 on an AVX2 EPYC): there 6 pixels x two vec8 halves (12 of
-// AVX2's 16 registers). Every clone carries both; the check is made once.
+// The accumulator tile must fit the vector registers: with AVX-512 (32 registers of 16
+// floats) 8 pixels x 16 channels, otherwise 6 pixels x two vec8 halves (12 of AVX2's 16
+// registers of 8 floats). Every clone carries both; the CPU check is made once.
 template <int KS>
 DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
                              int H, int W, float* out, const float* res) {
@@ -262,6 +259,20 @@ DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* k
 }
 
 // ---------------------------------------------------------------------------- weights
+// Columns of the (T, 5) step table of kernels/ddpm_step.py (COL_*); row i is the step
+// t = (i+1)/T -> s = i/T.
+enum Col : int64_t { kSigmaT = 0, kInvAlphaT = 1, kCZ = 2, kCX = 3, kCNoise = 4, kNumCols = 5 };
+
+// One ancestral update of one element, as kernels/ddpm_step.py's ddpm_step_ref computes it
+// in float32 (c_n = temperature * c_noise):
+// z_s = c_z z + c_x clamp((z - sigma_t eps_hat) / alpha_t, -1, 1) + c_n noise.
+inline float ddpm_update(float z, float eps_hat, float noise, float sigma_t, float inv_alpha_t, float c_z,
+                         float c_x, float c_n) {
+  float x_hat = (z - sigma_t * eps_hat) * inv_alpha_t;
+  x_hat = std::min(std::max(x_hat, -1.0f), 1.0f);
+  return c_z * z + c_x * x_hat + c_n * noise;
+}
+
 struct BlockW {
   const float *gn1_w, *gn1_b, *conv1_w, *conv1_b, *gn2_w, *gn2_b, *conv2_w, *conv2_b;
   const float* skip_w = nullptr;  // 1x1, only when the block's input has 2C channels
@@ -269,74 +280,59 @@ struct BlockW {
   int cin;
 };
 
-// The UNet's weights, re-laid out for the kernels above: convolutions as [tap][cin][cout]
-// (cout innermost; the output conv's cout padded to 16 with zeros), vectors as they are.
+// The UNet's weights for the kernels above: convolutions re-laid out as [tap][cin][cout]
+// (cout innermost; the output conv's cout padded to 16 with zeros), vectors read in place.
 struct UNetW {
   int in_ch = 0, C = 0, nrb = 0, groups = 0, cout_pad = 0;
   float eps = 0;
-  std::vector<float> arena;
-  std::vector<size_t> offsets;  // resolved to pointers once the arena stops growing
+  std::vector<std::vector<float>> store;  // the re-laid-out copies (moving keeps their data)
   const float *in_w, *in_b, *attn_gn_w, *attn_gn_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
   const float *out_gn_w, *out_gn_b, *out_w, *out_b;
   std::vector<BlockW> blocks;  // down..., mid1, mid2, up...
 };
 
-// Reads the tensors of `weights` in UNet.named_parameters() order, checking each shape.
+// Reads `weights` in the order dvpvae/native_prior.py lays them out, checking each shape.
 class WeightReader {
  public:
   WeightReader(at::TensorList w, UNetW& u) : w_(w), u_(u) {}
 
-  // (n,) -> n values, zero-padded to `padded`
-  size_t vector(int64_t n, const char* what, int64_t padded = 0) {
-    const at::Tensor& t = next(what);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "dvpvae.ddpm_sample_unet: ", what, " must have shape (",
-                n, "), got ", t.sizes());
-    return append(t.data_ptr<float>(), n, std::max(n, padded));
+  // A (n,) vector, read in place.
+  const float* vector(int64_t n) { return next({n}).data_ptr<float>(); }
+
+  // A (n,) vector copied and zero-padded to `padded` values.
+  const float* padded_vector(int64_t n, int64_t padded) {
+    const float* src = vector(n);
+    std::vector<float>& dst = u_.store.emplace_back(padded, 0.0f);
+    std::memcpy(dst.data(), src, n * sizeof(float));
+    return dst.data();
   }
 
-  // (cout, cin, ks, ks) or (cout, cin, 1) -> [ky][kx][cin][cout_pad]
-  size_t conv(int64_t cout, int64_t cin, int ks, int64_t cout_pad, const char* what) {
-    const at::Tensor& t = next(what);
-    const bool ok = ks == 3 ? t.dim() == 4 && t.size(2) == 3 && t.size(3) == 3
-                            : (t.dim() == 3 && t.size(2) == 1) ||
-                                  (t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1);
-    TORCH_CHECK(ok && t.size(0) == cout && t.size(1) == cin, "dvpvae.ddpm_sample_unet: ", what,
-                " must have shape (", cout, ", ", cin, ks == 3 ? ", 3, 3)" : ", 1[, 1])", ", got ", t.sizes());
+  // A convolution weight of shape (cout, cin, k[, k]) -> [tap][cin][cout_pad].
+  const float* conv(c10::IntArrayRef shape, int64_t cout_pad) {
+    const at::Tensor& t = next(shape);
+    const int64_t cout = shape[0], cin = shape[1], taps = t.numel() / (cout * cin);
     const float* src = t.data_ptr<float>();
-    const size_t off = u_.arena.size();
-    u_.arena.resize(off + ks * ks * cin * cout_pad, 0.0f);
-    float* dst = u_.arena.data() + off;
+    std::vector<float>& dst = u_.store.emplace_back(taps * cin * cout_pad, 0.0f);
     for (int64_t o = 0; o < cout; ++o)
       for (int64_t i = 0; i < cin; ++i)
-        for (int k = 0; k < ks * ks; ++k) dst[(k * cin + i) * cout_pad + o] = src[(o * cin + i) * ks * ks + k];
-    return off;
+        for (int64_t k = 0; k < taps; ++k) dst[(k * cin + i) * cout_pad + o] = src[(o * cin + i) * taps + k];
+    return dst.data();
   }
 
-  // (rows, cols) Linear weight, kept as is.
-  size_t matrix(int64_t rows, int64_t cols, const char* what) {
-    const at::Tensor& t = next(what);
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "dvpvae.ddpm_sample_unet: ", what,
-                " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-    return append(t.data_ptr<float>(), rows * cols, rows * cols);
-  }
-
-  const float* raw(size_t i) const { return w_[i].data_ptr<float>(); }
-  size_t position() const { return pos_; }
   void finish() const {
     TORCH_CHECK(pos_ == w_.size(), "dvpvae.ddpm_sample_unet: got ", w_.size(),
-                " weight tensors, the architecture has ", pos_);
+                " weight tensors, the UNet with num_res_blocks = ", u_.nrb, " has ", pos_);
   }
 
  private:
-  const at::Tensor& next(const char* what) {
-    TORCH_CHECK(pos_ < w_.size(), "dvpvae.ddpm_sample_unet: weights end before ", what);
-    return w_[pos_++];
-  }
-  size_t append(const float* src, int64_t n, int64_t padded) {
-    const size_t off = u_.arena.size();
-    u_.arena.resize(off + padded, 0.0f);
-    std::memcpy(u_.arena.data() + off, src, n * sizeof(float));
-    return off;
+  const at::Tensor& next(c10::IntArrayRef shape) {
+    TORCH_CHECK(pos_ < w_.size(), "dvpvae.ddpm_sample_unet: got ", w_.size(),
+                " weight tensors, too few for num_res_blocks = ", u_.nrb);
+    const at::Tensor& t = w_[pos_];
+    TORCH_CHECK(t.sizes() == shape, "dvpvae.ddpm_sample_unet: weights[", pos_, "] must have shape ", shape,
+                ", got ", t.sizes());
+    ++pos_;
+    return t;
   }
 
   at::TensorList w_;
@@ -344,74 +340,24 @@ class WeightReader {
   size_t pos_ = 0;
 };
 
-struct BlockOff {
-  size_t o[10];
-  bool skip;
-  int cin;
-};
-
-BlockOff read_block(WeightReader& r, int64_t cin, int64_t C) {
-  BlockOff b{};
+// A time block: norm_in, conv_in, norm_out, conv_out (weight, bias each), then the 1x1
+// skip when cin != C.
+BlockW read_block(WeightReader& r, int64_t cin, int64_t C) {
+  BlockW b{};
   b.cin = static_cast<int>(cin);
-  b.o[0] = r.vector(cin, "norm_in.weight");
-  b.o[1] = r.vector(cin, "norm_in.bias");
-  b.o[2] = r.conv(C, cin, 3, C, "conv_in.weight");
-  b.o[3] = r.vector(C, "conv_in.bias");
-  // FiLM: used by the per-call time-embedding pass, straight from the tensors.
-  r.matrix(2 * C, C, "film.weight");
-  r.vector(2 * C, "film.bias");
-  b.o[4] = r.vector(C, "norm_out.weight");
-  b.o[5] = r.vector(C, "norm_out.bias");
-  b.o[6] = r.conv(C, C, 3, C, "conv_out.weight");
-  b.o[7] = r.vector(C, "conv_out.bias");
-  b.skip = cin != C;
-  if (b.skip) {
-    b.o[8] = r.conv(C, cin, 1, C, "skip.weight");
-    b.o[9] = r.vector(C, "skip.bias");
+  b.gn1_w = r.vector(cin);
+  b.gn1_b = r.vector(cin);
+  b.conv1_w = r.conv({C, cin, 3, 3}, C);
+  b.conv1_b = r.vector(C);
+  b.gn2_w = r.vector(C);
+  b.gn2_b = r.vector(C);
+  b.conv2_w = r.conv({C, C, 3, 3}, C);
+  b.conv2_b = r.vector(C);
+  if (cin != C) {
+    b.skip_w = r.conv({C, cin, 1, 1}, C);
+    b.skip_b = r.vector(C);
   }
   return b;
-}
-
-// Per-step FiLM parameters of every block: film[k][block] = [1 + scale (C) | shift (C)],
-// from t = (i+1)/T with i = T-1-k, computed as UNet.forward does (timestep_embedding,
-// time_embed MLP, film(silu(emb))). Float math like the reference; sums in double.
-std::vector<float> film_table(at::TensorList w, int64_t T, int64_t C, int64_t nblocks,
-                              const std::vector<size_t>& film_idx) {
-  auto linear = [](const float* W, const float* b, const float* x, int64_t rows, int64_t cols, float* y) {
-    for (int64_t r = 0; r < rows; ++r) {
-      double s = 0;
-      for (int64_t c = 0; c < cols; ++c) s += static_cast<double>(W[r * cols + c]) * x[c];
-      y[r] = static_cast<float>(s) + b[r];
-    }
-  };
-  auto silu = [](float v) { return v / (1.0f + std::exp(-v)); };
-  const int64_t half = C / 2;
-  const float neg_log_period = static_cast<float>(-std::log(10000.0));
-  std::vector<float> out(T * nblocks * 2 * C), e(C), h(C), emb(C), film(2 * C);
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t i = T - 1 - k;
-    const float t = static_cast<float>(static_cast<double>(i + 1) / static_cast<double>(T));
-    for (int64_t j = 0; j < half; ++j) {
-      const float freq = std::exp(neg_log_period * static_cast<float>(j) / static_cast<float>(half));
-      e[j] = std::cos(t * freq);
-      e[half + j] = std::sin(t * freq);
-    }
-    if (C % 2) e[C - 1] = 0.0f;
-    linear(w[0].data_ptr<float>(), w[1].data_ptr<float>(), e.data(), C, C, h.data());
-    for (auto& v : h) v = silu(v);
-    linear(w[2].data_ptr<float>(), w[3].data_ptr<float>(), h.data(), C, C, emb.data());
-    for (auto& v : emb) v = silu(v);
-    for (int64_t bidx = 0; bidx < nblocks; ++bidx) {
-      const size_t fi = film_idx[bidx];
-      linear(w[fi].data_ptr<float>(), w[fi + 1].data_ptr<float>(), emb.data(), 2 * C, C, film.data());
-      float* dst = out.data() + (k * nblocks + bidx) * 2 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        dst[c] = 1.0f + film[c];
-        dst[C + c] = film[C + c];
-      }
-    }
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -498,104 +444,85 @@ void unet_forward(const UNetW& u, Workspace& ws, const float* films, const float
 }  // namespace
 
 at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
-                                at::TensorList weights, int64_t num_res_blocks, int64_t groups, double eps,
-                                double temperature) {
+                                const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
+                                int64_t groups, double eps, double temperature) {
   TORCH_CHECK(z_T.device().is_cpu(), "dvpvae.ddpm_sample_unet: z_T is on ", z_T.device());
-  TORCH_CHECK(z_T.scalar_type() == at::kFloat, "dvpvae.ddpm_sample_unet: float32 only, got ",
-              z_T.scalar_type());
   TORCH_CHECK(z_T.dim() == 4 && z_T.size(0) >= 1 && z_T.size(2) >= 1 && z_T.size(3) >= 1,
               "dvpvae.ddpm_sample_unet: z_T must be (N, C, H, W) with N >= 1, got shape ", z_T.sizes());
-  const int64_t T = check_loop_args("dvpvae.ddpm_sample_unet", z_T, noise, coef), N = z_T.size(0);
-  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
-              "dvpvae.ddpm_sample_unet: coef must be float32 or float64, got ", coef.scalar_type());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols && coef.size(0) >= 1,
+              "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table with T >= 1, got shape ", coef.sizes());
+  const int64_t T = coef.size(0), N = z_T.size(0), in_ch = z_T.size(1);
+  std::vector<int64_t> noise_shape{T};
+  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
+  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), "dvpvae.ddpm_sample_unet: noise must have shape ",
+              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
+  for (const at::Tensor* t : {&z_T, &noise, &coef, &films})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "dvpvae.ddpm_sample_unet: z_T, noise, coef and films must be "
+                "float32, got ", z_T.scalar_type(), ", ", noise.scalar_type(), ", ", coef.scalar_type(), ", ",
+                films.scalar_type());
+  CHECK_DEVICE(noise, z_T.device());
+  CHECK_DEVICE(coef, z_T.device());
+  CHECK_DEVICE(films, z_T.device());
+  CHECK_CONTIGUOUS(z_T);
+  CHECK_CONTIGUOUS(noise);
   CHECK_CONTIGUOUS(coef);
-  TORCH_CHECK(noise.scalar_type() == at::kFloat, "dvpvae.ddpm_sample_unet: noise must be float32, got ",
-              noise.scalar_type());
-  TORCH_CHECK(num_res_blocks >= 0, "dvpvae.ddpm_sample_unet: num_res_blocks must be >= 0");
-  TORCH_CHECK(weights.size() >= 6, "dvpvae.ddpm_sample_unet: too few weight tensors (", weights.size(), ")");
+  CHECK_CONTIGUOUS(films);
+  TORCH_CHECK(num_res_blocks >= 0, "dvpvae.ddpm_sample_unet: num_res_blocks must be >= 0, got ", num_res_blocks);
   for (size_t j = 0; j < weights.size(); ++j) {
     TORCH_CHECK(weights[j].device().is_cpu() && weights[j].scalar_type() == at::kFloat &&
                     weights[j].is_contiguous(),
                 "dvpvae.ddpm_sample_unet: weights[", j, "] must be a contiguous float32 CPU tensor, got ",
-                weights[j].scalar_type(), " on ", weights[j].device());
+                weights[j].scalar_type(), " on ", weights[j].device(),
+                weights[j].is_contiguous() ? "" : " (not contiguous)");
   }
-
-  UNetW u;
-  const int64_t C = weights[0].size(0), in_ch = z_T.size(1);
+  TORCH_CHECK(!weights.empty() && weights[0].dim() >= 1,
+              "dvpvae.ddpm_sample_unet: weights[0] must be the input convolution's weight (C, in_ch, 3, 3)");
+  const int64_t C = weights[0].size(0);
   TORCH_CHECK(C >= kV && C % kV == 0, "dvpvae.ddpm_sample_unet: channels must be a multiple of ", kV,
               ", got ", C);
-  TORCH_CHECK(groups >= 1 && C % groups == 0 && (C / groups) * groups == C,
-              "dvpvae.ddpm_sample_unet: channels ", C, " not divisible into ", groups, " groups");
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "dvpvae.ddpm_sample_unet: channels ", C,
+              " not divisible into ", groups, " groups");
+  const int64_t nblocks = 2 * num_res_blocks + 3;  // down..., mid1, mid2, up...
+  TORCH_CHECK(films.sizes() == c10::IntArrayRef({T, nblocks, 2, C}),
+              "dvpvae.ddpm_sample_unet: films must have shape ", c10::IntArrayRef({T, nblocks, 2, C}),
+              " = (T, 2 num_res_blocks + 3, 2, C), got ", films.sizes());
+
+  UNetW u;
   u.in_ch = static_cast<int>(in_ch);
   u.C = static_cast<int>(C);
   u.nrb = static_cast<int>(num_res_blocks);
   u.groups = static_cast<int>(groups);
   u.eps = static_cast<float>(eps);
   u.cout_pad = static_cast<int>((in_ch + kV - 1) / kV * kV);
-
   WeightReader r(weights, u);
-  r.matrix(C, C, "time_embed.0.weight");
-  r.vector(C, "time_embed.0.bias");
-  r.matrix(C, C, "time_embed.2.weight");
-  r.vector(C, "time_embed.2.bias");
-  const size_t in_w = r.conv(C, in_ch, 3, C, "input_conv.weight"), in_b = r.vector(C, "input_conv.bias");
-  std::vector<BlockOff> boffs;
-  std::vector<size_t> film_idx;
-  auto add_block = [&](int64_t cin) {
-    film_idx.push_back(r.position() + 4);  // film.weight follows norm_in.{weight,bias}, conv_in.{weight,bias}
-    boffs.push_back(read_block(r, cin, C));
-  };
-  for (int64_t j = 0; j < num_res_blocks; ++j) add_block(C);
-  add_block(C);  // mid1
-  const size_t ag_w = r.vector(C, "mid_attn.norm.weight"), ag_b = r.vector(C, "mid_attn.norm.bias");
-  const size_t qkv_w = r.conv(3 * C, C, 1, 3 * C, "mid_attn.qkv.weight"), qkv_b = r.vector(3 * C, "mid_attn.qkv.bias");
-  const size_t pr_w = r.conv(C, C, 1, C, "mid_attn.proj.weight"), pr_b = r.vector(C, "mid_attn.proj.bias");
-  add_block(C);  // mid2
-  for (int64_t j = 0; j <= num_res_blocks; ++j) add_block(2 * C);
-  const size_t og_w = r.vector(C, "out_norm.weight"), og_b = r.vector(C, "out_norm.bias");
-  const size_t ow = r.conv(in_ch, C, 3, u.cout_pad, "out_conv.weight");
-  const size_t ob = r.vector(in_ch, "out_conv.bias", u.cout_pad);
+  u.in_w = r.conv({C, in_ch, 3, 3}, C);
+  u.in_b = r.vector(C);
+  for (int64_t j = 0; j < num_res_blocks; ++j) u.blocks.push_back(read_block(r, C, C));
+  u.blocks.push_back(read_block(r, C, C));  // mid1
+  u.attn_gn_w = r.vector(C);
+  u.attn_gn_b = r.vector(C);
+  u.qkv_w = r.conv({3 * C, C, 1}, 3 * C);
+  u.qkv_b = r.vector(3 * C);
+  u.proj_w = r.conv({C, C, 1}, C);
+  u.proj_b = r.vector(C);
+  u.blocks.push_back(read_block(r, C, C));  // mid2
+  for (int64_t j = 0; j <= num_res_blocks; ++j) u.blocks.push_back(read_block(r, 2 * C, C));
+  u.out_gn_w = r.vector(C);
+  u.out_gn_b = r.vector(C);
+  u.out_w = r.conv({in_ch, C, 3, 3}, u.cout_pad);
+  u.out_b = r.padded_vector(in_ch, u.cout_pad);
   r.finish();
-
-  const float* base = u.arena.data();
-  u.in_w = base + in_w;
-  u.in_b = base + in_b;
-  u.attn_gn_w = base + ag_w;
-  u.attn_gn_b = base + ag_b;
-  u.qkv_w = base + qkv_w;
-  u.qkv_b = base + qkv_b;
-  u.proj_w = base + pr_w;
-  u.proj_b = base + pr_b;
-  u.out_gn_w = base + og_w;
-  u.out_gn_b = base + og_b;
-  u.out_w = base + ow;
-  u.out_b = base + ob;
-  for (const BlockOff& b : boffs) {
-    BlockW w{base + b.o[0], base + b.o[1], base + b.o[2], base + b.o[3],
-             base + b.o[4], base + b.o[5], base + b.o[6], base + b.o[7]};
-    if (b.skip) {
-      w.skip_w = base + b.o[8];
-      w.skip_b = base + b.o[9];
-    }
-    w.cin = b.cin;
-    u.blocks.push_back(w);
-  }
-  const int64_t nblocks = static_cast<int64_t>(u.blocks.size());
-  const std::vector<float> films = film_table(weights, T, C, nblocks, film_idx);
-
-  // The step's coefficients as ddpm_step_cpu reads them for float32 data.
-  std::vector<float> rows(T * kNumCols);
-  at::Tensor coef64 = coef.to(at::kDouble);
-  for (int64_t j = 0; j < T * kNumCols; ++j) rows[j] = static_cast<float>(coef64.const_data_ptr<double>()[j]);
 
   const int H = static_cast<int>(z_T.size(2)), W = static_cast<int>(z_T.size(3));
   const int64_t D = in_ch * H * W;
   at::Tensor out = at::empty_like(z_T);
   const float* zT = z_T.const_data_ptr<float>();
   const float* nz = noise.const_data_ptr<float>();
+  const float* rows = coef.const_data_ptr<float>();
+  const float* film = films.const_data_ptr<float>();
   float* zo = out.mutable_data_ptr<float>();
   const float temp = static_cast<float>(temperature);
-  // Grain 1: one sample is ~0.1 ms of work per step, far above the thread start-up cost.
+  // Grain 1: one sample's T steps far outweigh a thread's start-up.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Workspace ws(u, H, W);
     std::vector<float> eps_hat(D);
@@ -603,9 +530,10 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
       float* z = zo + s * D;
       std::memcpy(z, zT + s * D, D * sizeof(float));
       for (int64_t k = 0; k < T; ++k) {
-        const int64_t i = T - 1 - k;  // row i: t = (i+1)/T -> s = i/T; noise row k
-        unet_forward(u, ws, films.data() + k * nblocks * 2 * C, z, H, W, eps_hat.data());
-        const float* row = rows.data() + i * kNumCols;
+        const int64_t i = T - 1 - k;  // row i: t = (i+1)/T -> s = i/T; noise and films row k
+        unet_forward(u, ws, film + k * nblocks * 2 * C, z, H, W, eps_hat.data());
+        const float* row = rows + i * kNumCols;
+        // The reference forms temperature * c_noise in float32 before the multiply.
         const float c_n = temp * row[kCNoise];
         const float* nk = nz + (k * N + s) * D;
         for (int64_t e = 0; e < D; ++e)
@@ -617,11 +545,13 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
 }
 
 at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
-                                 at::TensorList weights, int64_t num_res_blocks, int64_t groups, double eps,
-                                 double temperature) {
+                                 const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
+                                 int64_t groups, double eps, double temperature) {
+  // Shape/device rules only: meta tensors have no data.
   CHECK_DEVICE(noise, z_T.device());
   CHECK_DEVICE(coef, z_T.device());
-  TORCH_CHECK(coef.dim() == 2, "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table");
+  CHECK_DEVICE(films, z_T.device());
+  TORCH_CHECK(coef.dim() == 2 && coef.sym_size(1) == kNumCols, "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table");
   return at::empty_like(z_T);
 }
 

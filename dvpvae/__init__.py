@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # FastDVPVAE pulls in torch._dynamo (about a second); import it only when asked for.
+    # FastDVPVAE imports torch._dynamo, which is slow to import: only when asked for.
     if name == "FastDVPVAE":
         from dvpvae.fast import FastDVPVAE
 

@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVATIONS = ("relu", "silu", "elu", "gelu")
+from dvpvae.kernels.conv1x1_act import ACTIVATIONS as _KERNEL_ACTIVATIONS
+
+# The kernels' list is the one home of the activation names; "none" is not a model choice.
+ACTIVATIONS = tuple(a for a in _KERNEL_ACTIVATIONS if a != "none")
 LIKELIHOODS = ("bernoulli", "logistic_mixture")
 
 
@@ -36,14 +39,14 @@ class Config:
     standardize_input: bool = False  # encoder sees (pixel - 120.63838) / 64.16736 (CIFAR10)
     enc_blocks_per_scale: int = 3
     dec_blocks_per_scale: int = 1
-    num_postprocess_blocks: int = 0
+    num_postprocess_blocks: int = 0  # only 0: the decoder has no post-processing blocks
     min_logvar: float = -10.0
     beta: float = 1.0
     # diffusion prior over the pseudoinputs
     unet_channels: int = 16
     unet_res_blocks: int = 2
     unet_dropout: float = 0.0
-    unet_heads: int = 1
+    unet_heads: int = 1  # only 1: the UNet's self-attention is single-head
     diffusion_steps: int = 25
     gamma_min: float = -6.0
     gamma_max: float = 7.0
@@ -99,6 +102,14 @@ class Config:
             raise ValueError("gamma_min must be smaller than gamma_max")
         if self.unet_channels % 16 != 0:
             raise ValueError("unet_channels must be a multiple of 16 (GroupNorm with 16 groups)")
+        # Fields of the research code's configs that this model does not implement: every
+        # paper config uses the value below, so any other value is rejected, not ignored.
+        if self.num_postprocess_blocks != 0:
+            raise ValueError(f"num_postprocess_blocks must be 0, got {self.num_postprocess_blocks}: the "
+                             "decoder has no post-processing ResBlocks (every paper config uses 0)")
+        if self.unet_heads != 1:
+            raise ValueError(f"unet_heads must be 1, got {self.unet_heads}: the UNet's middle "
+                             "self-attention is single-head (every paper config uses 1)")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -2,7 +2,7 @@
 
 The pseudoinput transforms themselves (image -> normalised cropped DCT block and back) live
 beside their fused kernels in ``kernels/dct_pseudoinput.py``; this module holds the plain
-2-D DCT pair and ``compute_dct_scale``, the per-coefficient scale taken from training data.
+2-D DCT and ``compute_dct_scale``, the per-coefficient scale taken from training data.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.dct_pseudoinput import dct_basis
+from dvpvae.kernels.dct_pseudoinput import dct_basis
 
 
 def dct_matrix(n: int, rows: int | None = None, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -24,17 +24,6 @@ def dct2(img: torch.Tensor, ctx_size: int | None = None) -> torch.Tensor:
     dh = dct_matrix(h, ctx_size, img.dtype, img.device)
     dw = dct_matrix(w, ctx_size, img.dtype, img.device)
     return dh @ img @ dw.T
-
-
-def idct2(coef: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``dct2``: a (possibly cropped) coefficient block -> image of ``size``.
-
-    Multiplying by the transposed cropped matrices equals zero-padding then inverting.
-    """
-    c_h, c_w = coef.shape[-2:]
-    dh = dct_matrix(size[0], c_h, coef.dtype, coef.device)
-    dw = dct_matrix(size[1], c_w, coef.dtype, coef.device)
-    return dh.T @ coef @ dw
 
 
 def safe_scale(scale: torch.Tensor) -> torch.Tensor:

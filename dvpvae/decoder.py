@@ -18,10 +18,11 @@ from dvpvae.config import Config
 from dvpvae.dct import safe_scale
 from dvpvae.diffusion import LOG_2PI, DiffusionPrior
 from dvpvae.encoder import scale_channels
+from dvpvae.kernels.reparam_kl import MAX_LOGVAR
 from dvpvae.noise import Noise
-from kernels.dct_pseudoinput import dct_pseudoinput_ref, idct_pseudoinput_ref
-from kernels.reparam_kl import reparam_kl_ref, reparam_sample_ref
+from dvpvae.ops import ReferenceOps
 
+# Range of the pseudoinput posterior's log-variance (the research code's clamp).
 Q_LOGVAR_RANGE = (-12.0, -5.0)
 
 
@@ -39,11 +40,6 @@ class Layer:
     p_mu: torch.Tensor | None = None
     p_logvar: torch.Tensor | None = None
     kl: torch.Tensor | None = None
-
-
-def upsample_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize to (size, size), align_corners=False (the research code's upsampling)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def gaussian_log_density(z, mu, logvar) -> torch.Tensor:
@@ -73,19 +69,19 @@ class PseudoinputBlock(nn.Module):
         lv = self.q_logvar
         return lv + (lv.clamp(*Q_LOGVAR_RANGE) - lv).detach()
 
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        return dct_pseudoinput_ref(x, safe_scale(self.dct_scale), self.ctx_size)
+    def mean(self, x: torch.Tensor, ops: ReferenceOps) -> torch.Tensor:
+        return ops.dct(x, safe_scale(self.dct_scale), self.ctx_size)
 
-    def to_image(self, u: torch.Tensor) -> torch.Tensor:
-        return idct_pseudoinput_ref(u, safe_scale(self.dct_scale), self.image_size)
+    def to_image(self, u: torch.Tensor, ops: ReferenceOps) -> torch.Tensor:
+        return ops.idct(u, safe_scale(self.dct_scale), self.image_size)
 
-    def forward(self, x: torch.Tensor, noise: Noise, full_bound: bool):
-        mu = self.mean(x)
+    def forward(self, x: torch.Tensor, noise: Noise, full_bound: bool, ops: ReferenceOps):
+        mu = self.mean(x, ops)
         lv = self.posterior_logvar().expand_as(mu)
         eps = noise.normal("u", mu.shape, mu)
         u = mu + torch.exp(0.5 * lv) * eps
         log_q = (-0.5 * (LOG_2PI + lv + eps ** 2)).flatten(1).sum(-1)
-        terms = self.prior.neg_log_prob(u, noise, full=full_bound)
+        terms = self.prior.neg_log_prob(u, noise, full_bound, ops)
         return Layer(z=u, q_mu=mu, q_logvar=lv, kl=log_q + terms.neg_log_p), terms
 
 
@@ -109,55 +105,44 @@ class LadderBlock(nn.Module):
                 last = b + 1 == cfg.dec_blocks_per_scale
                 blocks.append(ResBlock(in_ch, hid, out_ch if last else in_ch, cfg.activation,
                                        pre_activation=False))
-        self.resnet = nn.Sequential(*blocks)
+        self.resnet = nn.ModuleList(blocks)
         factor = stable_init_factor(cfg.num_ladder_latents)
         if blocks:
             blocks[-1].scale_last_(factor)
         with torch.no_grad():
             self.z_proj.weight.mul_(factor)
 
-    def prior_params(self, s_dec: torch.Tensor, cond: torch.Tensor):
-        out = self.prior_net(torch.cat([s_dec, cond], dim=1))
+    def prior_params(self, s_dec: torch.Tensor, cond: torch.Tensor, ops: ReferenceOps):
+        out = self.prior_net(torch.cat([s_dec, cond], dim=1), ops)
         w = self.width
         return out[:, :w], out[:, w:2 * w], out[:, 2 * w:]
 
-    def posterior_params(self, s_enc: torch.Tensor, s_dec: torch.Tensor):
-        out = self.posterior_net((s_enc + s_dec) / math.sqrt(2))
+    def posterior_params(self, s_enc: torch.Tensor, s_dec: torch.Tensor, ops: ReferenceOps):
+        out = self.posterior_net((s_enc + s_dec) / math.sqrt(2), ops)
         return out[:, :self.width], out[:, self.width:]
 
-    def update(self, s_dec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        s_dec = self.resnet(s_dec + self.project(z))
+    def update(self, s_dec: torch.Tensor, z: torch.Tensor, ops: ReferenceOps) -> torch.Tensor:
+        s_dec = s_dec + ops.project(z, self.z_proj)
+        for block in self.resnet:
+            s_dec = block(s_dec, ops)
         if self.upsample_to is not None:
-            s_dec = self.upsample(s_dec, self.upsample_to)
+            s_dec = ops.upsample(s_dec, self.upsample_to)
         return s_dec
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
-        """z_proj(z); FastLadderBlock fuses it into the addition when z has few channels."""
-        return self.z_proj(z)
-
-    upsample = staticmethod(upsample_bilinear)
-
-    def reparam_kl(self, q_mu, q_lv, p_mu, p_lv, eps):
-        """Clamped z ~ q and analytic KL(q || p); FastLadderBlock swaps in the fused op."""
-        return reparam_kl_ref(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
-
-    def reparam_sample(self, p_mu, p_lv, eps, temperature):
-        """z ~ p with its variance scaled by ``temperature``; fused in FastLadderBlock."""
-        return reparam_sample_ref(p_mu, p_lv, eps, self.min_logvar, temperature)
-
-    def encode(self, s_enc, s_dec, cond, eps, is_last):
+    def encode(self, s_enc, s_dec, cond, eps, is_last, ops: ReferenceOps):
         """Posterior pass: z ~ q, analytic KL(q || p); returns (Layer, next s_dec)."""
-        p_mu, p_lv, h = self.prior_params(s_dec, cond)
-        q_mu, q_lv = self.posterior_params(s_enc, s_dec)
-        z, kl = self.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps)
-        layer = Layer(z, q_mu, q_lv.clamp(self.min_logvar, 1.0), p_mu, p_lv.clamp(self.min_logvar, 1.0), kl)
-        return layer, (None if is_last else self.update(s_dec + h, z))
+        p_mu, p_lv, h = self.prior_params(s_dec, cond, ops)
+        q_mu, q_lv = self.posterior_params(s_enc, s_dec, ops)
+        z, kl = ops.reparam_kl(q_mu, q_lv, p_mu, p_lv, eps, self.min_logvar)
+        layer = Layer(z, q_mu, q_lv.clamp(self.min_logvar, MAX_LOGVAR), p_mu,
+                      p_lv.clamp(self.min_logvar, MAX_LOGVAR), kl)
+        return layer, (None if is_last else self.update(s_dec + h, z, ops))
 
-    def generate(self, s_dec, cond, eps, temperature, is_last):
+    def generate(self, s_dec, cond, eps, temperature, is_last, ops: ReferenceOps):
         """Prior pass: z ~ p with its variance scaled by ``temperature``."""
-        p_mu, p_lv, h = self.prior_params(s_dec, cond)
-        z = self.reparam_sample(p_mu, p_lv, eps, temperature)
-        return z, (None if is_last else self.update(s_dec + h, z))
+        p_mu, p_lv, h = self.prior_params(s_dec, cond, ops)
+        z = ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
+        return z, (None if is_last else self.update(s_dec + h, z, ops))
 
 
 class TopDownDecoder(nn.Module):
@@ -195,44 +180,39 @@ class TopDownDecoder(nn.Module):
         k = image.shape[-1] // res
         return image if k == 1 else F.avg_pool2d(image, k)
 
-    def aggregate(self, zs: list[torch.Tensor]) -> torch.Tensor:
+    def aggregate(self, zs: list[torch.Tensor], ops: ReferenceOps) -> torch.Tensor:
         """Likelihood parameters from the sum of upsampled ladder latents / sqrt(L)."""
         size = self.cfg.image_size
-        a = sum(self.upsample(z, size) for z in zs)
-        return self.head(a / math.sqrt(len(zs)))
-
-    def head(self, a: torch.Tensor) -> torch.Tensor:
-        """out_conv(z_to_features(a)); FastTopDownDecoder composes the two convolutions."""
-        return self.out_conv(self.z_to_features(a))
-
-    upsample = staticmethod(upsample_bilinear)
+        a = sum(ops.upsample(z, size) for z in zs)
+        return ops.head(a / math.sqrt(len(zs)), self.z_to_features, self.out_conv)
 
     def initial_state(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return torch.ones((n,) + self.top_shape, dtype=like.dtype, device=like.device)
 
-    def forward(self, x: torch.Tensor, enc_feats: list[torch.Tensor], noise: Noise, full_bound: bool):
+    def forward(self, x: torch.Tensor, enc_feats: list[torch.Tensor], noise: Noise, full_bound: bool,
+                ops: ReferenceOps):
         """Posterior pass. Returns (likelihood params, layers [u, z_top .. z_bottom], prior terms)."""
-        u_layer, terms = self.pseudoinput(x, noise, full_bound)
-        image = self.pseudoinput.to_image(u_layer.z)
+        u_layer, terms = self.pseudoinput(x, noise, full_bound, ops)
+        image = self.pseudoinput.to_image(u_layer.z, ops)
         s_dec = self.initial_state(x.shape[0], x)
         layers = [u_layer]
         feats = enc_feats[::-1]
         for l, block in enumerate(self.blocks):
             cond = self.condition(image, self.resolutions[l])
             eps = noise.normal(f"z{l}", (x.shape[0],) + self.latent_shapes[l], x)
-            layer, s_dec = block.encode(feats[l], s_dec, cond, eps, l + 1 == len(self.blocks))
+            layer, s_dec = block.encode(feats[l], s_dec, cond, eps, l + 1 == len(self.blocks), ops)
             layers.append(layer)
-        return self.aggregate([lay.z for lay in layers[1:]]), layers, terms
+        return self.aggregate([lay.z for lay in layers[1:]], ops), layers, terms
 
     @torch.no_grad()
-    def generate(self, u: torch.Tensor, noise: Noise, temperature: float) -> torch.Tensor:
+    def generate(self, u: torch.Tensor, noise: Noise, temperature: float, ops: ReferenceOps) -> torch.Tensor:
         """Prior pass from a pseudoinput sample u; returns likelihood parameters."""
-        image = self.pseudoinput.to_image(u)
+        image = self.pseudoinput.to_image(u, ops)
         s_dec = self.initial_state(u.shape[0], u)
         zs = []
         for l, block in enumerate(self.blocks):
             cond = self.condition(image, self.resolutions[l])
             eps = noise.normal(f"z{l}", (u.shape[0],) + self.latent_shapes[l], u)
-            z, s_dec = block.generate(s_dec, cond, eps, temperature, l + 1 == len(self.blocks))
+            z, s_dec = block.generate(s_dec, cond, eps, temperature, l + 1 == len(self.blocks), ops)
             zs.append(z)
-        return self.aggregate(zs)
+        return self.aggregate(zs, ops)

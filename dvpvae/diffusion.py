@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from dvpvae.config import Config
-from dvpvae.noise import Noise
-from dvpvae.sampling import sample_prior
+from dvpvae.kernels.ddpm_step import ddpm_coefficients
+from dvpvae.noise import Noise, as_noise
+from dvpvae.ops import REFERENCE, ReferenceOps
 from dvpvae.unet import UNet
-from kernels.ddpm_step import ddpm_coefficients, ddpm_step_ref
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -66,8 +66,8 @@ class DiffusionPrior(nn.Module):
         """Shape of the uniform draw behind the UNet's dropout masks for a batch of n."""
         return (self.unet.num_res_blocks_total, n, self.unet.channels, self.size, self.size)
 
-    def _weighted_mse(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    def weighted_mse(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
         """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2 per element, t of shape (N,)."""
         g = self.gamma(t)[:, None, None, None]
         z_t = torch.sigmoid(-g).sqrt() * u + torch.sigmoid(g).sqrt() * eps
@@ -75,7 +75,7 @@ class DiffusionPrior(nn.Module):
         w = 0.5 * (self.gamma_max - self.gamma_min)
         return (w * (eps - eps_hat) ** 2).flatten(1)
 
-    def neg_log_prob(self, u: torch.Tensor, noise: Noise, full: bool) -> PriorTerms:
+    def neg_log_prob(self, u: torch.Tensor, noise: Noise, full: bool, ops: ReferenceOps = REFERENCE) -> PriorTerms:
         """Bound on -log p(u): single random t if ``full`` is False, else the T-point average."""
         n = u.shape[0]
         g0 = torch.full((), self.gamma_min, dtype=u.dtype, device=u.device)
@@ -85,7 +85,7 @@ class DiffusionPrior(nn.Module):
         # -log N(u; z0/alpha0, exp(gamma_min)) per element
         L0 = (0.5 * (LOG_2PI + g0 + (u - z0 / a0) ** 2 / torch.exp(g0))).flatten(1)
         if full:
-            Ldiff = self._full_diffusion_loss(u, noise)
+            Ldiff = self._full_diffusion_loss(u, noise, ops)
         else:
             t = noise.uniform("diffusion_t", (n,), u)
             eps = noise.normal("diffusion_eps", u.shape, u)
@@ -94,34 +94,48 @@ class DiffusionPrior(nn.Module):
                 # Dropout is a random draw too: take it from the noise so it can be replayed.
                 p = self.dropout
                 keep = (noise.uniform("unet_dropout", self.dropout_shape(n), u) >= p).to(u.dtype) / (1 - p)
-            Ldiff = self._weighted_mse(u, t, eps, keep)
+            Ldiff = ops.unet_mse(self, u, t, eps, keep)
         g1 = torch.full((), self.gamma_max, dtype=u.dtype, device=u.device)
         a2_1, s2_1 = torch.sigmoid(-g1), torch.sigmoid(g1)
         LT = (0.5 * (a2_1 * u ** 2 + s2_1 - torch.log(s2_1) - 1.0)).flatten(1)
         return PriorTerms(L0, Ldiff, LT)
 
-    def _full_diffusion_loss(self, u: torch.Tensor, noise: Noise) -> torch.Tensor:
+    def _full_diffusion_loss(self, u: torch.Tensor, noise: Noise, ops: ReferenceOps) -> torch.Tensor:
         """Average weighted MSE over t = 1/T, ..., 1, all T UNet calls in one batch."""
         n, T = u.shape[0], self.T
         eps = noise.normal("diffusion_eps", (T,) + tuple(u.shape), u)
         t = (torch.arange(1, T + 1, dtype=u.dtype, device=u.device) / T).repeat_interleave(n)
         u_rep = u.unsqueeze(0).expand(T, *u.shape).reshape(T * n, *u.shape[1:])
-        per_step = self._weighted_mse(u_rep, t, eps.reshape(T * n, *u.shape[1:]))
+        per_step = ops.unet_mse(self, u_rep, t, eps.reshape(T * n, *u.shape[1:]), None)
         return per_step.reshape(T, n, -1).mean(0)
 
-    def step(self, z_t: torch.Tensor, i: int, eps: torch.Tensor, temperature: float) -> torch.Tensor:
+    def sampling_noise(self, n: int, noise: Noise | dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draws of ancestral sampling: z_1 ("prior_zT", (n,) + shape) and the per-step
+        noise ("prior_eps", (T, n) + shape; row k is used at the k-th step, t = 1 first)."""
+        if n < 1:
+            raise ValueError(f"number of samples must be positive, got {n}")
+        noise = as_noise(noise)
+        like = self.coefficients
+        z = noise.normal("prior_zT", (n,) + self.shape, like)
+        eps = noise.normal("prior_eps", (self.T, n) + self.shape, like)
+        return z, eps
+
+    def step(self, z_t: torch.Tensor, i: int, eps: torch.Tensor, temperature: float,
+             ops: ReferenceOps = REFERENCE) -> torch.Tensor:
         """One ancestral step from t = (i+1)/T to s = i/T (MODEL.md section 5)."""
         t = torch.full((z_t.shape[0],), (i + 1) / self.T, dtype=z_t.dtype, device=z_t.device)
-        return ddpm_step_ref(z_t, self.unet(z_t, t), eps, self.coefficients, i, temperature)
+        return ops.ddpm_step(z_t, self.unet(z_t, t), eps, self.coefficients, i, temperature)
+
+    def sample_loop(self, z: torch.Tensor, eps: torch.Tensor, temperature: float,
+                    ops: ReferenceOps = REFERENCE) -> torch.Tensor:
+        """The T ancestral steps from z_1 = ``z`` with the per-step noise ``eps``."""
+        for k, i in enumerate(range(self.T - 1, -1, -1)):
+            z = self.step(z, i, eps[k], temperature, ops)
+        return z
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, noise: Noise | None = None,
-               backend: str | None = None) -> torch.Tensor:
-        """Ancestral sampling of n pseudoinputs through the T steps (noise at every step).
-
-        The loop lives in ``dvpvae.sampling``: the Python loop over ``step``
-        (``sample_prior_ref``, backend "reference") or the C++ extension's loop (backend
-        "extension"); ``backend=None`` picks the extension when it is built and this UNet's
-        package is compiled (see that module's docstring).
-        """
-        return sample_prior(self, n, temperature, noise, backend=backend)
+    def sample(self, n: int, temperature: float = 1.0, noise: Noise | dict | None = None,
+               ops: ReferenceOps = REFERENCE) -> torch.Tensor:
+        """n pseudoinputs by ancestral sampling through the T steps; ``temperature`` scales
+        the per-step noise. The reference provider runs the Python loop."""
+        return ops.sample_prior(self, n, temperature, noise)

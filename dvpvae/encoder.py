@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dvpvae.blocks import ResBlock
 from dvpvae.config import Config
+from dvpvae.ops import ReferenceOps
 
 # Per-channel statistics of CIFAR10 training pixels in [0, 255], used by the research code.
 CIFAR_MEAN, CIFAR_STD = 120.63838, 64.16736
@@ -33,32 +35,25 @@ class Encoder(nn.Module):
         chans = scale_channels(cfg)
         self.input_conv = nn.Conv2d(cfg.image_channels, chans[0], 1)
         self.scales = nn.ModuleList()
-        pool = 1 if cfg.start_scale_at_x else 2
+        # The first scale pools unless it starts at the image resolution.
+        self.pools = [1 if cfg.start_scale_at_x else 2] + [2] * (len(cfg.latent_scales) - 1)
         for i in range(len(cfg.latent_scales)):
             blocks = []
             for b in range(cfg.enc_blocks_per_scale):
                 in_ch = chans[i - 1] if (i > 0 and b == 0) else chans[i]
                 blocks.append(ResBlock(in_ch, int(in_ch * cfg.block_ch_mult), chans[i],
                                        cfg.activation, pre_activation=True))
-            if pool > 1:
-                blocks.append(nn.AvgPool2d(pool))
-            self.scales.append(nn.Sequential(*blocks))
-            pool = 2
+            self.scales.append(nn.ModuleList(blocks))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, ops: ReferenceOps) -> list[torch.Tensor]:
         if self.standardize:
             x = (x * 127.5 + 127.5 - CIFAR_MEAN) / CIFAR_STD
-        d = self.stem(x)
+        d = ops.stem(x, self.input_conv)
         feats = []
-        for scale, n in zip(self.scales, self.latent_scales):
-            d = self.run_scale(scale, d)
+        for blocks, pool, n in zip(self.scales, self.pools, self.latent_scales):
+            for block in blocks:
+                d = block(d, ops)
+            if pool > 1:
+                d = ops.block_layout(F.avg_pool2d(d, pool))
             feats.extend([d] * n)
         return feats
-
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """input_conv(x); FastEncoder computes it in the layout of the blocks that follow."""
-        return self.input_conv(x)
-
-    def run_scale(self, scale: nn.Sequential, d: torch.Tensor) -> torch.Tensor:
-        """One scale's blocks and pooling; FastEncoder keeps the result channels-last."""
-        return scale(d)

@@ -1,17 +1,13 @@
-"""Cheaper formulations of three reference layers, exact up to float rounding.
-
-Measured on the CPU (inductor, 2 threads, MNIST preset, batch 250), each replaces a call
-that was far slower than its arithmetic:
+"""Cheaper forms of three reference layers, exact up to float rounding (used by the fast
+op providers, ``dvpvae.ops``):
 
 * bilinear upsampling (``align_corners=False``) as two small matmuls with fixed
-  interpolation matrices: the compiled ``F.interpolate`` backward is a scatter-add
-  (32 ms for a (250, 32, 7, 7) -> 14x14 upsample; the matmul form takes 2 ms);
+  interpolation matrices, whose backward is two matmuls instead of a scatter-add;
 * a 1x1 convolution with a handful of input channels (the z projections) as a broadcast
-  multiply-add that the compiler fuses into its neighbours: oneDNN takes ~10 ms for the
-  (250, 1, 28, 28) -> 32-channel case, which moves 25 MB;
-* the output head ``conv3x3(conv1x1(a))`` of the decoder as one 3x3 convolution with the
-  composed weight plus a constant bias image (the zero padding of the 3x3 conv pads the
-  1x1 conv's *output*, so its bias contributes only the in-image taps).
+  multiply-add that the compiler fuses into its neighbours;
+* the output head ``conv3x3(conv1x1(a))`` as one 3x3 convolution with the composed weight
+  plus a constant bias image (the 3x3 conv's zero padding pads the 1x1 conv's *output*, so
+  its bias contributes only the in-image taps).
 """
 from __future__ import annotations
 

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from dvpvae.config import Config, get_config
-from dvpvae.decoder import Layer, TopDownDecoder, gaussian_log_density
+from dvpvae.decoder import Q_LOGVAR_RANGE, Layer, TopDownDecoder, gaussian_log_density
 from dvpvae.diffusion import PriorTerms
 from dvpvae.encoder import Encoder
 from dvpvae.likelihoods import make_likelihood
 from dvpvae.noise import Noise, as_noise
+from dvpvae.ops import ReferenceOps, get_ops
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DVPVAEOutput:
     rec: torch.Tensor  # (N,) -log p(x|z)
     kl: torch.Tensor  # (N, L)
     elbo: torch.Tensor  # (N,) -(rec + kl.sum(-1))
-    # Intermediates for inspection and parity tests; the fast model leaves them None.
+    # Intermediates for inspection and parity tests; FastDVPVAE leaves them None.
     layers: list[Layer] | None = field(default=None, repr=False)
     prior_terms: PriorTerms | None = field(default=None, repr=False)
     likelihood_params: torch.Tensor | None = field(default=None, repr=False)
@@ -61,21 +62,30 @@ class DVPVAE(nn.Module):
     ``model(x, noise)`` returns a ``DVPVAEOutput``; train mode uses the single-t diffusion
     estimate of -log p(u), eval mode the T-point bound. See ``dvpvae.noise`` for the
     names of the random draws.
+
+    ``ops`` names the op provider every block computes with (``dvpvae.ops``): "reference"
+    (plain PyTorch, the default), "cpu" or "triton", or a provider instance.
     """
 
-    def __init__(self, config: Config | str = "mnist", **overrides):
+    def __init__(self, config: Config | str = "mnist", *, ops: str | ReferenceOps = "reference", **overrides):
         super().__init__()
         cfg = get_config(config, **overrides)
         self.config = cfg
         self.likelihood = make_likelihood(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = TopDownDecoder(cfg, self.likelihood.out_channels())
+        self.ops = get_ops(ops)
         self.validate_inputs = True
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "DVPVAE":
-        """Build a model from a named preset (mnist, omniglot, cifar10, tiny) with overrides."""
-        return cls(get_config(name, **overrides))
+    def from_preset(cls, name: str, **kwargs) -> "DVPVAE":
+        """Build a model from a named preset (mnist, omniglot, cifar10, tiny) with config
+        overrides (and the constructor's keyword options)."""
+        return cls(name, **kwargs)
+
+    def ops_for(self, device: torch.device) -> ReferenceOps:
+        """The op provider for tensors on ``device``."""
+        return self.ops
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
@@ -98,7 +108,7 @@ class DVPVAE(nn.Module):
     @torch.no_grad()
     def constrain_(self) -> None:
         """Project constrained parameters back into range (call after each optimizer step)."""
-        self.decoder.pseudoinput.q_logvar.clamp_(-12.0, -5.0)
+        self.decoder.pseudoinput.q_logvar.clamp_(*Q_LOGVAR_RANGE)
 
     def forward_draws(self, n: int, like: torch.Tensor, noise: Noise, full_bound: bool) -> dict:
         """Every random draw of a forward pass over n images, in the reference order."""
@@ -126,8 +136,8 @@ class DVPVAE(nn.Module):
         return self._forward_given_draws(x, draws)
 
     def _forward_given_draws(self, x: torch.Tensor, draws: dict) -> DVPVAEOutput:
-        noise = Noise(draws)
-        params, layers, terms = self.decoder(x, self.encoder(x), noise, full_bound=not self.training)
+        noise, ops = Noise(draws), self.ops_for(x.device)
+        params, layers, terms = self.decoder(x, self.encoder(x, ops), noise, not self.training, ops)
         rec = -self.likelihood.log_prob(params, self.likelihood.target(x, noise))
         kl = torch.stack([lay.kl for lay in layers], dim=1)
         loss = (rec.mean() + self.config.beta * kl.sum(-1).mean()) * self.bits_per_nat
@@ -160,11 +170,12 @@ class DVPVAE(nn.Module):
 
     def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:
         noise = Noise(draws)
-        return self.likelihood.sample(self.decoder.generate(u, noise, temperature), noise)
+        params = self.decoder.generate(u, noise, temperature, self.ops_for(u.device))
+        return self.likelihood.sample(params, noise)
 
     def sample_pseudoinputs(self, n: int, temperature: float, noise: Noise) -> torch.Tensor:
         """n draws of u from the diffusion prior (normalised DCT space)."""
-        return self.prior.sample(n, temperature, noise)
+        return self.prior.sample(n, temperature, noise, self.ops_for(self.prior.coefficients.device))
 
     @torch.no_grad()
     def estimate_nll(self, x: torch.Tensor, k: int = 1000, chunk_size: int | None = None,
@@ -199,10 +210,16 @@ class DVPVAE(nn.Module):
             self.train(was_training)
 
     def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> torch.Tensor:
-        """log p(x, z, u) - log q(z, u | x) for kk samples of each image (rows sample-major)."""
-        xr = x.repeat(kk, 1, 1, 1)
-        params, layers, _ = self.decoder(xr, self.encoder(xr), Noise(draws), full_bound=True)
-        return self._log_weights_from(params, layers, target.repeat(kk, 1, 1, 1))
+        """log p(x, z, u) - log q(z, u | x) for kk samples of each image (rows sample-major).
+
+        The encoder is deterministic: one pass per image serves all kk samples."""
+        def rep(t):
+            return t.repeat(kk, 1, 1, 1)
+
+        ops = self.ops_for(x.device)
+        feats = [rep(f) for f in self.encoder(x, ops)]
+        params, layers, _ = self.decoder(rep(x), feats, Noise(draws), True, ops)
+        return self._log_weights_from(params, layers, rep(target))
 
     def _log_weights_from(self, params, layers, target) -> torch.Tensor:
         log_w = self.likelihood.log_prob(params, target) - layers[0].kl
@@ -235,7 +252,8 @@ class DVPVAE(nn.Module):
             means = []
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size]
-                _, layers, _ = self.decoder(xb, self.encoder(xb), self._posterior_mean_noise(xb), full_bound=False)
+                ops = self.ops_for(xb.device)
+                _, layers, _ = self.decoder(xb, self.encoder(xb, ops), self._posterior_mean_noise(xb), False, ops)
                 means.append(torch.cat([lay.q_mu.flatten(1) for lay in layers[1:]], dim=1))
             var = torch.cat(means, 0).var(0)
             return {thr: float((var > thr).float().mean()) for thr in thresholds}

@@ -46,10 +46,15 @@ class TimeResBlock(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
+    def film_params(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FiLM (scale, shift), each (N, out_ch), from the time embedding emb (N, emb_dim)."""
+        scale, shift = self.film(F.silu(emb)).chunk(2, dim=1)
+        return scale, shift
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``keep``: an explicit dropout mask already scaled by 1/(1-p) (None: nn.Dropout)."""
         h = self.conv_in(F.silu(self.norm_in(x)))
-        scale, shift = self.film(F.silu(emb))[..., None, None].chunk(2, dim=1)
+        scale, shift = (p[..., None, None] for p in self.film_params(emb))
         h = F.silu(self.norm_out(h) * (1 + scale) + shift)
         h = self.dropout(h) if keep is None else h * keep
         return self.skip(x) + self.conv_out(h)
@@ -99,6 +104,24 @@ class UNet(nn.Module):
         """Number of dropout sites (one per time-conditioned ResBlock)."""
         return len(self.down) + 2 + len(self.up)
 
+    def time_blocks(self) -> list[TimeResBlock]:
+        """The time-conditioned blocks in forward order: down..., mid1, mid2, up..."""
+        return [*self.down, self.mid1, self.mid2, *self.up]
+
+    def embed_time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The time embedding (N, channels) of t (N,) that every TimeResBlock receives."""
+        return self.time_embed(timestep_embedding(t, self.channels).to(dtype))
+
+    def film_table(self, t: torch.Tensor) -> torch.Tensor:
+        """(len(t), blocks, 2, channels): [1 + scale, shift] of each time block (``time_blocks``
+        order) at each time of t, in t's dtype, as ``forward`` computes them."""
+        emb = self.embed_time(t, t.dtype)
+        films = []
+        for b in self.time_blocks():
+            scale, shift = b.film_params(emb)
+            films.append(torch.stack([1 + scale, shift], dim=1))
+        return torch.stack(films, dim=1)
+
     def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``keep``: optional explicit dropout masks (blocks, N, channels, s, s), see TimeResBlock."""
         masks = iter(keep) if keep is not None else None
@@ -106,7 +129,7 @@ class UNet(nn.Module):
         def block(b, h):
             return b(h, emb, None if masks is None else next(masks))
 
-        emb = self.time_embed(timestep_embedding(t, self.channels).to(z.dtype))
+        emb = self.embed_time(t, z.dtype)
         h = self.input_conv(z)
         stack = [h]
         for b in self.down:

@@ -1,15 +1,9 @@
-"""Fused kernels of the DVP-VAE fast path, one op per module, each beside its reference.
+"""Fused Triton kernels of the DVP-VAE fast path, one op per module.
 
-Triton is optional: each op module imports it inside try/except, so ``import kernels``
-works without it and every op falls back to its reference.
+Each op module exports ``<op>_ref`` (plain PyTorch, the oracle) and ``<op>`` (the Triton
+kernels behind an autograd Function). ``triton_runs_on(device)`` says whether ``<op>`` can
+run there; ``<op>`` raises a RuntimeError where it cannot.
 """
-from kernels._backend import available_backends, use_backend
-from kernels.conv1x1_act import conv1x1_act
-from kernels.conv1x1_residual import conv1x1_residual
-from kernels.dct_pseudoinput import dct_pseudoinput, idct_pseudoinput
-from kernels.ddpm_step import ddpm_coefficients, ddpm_step
-from kernels.reparam_kl import reparam_kl, reparam_sample
+from ._triton import triton_runs_on
 
-__all__ = ["available_backends", "use_backend",
-           "conv1x1_act", "conv1x1_residual", "dct_pseudoinput", "idct_pseudoinput",
-           "ddpm_coefficients", "ddpm_step", "reparam_kl", "reparam_sample"]
+__all__ = ["triton_runs_on"]

@@ -1,12 +1,9 @@
-"""Host-side helpers shared by the two 1x1-convolution ops (conv1x1_act, conv1x1_residual).
-
-Only argument checks and tile-size choices live here; each op keeps its own kernels.
-"""
+"""Argument checks and tile sizes shared by the 1x1-convolution ops (no kernels)."""
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import triton_interpret
+from ._triton import interpreting
 
 TRITON_DTYPES = (torch.float32, torch.float64)
 
@@ -46,18 +43,16 @@ def check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def check_triton_dtype(x: torch.Tensor) -> None:
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the triton 1x1-conv kernels support float32/float64, got {x.dtype}; "
-                         "use backend='reference' for other dtypes")
+                         "conv1x1_act_ref/conv1x1_residual_ref take other dtypes")
 
 
 def matmul_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
     """Tile sizes (BLOCK_M over output channels, BLOCK_N over pixels, BLOCK_K reduction).
 
-    On GPUs: 64 x 64 x 32 tiles (register-friendly for fp32 and fp64 accumulators).
-    In the interpreter every program instance costs ~3 ms of Python, so tiles grow until a
-    launch has a handful of programs (numpy does the big products quickly). Every tile side
-    is >= 16 because tl.dot requires it; masks handle ragged edges.
+    GPU tiles fit fp32 and fp64 accumulators in registers; the interpreter pays per program,
+    so its tiles are larger. Every side is >= 16 (tl.dot's minimum); masks handle the edges.
     """
-    if triton_interpret():
+    if interpreting():
         cap_m, cap_n, cap_k = 128, 256, 128
     else:
         cap_m, cap_n, cap_k = 64, 64, 32
@@ -68,10 +63,10 @@ def matmul_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
 def reduction_split(tiles: int, programs_2d: int) -> int:
     """How many partial sums the weight-gradient reduction over N*H*W is split into.
 
-    Partial sums go to a (split, out, in) buffer reduced on the host with one torch.sum:
-    deterministic (no atomics) and enough programs to fill a GPU. The interpreter gets no
-    split, since extra programs only add per-program overhead there.
+    Partial sums go to a (split, out, in) buffer summed by torch afterwards: deterministic
+    (no atomics) and enough programs to fill a GPU. No split in the interpreter, which pays
+    per program.
     """
-    if triton_interpret():
+    if interpreting():
         return 1
     return max(1, min(tiles, 256 // max(1, programs_2d)))

@@ -1,16 +1,22 @@
-"""Host-side helpers shared by the elementwise ops (reparam_kl, ddpm_step); no kernels."""
+"""Argument checks and launch sizes shared by the elementwise ops (reparam_kl, ddpm_step)."""
 from __future__ import annotations
 
 import torch
+
+from ._triton import tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def acc_dtype(dtype: torch.dtype):
     """Accumulator type for a kernel: fp64 stays fp64, everything else accumulates in fp32."""
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def flat_config(numel: int) -> tuple[int, int, int]:
+    """(BLOCK, grid size, num_warps) of a 1-D launch over ``numel`` elements."""
+    block = max(16, min(1024, triton.next_power_of_2(numel)))
+    return block, triton.cdiv(numel, block), (4 if block >= 512 else 1)
 
 
 def check_matching(op: str, names, tensors) -> None:

@@ -1,45 +1,27 @@
-"""1x1 convolution with fused bias + activation: y = act(conv1x1(x) + bias) (MODEL.md 3, 9).
+"""1x1 convolution with fused bias and activation: y = act(conv1x1(x) + bias).
 
-A 1x1 convolution of an NCHW tensor is, per image, the product W (Cout x Cin) @ X (Cin x HW).
+Per image the op is W (Cout x Cin) @ X (Cin x H*W). The kernels read NCHW (or any strides)
+directly and write contiguous NCHW; a program computes one (out-channel x pixel) tile with
+tl.dot in IEEE precision (TF32 would lose about three digits).
 
-Design trade-off:
-  * Layout: the kernels read NCHW directly through strides (pixel p = h*W + w is turned into
-    an offset with one div/mod per tile, outside the reduction loop), so no permute copies;
-    any strided input works (channels-last too). Outputs are allocated contiguous NCHW.
-    Each program computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image and
-    loops over Cin in BLOCK_K chunks with tl.dot; bias + activation is the epilogue.
-  * Backward: the pre-activation z = conv1x1(x) + bias is SAVED in the forward (written in
-    the same epilogue, only when a gradient is needed), not recomputed: silu and gelu cannot
-    be inverted from y, and recomputing z would cost a second full pass over x and W, while
-    saving z costs the same memory an unfused conv + activation keeps for autograd.
-    act'(z) is applied on the fly inside both backward kernels (grad_x = W^T @ gz and
-    grad_W = sum gz @ x^T), so grad_z is never written to memory.
-  * grad_W / grad_bias reduce over N*H*W: programs own a (Cout, Cin) tile and a slice of
-    the N*H*W range and write partial sums to a (split, Cout, Cin) buffer, summed by torch
-    afterwards: deterministic, no atomics.
-  * tl.dot uses input_precision="ieee" (the GPU default TF32 loses ~3 decimal digits).
+Backward: the forward saves the pre-activation z (silu and gelu cannot be inverted from y,
+and recomputing z costs a second pass over x and W); act'(z) is applied inside both
+gradient kernels, so grad_z never reaches memory. grad_W and grad_bias are per-split
+partial sums reduced by torch: deterministic, no atomics.
 
-Activations: "relu", "silu", "elu" (alpha 1), "gelu" (exact, erf-based, as nn.GELU()),
-"none". Only tl.* / tl.math.* functions (libdevice is unavailable in the interpreter).
-Size limits (Triton backend): float32/float64; any N, C, H, W (tiles are masked).
+Triton path: float32/float64, any N, C, H, W (tiles are masked). Activations use only
+tl.* functions, which the interpreter also provides.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import resolve
-from kernels._conv1x1_common import (check_conv_args, check_triton_dtype, matmul_blocks,
-                                     reduction_split)
+from ._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks, reduction_split
+from ._triton import require_triton, tl, triton
 
-try:  # Triton is optional: `import kernels` must work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-
-SUPPORTED = ("reference", "triton")
-ACTIVATIONS = ("none", "relu", "silu", "elu", "gelu")  # index = kernel ACT code
+# Activations of the model, "none" = identity; gelu is the exact erf form (nn.GELU()).
+# The index of a name is the kernels' ACT code.
+ACTIVATIONS = ("none", "relu", "silu", "elu", "gelu")
 
 
 def _check_activation(activation: str) -> int:
@@ -59,7 +41,7 @@ def conv1x1_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The named activation of the op (``"none"``: identity), in plain PyTorch."""
+    """The named activation (one of ``ACTIVATIONS``) in functional PyTorch."""
     if activation == "relu":
         return torch.relu(z)
     if activation == "silu":
@@ -68,7 +50,9 @@ def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.nn.functional.elu(z)
     if activation == "gelu":
         return torch.nn.functional.gelu(z)  # approximate="none": the exact erf form
-    return z
+    if activation == "none":
+        return z
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -242,8 +226,8 @@ def conv1x1_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     activation: str = "silu", store_z: bool = True, blocks=None):
     """Launch the forward kernel; returns (y, z) with z the pre-activation (None if unused).
 
-    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice (tests use it to
-    exercise multi-tile launches with ragged edges).
+    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice (the GPU tiles can
+    then be exercised in the interpreter).
     """
     check_conv_args(x, weight, bias)
     check_triton_dtype(x)
@@ -363,15 +347,10 @@ class Conv1x1ActFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 
 def conv1x1_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                activation: str = "silu", backend: str | None = None) -> torch.Tensor:
-    """act(conv1x1(x) + bias): x (N,Cin,H,W), weight (Cout,Cin,1,1), bias (Cout,) or None.
-
-    ``activation`` in ("relu", "silu", "elu", "gelu", "none"); ``backend`` None (automatic),
-    "reference" or "triton" (see kernels._backend).
-    """
+                activation: str = "silu") -> torch.Tensor:
+    """act(conv1x1(x) + bias) with the Triton kernels: x (N,Cin,H,W), weight (Cout,Cin,1,1),
+    bias (Cout,) or None, ``activation`` one of ``ACTIVATIONS``."""
+    require_triton("conv1x1_act", x.device)
     check_conv_args(x, weight, bias)
     _check_activation(activation)
-    if resolve("conv1x1_act", x.device, backend, SUPPORTED) == "triton":
-        return Conv1x1ActFn.apply(x, weight, bias, activation)
-    return conv1x1_act_ref(x, weight, bias, activation)
-
+    return Conv1x1ActFn.apply(x, weight, bias, activation)

@@ -1,44 +1,24 @@
-"""Closing 1x1 convolution of a ResBlock with the residual combine fused in (MODEL.md 3, 9):
+"""Closing 1x1 convolution of a ResBlock with the residual combine fused in:
 out = skip + gate * (conv1x1(h) + bias).
 
-A 1x1 convolution of an NCHW tensor is, per image, the product W (Cout x Cin) @ H (Cin x HW).
+The forward shares conv1x1_act's tile loop; its epilogue adds bias, scales by gate and adds
+the skip tile, so the branch output never reaches memory. gate (a float or a 1-element
+tensor) reaches the kernel as a 1-element device tensor: no host sync, exact in fp64.
 
-Design trade-off:
-  * Layout: the kernels read h, skip and grad_out in NCHW through strides (no permute
-    copies; channels-last inputs work too); the output is allocated contiguous NCHW. A program
-    computes a (BLOCK_M output channels x BLOCK_N pixels) tile of one image with conv1x1_act's
-    ``conv1x1_tile`` (a loop over Cin with tl.dot; input_precision="ieee": TF32 would lose ~3
-    digits), and the epilogue adds bias, scales by gate and adds the skip tile: the branch
-    output never reaches memory.
-  * gate is a python float or a 0-dim/1-element tensor; both are handed to the kernel as a
-    1-element device tensor (a float becomes torch.full, a fill kernel: no host sync and no
-    host-to-device copy), so the kernel reads it in the compute dtype and fp64 is exact.
-  * Backward saves only h and W (like an unfused conv): grad_skip = grad_out (no kernel).
-    grad_h = gate * W^T @ grad_out and the deterministic partial sums (no atomics)
-    A = sum grad_out @ h^T, s = sum grad_out over N*H*W come from conv1x1_act's backward
-    kernels run without activation (the gate applied in the input-gradient epilogue).
-    Then grad_W = gate * A, grad_bias = gate * s and, when gate is a tensor that requires
-    grad, grad_gate = <W, A> + <bias, s>: the branch output is neither saved nor
-    recomputed, because sum(grad_out * (W h + b)) regroups into those two small sums.
+Backward saves only h and W: grad_skip = grad_out, grad_h = gate * W^T @ grad_out, and the
+deterministic sums A = sum grad_out @ h^T, s = sum grad_out over N*H*W (conv1x1_act's
+backward kernels without activation) give grad_W = gate * A, grad_bias = gate * s and
+grad_gate = <W, A> + <bias, s>, since sum(grad_out * (W h + b)) regroups into those sums.
 
-Size limits (Triton backend): float32/float64; any N, C, H, W (tiles are masked).
+Triton path: float32/float64, any N, C, H, W (tiles are masked).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import resolve
-from kernels._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks
-from kernels.conv1x1_act import input_grad, weight_grad_sums
-
-try:  # Triton is optional: `import kernels` must work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-
-SUPPORTED = ("reference", "triton")
+from ._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks
+from ._triton import require_triton, tl, triton
+from .conv1x1_act import input_grad, weight_grad_sums
 
 
 def _check_residual_args(h, weight, bias, skip, gate) -> None:
@@ -74,7 +54,7 @@ def conv1x1_residual_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
-    from kernels.conv1x1_act import conv1x1_tile
+    from .conv1x1_act import conv1x1_tile
 
     @triton.jit
     def _conv1x1_residual_fwd_kernel(h_ptr, w_ptr, b_ptr, skip_ptr, gate_ptr, out_ptr,
@@ -116,7 +96,7 @@ def _gate_tensor(gate, like: torch.Tensor) -> torch.Tensor:
 def conv1x1_residual_fwd(h, weight, bias, skip, gate, blocks=None) -> torch.Tensor:
     """Launch the forward kernel. ``gate``: float or 1-element tensor.
 
-    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice (tests).
+    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) overrides the tile choice.
     """
     _check_residual_args(h, weight, bias, skip, gate)
     check_triton_dtype(h)
@@ -190,13 +170,10 @@ class Conv1x1ResidualFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 
 def conv1x1_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     skip: torch.Tensor, gate=1.0, backend: str | None = None) -> torch.Tensor:
-    """skip + gate * (conv1x1(h) + bias): h (N,Cin,H,W), weight (Cout,Cin,1,1), bias (Cout,)
-    or None, skip (N,Cout,H,W); gate a float or a 0-dim/1-element tensor (differentiable).
-
-    ``backend`` None (automatic), "reference" or "triton" (see kernels._backend).
-    """
+                     skip: torch.Tensor, gate=1.0) -> torch.Tensor:
+    """skip + gate * (conv1x1(h) + bias) with the Triton kernels: h (N,Cin,H,W), weight
+    (Cout,Cin,1,1), bias (Cout,) or None, skip (N,Cout,H,W); gate a float or a
+    0-dim/1-element tensor (differentiable)."""
+    require_triton("conv1x1_residual", h.device)
     _check_residual_args(h, weight, bias, skip, gate)
-    if resolve("conv1x1_residual", h.device, backend, SUPPORTED) == "triton":
-        return Conv1x1ResidualFn.apply(h, weight, bias, skip, _gate_tensor(gate, h))
-    return conv1x1_residual_ref(h, weight, bias, skip, gate)
+    return Conv1x1ResidualFn.apply(h, weight, bias, skip, _gate_tensor(gate, h))

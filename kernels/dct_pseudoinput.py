@@ -1,4 +1,4 @@
-"""DCT pseudoinputs (MODEL.md section 2): image -> normalised cropped DCT, and back.
+"""DCT pseudoinputs: image -> normalised cropped DCT, and back.
 
 Forward  u = clamp(crop_K(D_H ((x+1)/2) D_W^T) / scale, -1, 1)      x (N,C,H,W) -> u (N,C,K,K)
 Inverse  x = 2 clamp(D_H[:K]^T (u*scale) D_W[:K], 0, 1) - 1        u (N,C,K,K) -> x (N,C,H,W)
@@ -6,26 +6,18 @@ Inverse  x = 2 clamp(D_H[:K]^T (u*scale) D_W[:K], 0, 1) - 1        u (N,C,K,K) -
 D_N is the orthonormal DCT-II matrix, D[k,n] = s_k cos(pi (n+0.5) k / N) with s_0 = sqrt(1/N),
 s_k = sqrt(2/N); the inverse DCT is its transpose.
 
-Design trade-off:
-  * The crop is folded into the basis: only the first K rows of D_H and D_W are ever used,
-    so the forward computes exactly the K x K kept coefficients (two products
-    (K x H)(H x W) and (K x W)(W x K)) instead of a full H x W transform, and the inverse
-    never materialises the zero-padded H x W coefficient plane.
-  * One Triton program per (image, channel): the whole H x W plane sits in registers and the
-    two products are `tl.dot`s on tiles padded to powers of two >= 16 (tl.dot's minimum),
-    with masks. `input_precision="ieee"` because the GPU default (TF32) would put ~1e-3
-    relative error into the coefficients, far above what the reference tests allow.
-  * Backward of the forward op saves the pre-clamp ratio v = coef/scale (N*C*K*K values,
-    ~6% of x for MNIST) to rebuild the clamp mask; backward of the inverse recomputes the
-    pre-clamp image in the backward kernel (two extra tiny dots) instead of saving an
-    N*C*H*W tensor. Both clamp masks are inclusive, like torch.clamp's gradient.
-  * Basis matrices are built once per (N, K, dtype, device) in float64 and cast (lru_cache).
+The crop is folded into the basis: only the first K rows of D_H and D_W are used, so the
+forward computes just the K x K kept coefficients and the inverse never builds the padded
+H x W plane. One Triton program holds one (image, channel) plane and does both products
+with tl.dot on tiles padded to powers of two >= 16, in IEEE precision (TF32 would put
+about 1e-3 relative error into the coefficients). The forward's backward saves the
+pre-clamp ratio v = coef/scale for the clamp mask; the inverse's backward recomputes the
+pre-clamp image instead of saving an N*C*H*W tensor. Both masks are inclusive, as
+torch.clamp's gradient.
 
-Size limits (Triton backend): float32/float64 only; H, W <= 128 (the plane is held in
-registers by one program); 1 <= K <= min(H, W). ``scale`` is a non-trainable buffer: it
-must be strictly positive (the caller applies the max(scale, 1) guard of MODEL.md 2) and
-receives no gradient; passing a scale that requires grad to the Triton backend raises.
-Outputs are contiguous; inputs may have any strides.
+``scale`` (C, K, K) must be strictly positive (the caller applies max(scale, 1)); it is a
+buffer and gets no gradient. Triton path: float32/float64, H, W <= MAX_SIDE (one plane per
+program), 1 <= K <= min(H, W); inputs may have any strides, outputs are contiguous.
 """
 from __future__ import annotations
 
@@ -34,17 +26,9 @@ import math
 
 import torch
 
-from kernels._backend import resolve
+from ._triton import require_triton, tl, triton
 
-try:  # Triton is optional: `import kernels` must work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    triton = None
-    tl = None
-
-SUPPORTED = ("reference", "triton")
-MAX_SIDE = 128
+MAX_SIDE = 128  # largest H, W of the Triton path: one program holds a whole plane
 _TRITON_DTYPES = (torch.float32, torch.float64)
 
 
@@ -52,8 +36,7 @@ _TRITON_DTYPES = (torch.float32, torch.float64)
 def dct_basis(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """First ``k`` rows of the orthonormal DCT-II matrix of size ``n`` (shape (k, n)).
 
-    Built in float64 on the CPU and cast once, so float32 callers get correctly rounded
-    entries instead of float32 cos() of float32 angles.
+    Built in float64 and cast once, so float32 callers get correctly rounded entries.
     """
     idx = torch.arange(n, dtype=torch.float64)
     freq = torch.arange(k, dtype=torch.float64)[:, None]
@@ -282,7 +265,8 @@ def _block(n: int) -> int:
 
 def _check_triton_tensor(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"triton backend supports float32/float64 {name}, got {t.dtype}")
+        raise ValueError(f"the triton DCT kernels support float32/float64 {name}, got {t.dtype}; "
+                         "dct_pseudoinput_ref/idct_pseudoinput_ref take other dtypes")
     if t.dtype != like.dtype or t.device != like.device:
         raise ValueError(f"{name} must match dtype/device {like.dtype}/{like.device}, "
                          f"got {t.dtype}/{t.device}")
@@ -291,7 +275,7 @@ def _check_triton_tensor(name: str, t: torch.Tensor, like: torch.Tensor) -> None
 def _check_sides(h: int, w: int) -> None:
     if h > MAX_SIDE or w > MAX_SIDE:
         raise ValueError(f"triton DCT holds one H x W plane per program: H, W <= {MAX_SIDE}, "
-                         f"got {(h, w)}; use backend='reference'")
+                         f"got {(h, w)}; dct_pseudoinput_ref/idct_pseudoinput_ref take larger ones")
 
 
 def dct_pseudoinput_fwd(x: torch.Tensor, scale: torch.Tensor, ctx_size: int,
@@ -380,7 +364,7 @@ def idct_pseudoinput_bwd(grad_x: torch.Tensor, u: torch.Tensor, scale: torch.Ten
 def _no_scale_grad(scale: torch.Tensor) -> None:
     if scale.requires_grad:
         raise ValueError("scale is a non-trainable buffer and gets no gradient from the "
-                         "triton backend; pass scale.detach() (or use backend='reference')")
+                         "triton kernels; pass scale.detach()")
 
 
 class DctPseudoinputFn(torch.autograd.Function):
@@ -416,23 +400,17 @@ class IdctPseudoinputFn(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public
 
-def dct_pseudoinput(x: torch.Tensor, scale: torch.Tensor, ctx_size: int,
-                    backend: str | None = None) -> torch.Tensor:
-    """Normalised DCT pseudoinput u (N,C,ctx,ctx) in [-1,1] of images x (N,C,H,W) in [-1,1].
-
-    ``scale`` (C, ctx, ctx) must be strictly positive (apply max(scale, 1) beforehand).
-    ``backend``: None (automatic), "reference" or "triton" (see kernels._backend).
-    """
+def dct_pseudoinput(x: torch.Tensor, scale: torch.Tensor, ctx_size: int) -> torch.Tensor:
+    """Normalised DCT pseudoinput u (N,C,ctx,ctx) in [-1,1] of images x (N,C,H,W) in [-1,1],
+    with the Triton kernels. ``scale`` (C, ctx, ctx) must be strictly positive."""
+    require_triton("dct_pseudoinput", x.device)
     _check_fwd_args(x, scale, ctx_size)
-    if resolve("dct_pseudoinput", x.device, backend, SUPPORTED) == "triton":
-        return DctPseudoinputFn.apply(x, scale, ctx_size)
-    return dct_pseudoinput_ref(x, scale, ctx_size)
+    return DctPseudoinputFn.apply(x, scale, ctx_size)
 
 
-def idct_pseudoinput(u: torch.Tensor, scale: torch.Tensor, size,
-                     backend: str | None = None) -> torch.Tensor:
-    """Image (N,C,H,W) in [-1,1] of pseudoinputs u (N,C,ctx,ctx); ``size`` = (H, W)."""
+def idct_pseudoinput(u: torch.Tensor, scale: torch.Tensor, size) -> torch.Tensor:
+    """Image (N,C,H,W) in [-1,1] of pseudoinputs u (N,C,ctx,ctx), with the Triton kernels;
+    ``size`` = (H, W)."""
+    require_triton("idct_pseudoinput", u.device)
     h, w = _check_inv_args(u, scale, size)
-    if resolve("idct_pseudoinput", u.device, backend, SUPPORTED) == "triton":
-        return IdctPseudoinputFn.apply(u, scale, (h, w))
-    return idct_pseudoinput_ref(u, scale, (h, w))
+    return IdctPseudoinputFn.apply(u, scale, (h, w))

@@ -1,4 +1,4 @@
-"""One ancestral sampling step of the diffusion prior over the pseudoinputs (MODEL.md section 5).
+"""One ancestral sampling step of the diffusion prior over the pseudoinputs.
 
 For the step t = (i+1)/T -> s = i/T (row i of the coefficient table):
 
@@ -10,66 +10,34 @@ For the step t = (i+1)/T -> s = i/T (row i of the coefficient table):
     c_noise = sqrt(sigma_ts^2 sigma_s^2 / sigma_t^2)
     alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), gamma(t) = gamma_min + (gamma_max - gamma_min) t
 
-Coefficient table (``ddpm_coefficients``), shape (T, 5), one row per step, columns
-    COL_SIGMA_T = 0: sigma_t
-    COL_INV_ALPHA_T = 1: 1 / alpha_t
-    COL_C_Z = 2: c_z
-    COL_C_X = 3: c_x
-    COL_C_NOISE = 4: c_noise
-computed once in float64 from (T, gamma_min, gamma_max) with the cancellation-free forms
-sigma_ts^2 / sigma_t^2 = -expm1(gamma_s - gamma_t), c_z = alpha_s/alpha_t (1 - that),
-c_x = alpha_s * that, c_noise = sqrt(that * sigma_s^2); then cast to the sampling dtype.
+``ddpm_coefficients`` is the one home of the (T, 5) coefficient table, columns
+[sigma_t, 1/alpha_t, c_z, c_x, c_noise], computed in float64 with the cancellation-free
+form sigma_ts^2 / sigma_t^2 = -expm1(gamma_s - gamma_t).
 
-Design trade-off. The step is five elementwise ops, a clamp and three reads of (N, C, h, w)
-tensors. Unfused, each op is a kernel launch plus a full round trip to memory, and looking
-up the schedule the improved-diffusion way (index a host array, copy to the device every
-step) costs a host-to-device copy and often a sync per step. Fused, one launch reads z_t,
-eps_hat and noise once, writes z_s once, and reads its five coefficients from the table in
-device memory. The step index can be a Python int (a plain kernel argument, excluded from
-Triton's integer specialisation so the T steps share one compiled kernel) or a 0-dim
-integer tensor on the device (read inside the kernel): a CUDA-graph-captured or compiled
-T-step loop then never synchronises with the host. An out-of-range *tensor* step cannot be
-checked without a sync; the kernel clamps it into [0, T-1] so it can never read outside the
-table (a Python int step is range-checked and raises).
-
-Size limits: a flat 1-D grid over numel with int64 offsets (no practical limit). Accumulation
-in fp32 (fp64 for fp64 inputs); the temperature is an fp32 scalar argument. The backward
-(gradients w.r.t. z_t, eps_hat and noise; the clamp passes gradient on [-1, 1] like
-torch.clamp) exists for completeness; sampling itself runs under no_grad.
+The Triton kernel reads z_t, eps_hat and noise once, writes z_s once and reads its five
+coefficients from the table in device memory. The step is a Python int (a kernel argument
+excluded from integer specialisation, so the T steps share one compiled kernel) or a 0-dim
+int tensor on the device, read inside the kernel so that a captured T-step loop never
+synchronises with the host; such a step cannot be range-checked without a sync, so the
+kernel clamps it into [0, T-1]. Accumulation is fp32 (fp64 for fp64 inputs). The backward
+(w.r.t. z_t, eps_hat, noise; the clamp passes gradient on [-1, 1] like torch.clamp) is
+provided, though sampling runs under no_grad.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import resolve
-from kernels._elementwise_common import acc_dtype, check_matching
+from ._elementwise_common import acc_dtype, check_matching, flat_config
+from ._triton import require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # `import kernels` must work without Triton
-    triton = None
-    tl = None
-
-COL_SIGMA_T, COL_INV_ALPHA_T, COL_C_Z, COL_C_X, COL_C_NOISE = range(5)
-NUM_COLS = 5
-
-
-def _supported():
-    # The C++ CPU step is wired in only if the compiled extension exposes one.
-    from dvpvae import _ext
-
-    ext = _ext.load()
-    if ext is not None and hasattr(ext, "ddpm_step"):
-        return ("cpp", "reference", "triton")
-    return ("reference", "triton")
+NUM_COLS = 5  # columns of the coefficient table
 
 
 def ddpm_coefficients(T, gamma_min, gamma_max, dtype=torch.float32, device="cpu"):
     """Tabulate the step coefficients: a (T, 5) tensor, row i for t = (i+1)/T -> s = i/T.
 
-    Columns: [sigma_t, 1/alpha_t, c_z, c_x, c_noise] (indices ``COL_*`` above). Computed in
-    float64, then cast to ``dtype`` on ``device``.
+    Columns: [sigma_t, 1/alpha_t, c_z, c_x, c_noise]. Computed in float64, then cast to
+    ``dtype`` on ``device``.
     """
     T = int(T)
     if T < 1:
@@ -105,7 +73,7 @@ def _row(coef, step):
     return coef[step]
 
 
-def ddpm_step_ref(z_t, eps_hat, noise, coef, step, temperature=1.0, backend=None):
+def ddpm_step_ref(z_t, eps_hat, noise, coef, step, temperature=1.0):
     """Plain-PyTorch reference; same signature and semantics as ``ddpm_step``."""
     row = _row(coef, step).to(z_t.dtype)
     sigma_t, inv_alpha_t, c_z, c_x, c_noise = row.unbind(0)
@@ -203,11 +171,6 @@ def _check_inputs(z_t, eps_hat, noise, coef):
         raise ValueError("ddpm_step: coef must be contiguous")
 
 
-def _config(numel):
-    block = max(16, min(1024, triton.next_power_of_2(numel)))
-    return block, triton.cdiv(numel, block), (4 if block >= 512 else 1)
-
-
 def ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature=1.0):
     """Launch the forward kernel (no autograd)."""
     _check_inputs(z_t, eps_hat, noise, coef)
@@ -215,7 +178,7 @@ def ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature=1.0):
     out = torch.empty_like(z_t)
     numel = z_t.numel()
     if numel:
-        block, grid, num_warps = _config(numel)
+        block, grid, num_warps = flat_config(numel)
         _ddpm_step_fwd_kernel[(grid,)](
             z_t, eps_hat, noise, coef, step_t if step_t is not None else coef, out, numel,
             step_int, coef.shape[0], float(temperature), BLOCK=block,
@@ -234,7 +197,7 @@ def ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, temperature=1.0, need_nois
     d_nz = torch.empty_like(z_t) if need_noise else None
     numel = z_t.numel()
     if numel:
-        block, grid, num_warps = _config(numel)
+        block, grid, num_warps = flat_config(numel)
         _ddpm_step_bwd_kernel[(grid,)](
             z_t, eps_hat, grad_out, coef, step_t if step_t is not None else coef,
             d_zt, d_eh, d_nz if need_noise else d_zt, numel, step_int, coef.shape[0],
@@ -266,45 +229,23 @@ class DDPMStepFunction(torch.autograd.Function):
         return d_zt, d_eh, d_nz, None, None, None
 
 
-def _cpp_step(z_t, eps_hat, noise, coef, step, temperature):
-    from dvpvae import _ext
-
-    return _ext.load().ddpm_step(z_t, eps_hat, noise, coef, step, float(temperature))
-
-
 # --------------------------------------------------------------------------- public op
-def ddpm_step(z_t, eps_hat, noise, coef, step, temperature=1.0, backend=None):
-    """One ancestral step z_t -> z_s of the diffusion prior (MODEL.md section 5).
+def ddpm_step(z_t, eps_hat, noise, coef, step, temperature=1.0):
+    """One ancestral step z_t -> z_s of the diffusion prior, with the Triton kernel.
 
     Args:
-        z_t, eps_hat, noise: tensors of one shape (N, C, h, w) (any shape works: the op is
-            elementwise), one dtype (fp16/bf16/fp32/fp64) and one device. ``eps_hat`` is the
-            network's noise prediction at t, ``noise`` a fresh N(0, I) draw.
+        z_t, eps_hat, noise: tensors of one shape (the op is elementwise), one dtype
+            (fp16/bf16/fp32/fp64) and one device. ``eps_hat`` is the network's noise
+            prediction at t, ``noise`` a fresh N(0, I) draw.
         coef: the (T, 5) table of ``ddpm_coefficients`` on the same device (fp32/fp64).
         step: row index i in [0, T-1] for t = (i+1)/T -> s = i/T; a Python int or a 0-dim
-            int32/int64 tensor on the table's device (read on the device: no host sync).
-            Ancestral sampling runs i = T-1, ..., 0 starting from z ~ N(0, I).
+            int32/int64 tensor on the table's device. Ancestral sampling runs
+            i = T-1, ..., 0 starting from z ~ N(0, I).
         temperature: multiplies the noise standard deviation.
-        backend: None (automatic), "reference", "triton", or "cpp" when the compiled
-            extension provides ``ddpm_step`` (forward only; it reads a tensor step on the
-            host). On CPU without the interpreter the automatic order is cpp, reference.
 
     Returns:
         z_s, same shape and dtype as z_t. Differentiable w.r.t. z_t, eps_hat and noise.
     """
-    name = resolve("ddpm_step", z_t.device, backend, _supported())
-    if name == "cpp":
-        # The C++ step is a sampling kernel without a backward: when a gradient is needed
-        # the automatic choice falls back to the reference; an explicit request raises.
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (z_t, eps_hat, noise))
-        if not needs_grad:
-            return _cpp_step(z_t, eps_hat, noise, coef, step, temperature)
-        if backend == "cpp":
-            raise ValueError("ddpm_step: the 'cpp' backend has no backward; call it under "
-                             "torch.no_grad() or use backend='triton'/'reference'")
-        name = "reference"
-    if name == "reference":
-        return ddpm_step_ref(z_t, eps_hat, noise, coef, step, temperature)
+    require_triton("ddpm_step", z_t.device)
     return DDPMStepFunction.apply(z_t.contiguous(), eps_hat.contiguous(), noise.contiguous(),
                                   coef, step, float(temperature))

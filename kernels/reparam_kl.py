@@ -1,52 +1,36 @@
 """Fused top-down latent step: log-variance clamps, reparameterization and the analytic KL.
 
-    lq = clamp(q_logvar, min_logvar, 1)          lp = clamp(p_logvar, min_logvar, 1)
+    lq = clamp(q_logvar, min_logvar, MAX_LOGVAR)    lp = clamp(p_logvar, min_logvar, MAX_LOGVAR)
     z  = q_mu + exp(lq / 2) * eps
     kl = sum_{dims > 0} 0.5 * (lp - lq + (exp(lq) + (q_mu - p_mu)^2) * exp(-lp) - 1)   (N,)
 
 and the sampling variant ``reparam_sample``: z = p_mu + exp(lp / 2) * sqrt(T) * eps
-(generation at temperature T multiplies the variance by T, MODEL.md section 4).
+(temperature T multiplies the variance).
 
-Design trade-off. Unfused, this is ~12 elementwise ops plus a reduction: every one reads
-and writes a full (N, D) tensor, and autograd keeps the intermediates. Fused, the forward
-reads the five inputs once and writes z plus one scalar per example; the backward recomputes
-everything from the saved inputs (nothing but the inputs is kept) and writes the gradients
-in one pass. The op is memory bound, so the win is the traffic ratio.
+The forward reads the five inputs once and writes z and one scalar per example; the
+backward recomputes everything from the saved inputs and writes the gradients in one pass.
 
-Reduction scheme (deterministic on purpose, so that training runs are bitwise repeatable):
-the grid is (N, S). Program (n, s) loops over one contiguous chunk of example n in tiles of
-BLOCK, keeps a BLOCK-wide running sum in registers, reduces it once and writes partial[n, s].
-S = 1 (one program per example, no second pass) whenever N alone fills the GPU, which is
-the case in training (N >= 128) where D <= 3072 (CIFAR10 32x32x3 latents). For small
-batches S > 1 splits D, and the S partials are summed by a fixed-order ``sum(dim=1)``.
-No atomics: float atomics would make the KL depend on scheduling order.
+The KL reduction is deterministic (no atomics, so training is bitwise repeatable): the
+grid is (N, S), program (n, s) sums one contiguous chunk of example n and writes
+partial[n, s], and the S partials are summed by torch in a fixed order. S = 1 when N
+programs already fill the GPU; smaller batches split D.
 
-Size limits: inputs are flattened to (N, D) with D = numel / N; offsets are int64, so only
-memory bounds the size. Scalars (min_logvar, sqrt(T)) travel as fp32 kernel arguments
-(Triton passes Python floats as fp32), which is exact for the configured values (-10, 1).
-Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs. Non-contiguous
-inputs are copied to contiguous memory by the public op; the launchers insist on it.
+Inputs are flattened to (N, D) with int64 offsets. Scalars (min_logvar, sqrt(T)) travel
+as fp32 kernel arguments; accumulation is fp32 (fp64 for fp64 inputs). The public ops copy
+non-contiguous inputs; the launchers require contiguous ones.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._backend import resolve
-from kernels._elementwise_common import acc_dtype, check_matching
+from ._elementwise_common import acc_dtype, check_matching, flat_config
+from ._triton import interpreting, require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # `import kernels` must work without Triton
-    triton = None
-    tl = None
-
-MAX_LOGVAR = 1.0  # upper clamp of every log-variance (MODEL.md section 4)
-_SUPPORTED = ("reference", "triton")
+MAX_LOGVAR = 1.0  # upper clamp of every log-variance in the model
 
 
 # --------------------------------------------------------------------------- reference
-def reparam_kl_ref(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, backend=None):
+def reparam_kl_ref(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar):
     """Plain-PyTorch reference; same signature and semantics as ``reparam_kl``."""
     lq = torch.clamp(q_logvar, min_logvar, MAX_LOGVAR)
     lp = torch.clamp(p_logvar, min_logvar, MAX_LOGVAR)
@@ -55,7 +39,7 @@ def reparam_kl_ref(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, backend=None
     return z, kl.reshape(kl.shape[0], -1).sum(dim=1)
 
 
-def reparam_sample_ref(p_mu, p_logvar, eps, min_logvar, temperature=1.0, backend=None):
+def reparam_sample_ref(p_mu, p_logvar, eps, min_logvar, temperature=1.0):
     """Plain-PyTorch reference; same signature and semantics as ``reparam_sample``."""
     lp = torch.clamp(p_logvar, min_logvar, MAX_LOGVAR)
     return p_mu + torch.exp(0.5 * lp) * (float(temperature) ** 0.5) * eps
@@ -200,7 +184,7 @@ def _launch_config(N, D, splits=None):
     if splits is None:
         # The interpreter pays per program, so it always gets one per example. On a GPU,
         # split D only when N programs would leave most of the SMs idle.
-        splits = 1 if (N >= 256 or tl is None or _interpreting()) else min(tiles, triton.cdiv(512, N))
+        splits = 1 if (N >= 256 or interpreting()) else min(tiles, triton.cdiv(512, N))
     splits = max(1, min(int(splits), tiles))
     chunk = triton.cdiv(tiles, splits) * block
     splits = triton.cdiv(D, chunk)
@@ -208,14 +192,9 @@ def _launch_config(N, D, splits=None):
     return block, chunk, splits, num_warps
 
 
-def _interpreting():
-    from kernels._backend import triton_interpret
-
-    return triton_interpret()
-
-
 def reparam_kl_fwd(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, splits=None):
-    """Launch the forward kernel; returns (z, kl). ``splits`` overrides S (tests)."""
+    """Launch the forward kernel; returns (z, kl). ``splits`` overrides S (the GPU's split
+    reduction can then be exercised in the interpreter)."""
     names = ("q_mu", "q_logvar", "p_mu", "p_logvar", "eps")
     tensors = (q_mu, q_logvar, p_mu, p_logvar, eps)
     _check_inputs("reparam_kl", names, tensors)
@@ -266,17 +245,12 @@ def reparam_kl_bwd(q_mu, q_logvar, p_mu, p_logvar, eps, grad_z, grad_kl, min_log
     return (*grads, d_eps)
 
 
-def _flat_config(numel):
-    block = max(16, min(1024, triton.next_power_of_2(numel)))
-    return block, triton.cdiv(numel, block), (4 if block >= 512 else 1)
-
-
 def reparam_sample_fwd(p_mu, p_logvar, eps, min_logvar, temperature):
     _check_inputs("reparam_sample", ("p_mu", "p_logvar", "eps"), (p_mu, p_logvar, eps))
     z = torch.empty_like(p_mu)
     numel = p_mu.numel()
     if numel:
-        block, grid, num_warps = _flat_config(numel)
+        block, grid, num_warps = flat_config(numel)
         _reparam_sample_fwd_kernel[(grid,)](p_mu, p_logvar, eps, z, numel, float(min_logvar),
                                             MAX_LOGVAR, float(temperature) ** 0.5, BLOCK=block,
                                             ACC=acc_dtype(p_mu.dtype), num_warps=num_warps)
@@ -292,7 +266,7 @@ def reparam_sample_bwd(p_logvar, eps, grad_z, min_logvar, temperature, need_eps=
     d_eps = torch.empty_like(p_logvar) if need_eps else None
     numel = p_logvar.numel()
     if numel:
-        block, grid, num_warps = _flat_config(numel)
+        block, grid, num_warps = flat_config(numel)
         _reparam_sample_bwd_kernel[(grid,)](p_logvar, eps, grad_z, d_plv,
                                             d_eps if need_eps else d_plv, numel,
                                             float(min_logvar), MAX_LOGVAR,
@@ -343,37 +317,31 @@ class ReparamSampleFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public ops
-def reparam_kl(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, backend=None):
-    """Clamp log-variances, draw z ~ q by reparameterization and return (z, KL(q || p)).
+def reparam_kl(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar):
+    """Clamp log-variances, draw z ~ q by reparameterization and return (z, KL(q || p)),
+    with the Triton kernels.
 
     Args:
         q_mu, q_logvar, p_mu, p_logvar, eps: tensors of one shape (N, ...), one dtype
             (fp16/bf16/fp32/fp64) and one device. Log-variances are *unclamped*; both are
-            clamped to [min_logvar, 1] here (zero gradient outside, as torch.clamp).
-        min_logvar: lower clamp (float; -10 in the paper's configs).
-        backend: None (automatic), "reference" or "triton" (see kernels._backend).
+            clamped to [min_logvar, MAX_LOGVAR] here (zero gradient outside, as torch.clamp).
+        min_logvar: lower clamp (float).
 
     Returns:
         z of the input shape, and kl of shape (N,) summed over all non-batch dims, in the
         input dtype. Differentiable w.r.t. all five tensors.
     """
-    name = resolve("reparam_kl", q_mu.device, backend, _SUPPORTED)
-    if name == "reference":
-        return reparam_kl_ref(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar)
+    require_triton("reparam_kl", q_mu.device)
     return ReparamKLFunction.apply(q_mu.contiguous(), q_logvar.contiguous(), p_mu.contiguous(),
                                    p_logvar.contiguous(), eps.contiguous(), float(min_logvar))
 
 
-def reparam_sample(p_mu, p_logvar, eps, min_logvar, temperature=1.0, backend=None):
-    """Draw z = p_mu + exp(clamp(p_logvar)/2) * sqrt(temperature) * eps (generation).
-
-    ``temperature`` scales the prior *variance* (MODEL.md section 4). Same shape/dtype
-    rules as ``reparam_kl``; differentiable w.r.t. p_mu, p_logvar and eps.
-    """
+def reparam_sample(p_mu, p_logvar, eps, min_logvar, temperature=1.0):
+    """Draw z = p_mu + exp(clamp(p_logvar)/2) * sqrt(temperature) * eps with the Triton
+    kernels. ``temperature`` scales the prior *variance*. Same shape/dtype rules as
+    ``reparam_kl``; differentiable w.r.t. p_mu, p_logvar and eps."""
+    require_triton("reparam_sample", p_mu.device)
     if float(temperature) < 0:
         raise ValueError(f"reparam_sample: temperature must be >= 0, got {temperature}")
-    name = resolve("reparam_sample", p_mu.device, backend, _SUPPORTED)
-    if name == "reference":
-        return reparam_sample_ref(p_mu, p_logvar, eps, min_logvar, temperature)
     return ReparamSampleFunction.apply(p_mu.contiguous(), p_logvar.contiguous(), eps.contiguous(),
                                        float(min_logvar), float(temperature))

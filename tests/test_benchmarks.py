@@ -1,13 +1,16 @@
-"""benchmarks/throughput.py at a tiny size: the report has the documented schema and sane numbers.
+"""The benchmark scripts at tiny sizes: complete reports, sane numbers, RESULTS.md regenerated.
 
-No timing assertions: the machine is shared and the sizes are tiny. This checks that the
-README's main command keeps working and that its JSON stays machine-readable.
+No timing comparisons: the machine is shared and the sizes are tiny. This checks that the
+README's first command keeps working, that every (provider, task) row is measured, and that
+the JSON and RESULTS.md carry the command and the machine.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import subprocess
 import sys
 import time
 
@@ -16,10 +19,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
+TASKS = ("train", "eval", "nll", "sample")
 
 
 def _load_benchmark(name: str):
-    if BENCH not in sys.path:  # appended: benchmarks/kernels.py must not shadow the kernels package
+    if BENCH not in sys.path:  # appended: benchmarks/kernels.py must not shadow anything
         sys.path.append(BENCH)
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -32,8 +36,21 @@ def throughput():
     return _load_benchmark("throughput")
 
 
+@pytest.fixture(scope="module")
+def harness():
+    if BENCH not in sys.path:
+        sys.path.append(BENCH)
+    import _harness
+
+    return _harness
+
+
 TINY = ["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "1", "--k", "2",
         "--nll-batch", "2", "--sample-n", "2", "--peak-n", "256"]
+
+
+def _positive_finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
 def _check_report(rep, models, flops=True):
@@ -41,46 +58,76 @@ def _check_report(rep, models, flops=True):
         assert key in rep, key
     assert rep["threads"] == torch.get_num_threads()
     if flops:
-        assert rep["matmul_peak_gflops"] > 0
+        assert _positive_finite(rep["matmul_peak_gflops"])
         assert rep["flops"]["train"] > rep["flops"]["eval"] > 0  # backward adds work
-    got = {(r["model"], r["task"]) for r in rep["results"]}
-    assert got == {(m, t) for m in models for t in ("train", "eval", "nll", "sample")}
+        assert all(rep["flops"][t] > 0 for t in TASKS)
+    rows = [(r["model"], r["task"]) for r in rep["results"]]
+    assert sorted(rows) == sorted((m, t) for m in models for t in TASKS)  # each exactly once
     for r in rep["results"]:
         assert "error" not in r, r
-        assert r["preset"] == "tiny" and r["batch"] == 2
+        assert r["preset"] == "tiny"
+        assert r["batch"] == {"train": 2, "eval": 2, "nll": 2, "sample": 2}[r["task"]]
         for key in ("images_per_s", "it_per_s", "seconds_median", "seconds_min", "seconds_max",
-                    "warmup_s", "first_call_s") + (("gflops",) if flops else ()):
-            assert r[key] > 0, (key, r)
+                    "warmup_s", "first_call_s", "speedup_vs_DVPVAE") + (("gflops",) if flops else ()):
+            assert _positive_finite(r[key]), (key, r)
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["seconds_median"])
         assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
+        assert r["repeats"] == 1
         # RSS can even drop during a call (a page returned to the OS), so only >= -slack.
         assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] > -64
         if r["model"] == "DVPVAE":
             assert r["speedup_vs_DVPVAE"] == pytest.approx(1.0)
 
 
-def test_reference_only(throughput, tmp_path):
-    out = tmp_path / "bench.json"
-    rc = throughput.main(TINY + ["--providers", "DVPVAE", "--json", str(out)])
-    assert rc == 0
+def _check_results_md(md_path, report, harness):
+    text = open(md_path).read()
+    run = report["run"]
+    assert f"## {report['benchmark']}" in text
+    assert run["command"] in text
+    assert f"Machine: {harness.machine_line(run)}" in text
+    assert harness.cpu_name() in text and harness.cpu_isa() in text
+    assert f"{torch.get_num_threads()} threads" in text and f"torch {torch.__version__}" in text
+    assert run["timestamp"][:10] in text
+    return text
+
+
+def test_help_runs_as_a_script():
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "throughput.py"), "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for option in ("--preset", "--batch", "--nll-batch", "--k", "--sample-n", "--fast-flag", "--official",
+                   "--json"):
+        assert option in out.stdout
+
+
+def test_reference_only_writes_json_and_results_md(throughput, harness, tmp_path):
+    out = tmp_path / "results" / "throughput.json"
+    argv = TINY + ["--providers", "DVPVAE", "--json", str(out)]
+    assert throughput.main(argv) == 0
     rep = json.loads(out.read_text())
     _check_report(rep, ["DVPVAE"])
+    assert rep["benchmark"] == "throughput"
+    assert rep["run"]["command"] == "python benchmarks/throughput.py " + " ".join(argv)
+    text = _check_results_md(tmp_path / "results" / "RESULTS.md", rep, harness)
+    table = [line for line in text.splitlines() if line.startswith("| DVPVAE |")]
+    assert [line.split(" | ")[1] for line in table] == list(TASKS)
+    assert not (tmp_path / "RESULTS.md").exists()
 
 
 def test_fast_without_compile(throughput):
-    if throughput.FastDVPVAE is None:
-        pytest.skip(f"FastDVPVAE not importable: {throughput.FAST_IMPORT_ERROR}")
-    known = throughput.fast_flags_supported()
-    if "compile" not in known:
-        pytest.skip("FastDVPVAE has no compile flag; compiling would take minutes")
-    # extension=off as well: its first use AOT-compiles the prior UNet (cached on disk,
-    # but a fresh checkout would pay a minute here).
-    flags = ["--fast-flag", "compile=off"] + (["--fast-flag", "extension=off"] if "extension" in known else [])
-    # --no-flops: the reference test covers the counts; this one is about the second provider.
-    rep = throughput.run(throughput.parse_args(TINY + ["--providers", "DVPVAE,FastDVPVAE", "--no-flops"]
-                                               + flags))
+    # compile=off: the providers' code paths without minutes of torch.compile warm-up.
+    rep = throughput.run(throughput.parse_args(TINY + ["--providers", "DVPVAE,FastDVPVAE", "--no-flops",
+                                                       "--fast-flag", "compile=off"]))
     _check_report(rep, ["DVPVAE", "FastDVPVAE"], flops=False)
-    assert all(r["speedup_vs_DVPVAE"] > 0 for r in rep["results"])
-    assert any("compile=False" in n for n in rep["notes"])
+    assert "FastDVPVAE flags: compile=False" in rep["notes"]
+
+
+def test_unknown_fast_flag_is_an_error(throughput):
+    for item in ("jit=off", "compile=maybe"):
+        with pytest.raises(SystemExit, match="--fast-flag expects"):
+            throughput.parse_fast_flags([item])
+    assert throughput.parse_fast_flags(["extension=off", "cuda_graphs=on"]) == {"extension": False,
+                                                                                "cuda_graphs": True}
 
 
 def test_official_missing_path_is_a_note(throughput, tmp_path):
@@ -91,33 +138,69 @@ def test_official_missing_path_is_a_note(throughput, tmp_path):
     assert any(n.startswith("official skipped") for n in rep["notes"])
 
 
-def test_peak_memory_sees_an_allocation():
-    if BENCH not in sys.path:  # appended: benchmarks/kernels.py must not shadow the kernels package
-        sys.path.append(BENCH)
-    import _harness
+def test_results_md_gathers_every_report(harness, tmp_path):
+    rows = [{"provider": "a", "ms": 1.5, "speedup": 1.0}, {"provider": "b", "ms": 0.25, "error": "E|x"}]
+    harness.save_report("zeta", {"results": rows}, str(tmp_path / "zeta.json"), ["--n", "3"])
+    harness.save_report("alpha", {"rows": rows}, str(tmp_path / "alpha.json"), [],
+                        columns=[("provider", "who"), ("ms", "time ms")])
+    (tmp_path / "other.json").write_text("[1, 2]")  # not a report: skipped
+    (tmp_path / "broken.json").write_text("{")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.index("## alpha") < text.index("## zeta")
+    assert "python benchmarks/zeta.py --n 3" in text
+    assert "| who | time ms | error |" in text  # error column added for failed rows
+    assert "| provider | ms | speedup | error |" in text
+    assert "E\\|x" in text  # a | inside a cell is escaped
+    assert text.count("Machine: ") == 2
+    # Regeneration is a pure function of the reports.
+    before = text
+    assert harness.write_results_md(str(tmp_path)) == str(tmp_path / "RESULTS.md")
+    assert (tmp_path / "RESULTS.md").read_text() == before
 
-    if _harness.rss_bytes() is None:
+
+def test_default_report_path(harness, monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(harness, "RESULTS_MD", str(tmp_path / "RESULTS.md"))
+    path = harness.save_report("demo", {"results": [{"x": 1}]}, None, [])
+    assert path == str(tmp_path / "results" / "demo.json")
+    assert "## demo" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_cpu_isa_names_the_vector_extension(harness):
+    isa = harness.cpu_isa()
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap == "AVX512":
+        assert isa.startswith("AVX-512")
+    elif cap == "AVX2":
+        assert isa.startswith(("AVX2", "AVX-512"))
+
+
+def test_peak_memory_sees_an_allocation(harness):
+    if harness.rss_bytes() is None:
         pytest.skip("no /proc/self/statm")
-    with _harness.PeakMemory("cpu") as m:
+    with harness.PeakMemory("cpu") as m:
         t = torch.ones(16, 2 ** 20)  # 64 MiB, written so its pages are resident
         time.sleep(0.05)  # longer than the sampling interval: the probe must see it
         del t
     assert m.mb > 32
 
 
-def test_conv_grads_reports_both_providers_with_small_errors(tmp_path):
+def test_conv_grads_reports_both_providers_with_small_errors(harness, tmp_path):
     from dvpvae import _ext
 
     if not _ext.available() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("needs the built C++ extension on an AVX2 CPU")
-    path = tmp_path / "conv.json"
-    rc = _load_benchmark("conv_grads").main(["--preset", "tiny", "--batch", "2", "--sizes", "5", "3",
-                                             "--repeats", "1", "--warmup", "0", "--json", str(path)])
-    assert rc == 0
+    path = tmp_path / "conv_grads.json"
+    argv = ["--preset", "tiny", "--batch", "2", "--sizes", "5", "3", "--repeats", "1", "--warmup", "0",
+            "--json", str(path)]
+    assert _load_benchmark("conv_grads").main(argv) == 0
     rep = json.loads(path.read_text())
-    assert rep["threads"] == torch.get_num_threads()
-    cases = {(r["provider"], r["kernel_size"], r["size"]) for r in rep["results"]}
-    assert cases == {(p, k, s) for p in ("onednn", "extension") for k in (1, 3) for s in (5, 3)}
+    assert rep["run"]["threads"] == torch.get_num_threads()
+    cases = [(r["provider"], r["kernel_size"], r["size"]) for r in rep["results"]]
+    assert sorted(cases) == sorted((p, k, s) for p in ("onednn", "extension") for k in (1, 3) for s in (5, 3))
     for r in rep["results"]:
-        assert r["channels"] == 16 and r["ms_median"] > 0 and r["gflops"] > 0
+        assert r["channels"] == 16 and r["batch"] == 2
+        for key in ("ms_median", "ms_min", "ms_max", "gflops", "speedup_vs_onednn"):
+            assert _positive_finite(r[key]), (key, r)
         assert r["max_rel_error_vs_float64"] < 1e-5
+    _check_results_md(tmp_path / "RESULTS.md", rep, harness)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv_cl, conv_weight_grad, weight_grad_choices
+from dvpvae.cpu_conv import conv_cl, conv_weight_grad, extension_covers
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -63,19 +63,17 @@ def test_extension_weight_grad_rejects_other_kernel_sizes():
         torch.ops.dvpvae.conv_weight_grad(*_pair(1, 8, 4, 5, 5), 5)
 
 
-@pytest.mark.parametrize("backend", ["auto", "extension", "onednn"])
+@pytest.mark.parametrize("use_extension", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
-def test_conv_cl_matches_conv2d_with_gradients(backend, bias, k):
-    if backend == "extension" and not HAVE_KERNEL:
-        pytest.skip("needs the built C++ extension on an AVX2 CPU")
+def test_conv_cl_matches_conv2d_with_gradients(use_extension, bias, k):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 16, 6, 7, generator=g).requires_grad_()
     w = (0.1 * torch.randn(8, 16, k, k, generator=g)).requires_grad_()
     b = torch.randn(8, generator=g).requires_grad_() if bias else None
     params = [t for t in (x, w, b) if t is not None]
     grad_out = torch.randn(3, 8, 6, 7, generator=g)
-    ours = conv_cl(x, w, b, backend)
+    ours = conv_cl(x, w, b, use_extension)
     ref = F.conv2d(x, w, b, padding=k // 2)
     assert ours.is_contiguous(memory_format=CL)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -86,7 +84,7 @@ def test_conv_cl_matches_conv2d_with_gradients(backend, bias, k):
 def test_conv_cl_float64_is_exact_through_onednn():
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    ours = conv_cl(x, w, None)  # auto: float64 is not the kernel's, oneDNN serves it
+    ours = conv_cl(x, w, None)  # float64 is not the kernel's: oneDNN serves it
     ref = F.conv2d(x, w, None, padding=1)
     torch.testing.assert_close(ours, ref)
     grad_out = torch.randn_like(ref)
@@ -96,21 +94,24 @@ def test_conv_cl_float64_is_exact_through_onednn():
 
 @needs_kernel
 @pytest.mark.parametrize("k", [1, 3])
-def test_auto_backend_records_its_choice_and_agrees_with_both(k):
+def test_weight_grad_kernel_choice_is_a_rule_on_shape_and_dtype(k):
     grad, x = _pair(2, 16, 8, 9, 9, seed=3)
     w = torch.zeros(8, 16, k, k)
-    auto = conv_weight_grad(grad, x, w, "auto")
-    key = (tuple(grad.shape), tuple(x.shape), k, x.dtype, "cpu", torch.get_num_threads())
-    assert weight_grad_choices()[key] in ("extension", "onednn")
-    for backend in ("extension", "onednn"):
-        for got, want in zip(auto, conv_weight_grad(grad, x, w, backend)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert extension_covers(grad, x)
+    assert not extension_covers(grad.double(), x.double())
+    assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL))  # in channels % 8
+    assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x)  # out channels % 4
+    ext = conv_weight_grad(grad, x, w, use_extension=True)
+    want = torch.ops.dvpvae.conv_weight_grad(grad, x, k)
+    assert all(torch.equal(a, b) for a, b in zip(ext, want))  # the extension's numbers, exactly
+    for got, want in zip(ext, conv_weight_grad(grad, x, w, use_extension=False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_weight_grad_backend_is_rejected():
+def test_weight_grad_rejects_other_kernel_sizes():
     grad, x = _pair(1, 8, 4, 3, 3)
-    with pytest.raises(ValueError, match="unknown weight-gradient backend 'cudnn'"):
-        conv_weight_grad(grad, x, torch.zeros(4, 8, 3, 3), "cudnn")
+    with pytest.raises(ValueError, match="weight must be 1x1 or 3x3"):
+        conv_weight_grad(grad, x, torch.zeros(4, 8, 5, 5))
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 5, 5), (4, 8, 3), (4, 8, 1, 3)])
@@ -125,4 +126,4 @@ def test_conv_cl_passes_opcheck(k):
     x = torch.randn(2, 8, 4, 5).contiguous(memory_format=CL).requires_grad_()
     w = torch.randn(4, 8, k, k, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, "auto"))
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, True))

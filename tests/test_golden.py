@@ -45,9 +45,9 @@ def test_deterministic_intermediates(golden):
     model.eval()
     pi = model.decoder.pseudoinput
     x = g["x"]
-    assert_rel(pi.mean(x), g["u_mean"], 1e-5, "pseudoinput mean")
-    assert_rel(pi.to_image(g["u_mean"]), g["ctx_image"], 1e-5, "pseudoinput image")
-    for i, (ours, ref) in enumerate(zip(model.encoder(x), g["s_enc"])):
+    assert_rel(pi.mean(x, model.ops), g["u_mean"], 1e-5, "pseudoinput mean")
+    assert_rel(pi.to_image(g["u_mean"], model.ops), g["ctx_image"], 1e-5, "pseudoinput image")
+    for i, (ours, ref) in enumerate(zip(model.encoder(x, model.ops), g["s_enc"])):
         assert_rel(ours, ref, 1e-5, f"encoder feature {i}")
     assert_rel(pi.prior.unet(g["unet_in"], g["unet_t"]), g["unet_out"], 1e-5, "UNet output")
     u = g["u_mean"]
@@ -99,7 +99,7 @@ def test_generation_given_recorded_draws(golden):
     draws = [d["tensor"] for d in g["prior_sample_draws"]]
     u = model.prior.sample(4, noise=Noise({"prior_zT": draws[0], "prior_eps": torch.stack(draws[1:])}))
     assert_rel(u, g["prior_samples"], 1e-5, "prior samples")
-    assert_rel(model.decoder.pseudoinput.to_image(u), g["prior_samples_image"], 1e-5, "prior sample images")
+    assert_rel(model.decoder.pseudoinput.to_image(u, model.ops), g["prior_samples_image"], 1e-5, "prior sample images")
 
 
 @torch.no_grad()

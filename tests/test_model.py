@@ -8,9 +8,9 @@ import torch
 
 import dvpvae
 from dvpvae import DVPVAE, Noise, get_config
-from dvpvae.dct import dct2, dct_matrix, idct2
-from kernels.dct_pseudoinput import dct_pseudoinput_ref, idct_pseudoinput_ref
-from kernels.reparam_kl import reparam_kl_ref
+from dvpvae.dct import dct2, dct_matrix
+from dvpvae.kernels.dct_pseudoinput import dct_pseudoinput_ref, idct_pseudoinput_ref
+from dvpvae.kernels.reparam_kl import reparam_kl_ref
 
 
 def random_images(n, cfg, seed=0):
@@ -23,6 +23,13 @@ def random_images(n, cfg, seed=0):
 def test_dct_matrix_is_orthonormal(size):
     d = dct_matrix(size, dtype=torch.float64)
     torch.testing.assert_close(d @ d.T, torch.eye(size, dtype=torch.float64))
+
+
+def idct2(coef, size):
+    """Inverse of dct2 for a (possibly cropped) coefficient block."""
+    dh = dct_matrix(size[0], coef.shape[-2], coef.dtype)
+    dw = dct_matrix(size[1], coef.shape[-1], coef.dtype)
+    return dh.T @ coef @ dw
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 28, 28), (3, 3, 32, 32), (1, 2, 11, 7)])

@@ -16,13 +16,14 @@ Triton in interpreter mode cannot compile kernels. Hence two entry points:
   the interpreter is off (raises a clear error otherwise);
 * ``compile_in_subprocess(jobs)``: what interpreter-mode tests use. It starts one child
   Python with ``TRITON_INTERPRET=0`` which imports each kernel by module and name,
-  compiles every job and reports per-job results as JSON. One child per batch keeps the
-  import cost (~3 s) paid once.
+  compiles every job and reports per-job results as JSON. One child per batch pays the
+  import cost once.
 
 Usage from a test (interpreter on)::
 
     from tests.kernels.aot_util import compile_in_subprocess, tl_dtype
-    res = compile_in_subprocess([dict(module="kernels.reparam_kl", kernel="_reparam_sample_fwd_kernel",
+    res = compile_in_subprocess([dict(module="dvpvae.kernels.reparam_kl",
+                                      kernel="_reparam_sample_fwd_kernel",
                                       signature={"pm_ptr": "*fp32", ..., "BLOCK": "constexpr",
                                                  "ACC": "constexpr"},
                                       constexprs={"BLOCK": 1024, "ACC": tl_dtype("fp32")},
@@ -188,7 +189,6 @@ def compile_in_subprocess(jobs, timeout=600):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
                           capture_output=True, text=True, env=env, cwd=root, timeout=timeout)

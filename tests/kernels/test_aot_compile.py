@@ -10,8 +10,8 @@ pytest.importorskip("triton")
 
 from tests.kernels.aot_util import compile_in_subprocess, tl_dtype  # noqa: E402
 
-RK = "kernels.reparam_kl"
-DS = "kernels.ddpm_step"
+RK = "dvpvae.kernels.reparam_kl"
+DS = "dvpvae.kernels.ddpm_step"
 ARCHES = ("sm90", "sm80")
 
 

@@ -6,8 +6,8 @@ scaled by the tensor's magnitude because grad_weight/grad_bias are sums over N*H
 import pytest
 import torch
 
-from kernels.conv1x1_act import (ACTIVATIONS, conv1x1_act, conv1x1_act_bwd, conv1x1_act_fwd,
-                                 conv1x1_act_ref)
+from dvpvae.kernels.conv1x1_act import (ACTIVATIONS, apply_activation, conv1x1_act,
+                                        conv1x1_act_bwd, conv1x1_act_fwd, conv1x1_act_ref)
 from tests.kernels.utils import assert_three_way, assert_verbose_allclose
 
 DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-12)]
@@ -50,7 +50,7 @@ def _check(shape, dtype, atol, activation, bias=True):
     n, cin, cout, h, w = shape
     tensors = _inputs(n, cin, cout, h, w, dtype, bias)
     grad = torch.randn(n, cout, h, w, dtype=dtype)
-    y, gs = _run(conv1x1_act, tensors, grad, activation, backend="triton")
+    y, gs = _run(conv1x1_act, tensors, grad, activation)
     y_ref, gs_ref = _run(conv1x1_act_ref, tensors, grad, activation)
     hi = [t.double() if t is not None else None for t in tensors]
     y_hi, gs_hi = _run(conv1x1_act_ref, hi, grad.double(), activation)
@@ -103,7 +103,7 @@ def test_strided_inputs():
     x, wt, b = _inputs(2, 32, 34, 7, 7, torch.float64)
     x = x.to(memory_format=torch.channels_last)
     grad = torch.randn(2, 7, 7, 34, dtype=torch.float64).permute(0, 3, 1, 2)
-    y, gs = _run(conv1x1_act, [x, wt, b], grad, "gelu", backend="triton")
+    y, gs = _run(conv1x1_act, [x, wt, b], grad, "gelu")
     y_ref, gs_ref = _run(conv1x1_act_ref, [x, wt, b], grad, "gelu")
     assert_verbose_allclose(y, y_ref, atol=1e-12, rtol=0, name="y")
     for a, e in zip(gs, gs_ref):
@@ -117,24 +117,24 @@ def test_inference_skips_preactivation_and_partial_grads():
     assert_verbose_allclose(y, conv1x1_act_ref(x, wt, b, "silu"))
     # Only the weight requires grad: grad_x kernel is skipped, result still right.
     wl = wt.clone().requires_grad_(True)
-    conv1x1_act(x, wl, b, "silu", backend="triton").sum().backward()
+    conv1x1_act(x, wl, b, "silu").sum().backward()
     wr = wt.clone().requires_grad_(True)
     conv1x1_act_ref(x, wr, b, "silu").sum().backward()
     assert_verbose_allclose(wl.grad, wr.grad, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_bad_inputs_raise(backend):
+@pytest.mark.parametrize("op", [conv1x1_act, conv1x1_act_ref], ids=["triton", "reference"])
+def test_bad_inputs_raise(op):
     x, wt, b = _inputs(1, 4, 6, 3, 3, torch.float32)
     cases = [
-        lambda: conv1x1_act(x[0], wt, b, backend=backend),                       # 3-D x
-        lambda: conv1x1_act(x, wt.view(6, 4), b, backend=backend),               # 2-D weight
-        lambda: conv1x1_act(x, torch.zeros(6, 4, 3, 3), b, backend=backend),     # 3x3 weight
-        lambda: conv1x1_act(x, torch.zeros(6, 5, 1, 1), b, backend=backend),     # Cin
-        lambda: conv1x1_act(x, wt, torch.zeros(5), backend=backend),             # bias
-        lambda: conv1x1_act(x, wt.double(), b, backend=backend),                 # dtype
-        lambda: conv1x1_act(x, wt, b, "tanh", backend=backend),                  # activation
-        lambda: conv1x1_act(x.long(), wt, b, backend=backend),
+        lambda: op(x[0], wt, b),                       # 3-D x
+        lambda: op(x, wt.view(6, 4), b),               # 2-D weight
+        lambda: op(x, torch.zeros(6, 4, 3, 3), b),     # 3x3 weight
+        lambda: op(x, torch.zeros(6, 5, 1, 1), b),     # Cin
+        lambda: op(x, wt, torch.zeros(5)),             # bias
+        lambda: op(x, wt.double(), b),                 # dtype
+        lambda: op(x, wt, b, "tanh"),                  # activation
+        lambda: op(x.long(), wt, b),
     ]
     for case in cases:
         with pytest.raises(ValueError):
@@ -144,4 +144,18 @@ def test_bad_inputs_raise(backend):
 def test_triton_rejects_half():
     x, wt, b = _inputs(1, 4, 6, 3, 3, torch.float16)
     with pytest.raises(ValueError, match="float32/float64"):
-        conv1x1_act(x, wt, b, backend="triton")
+        conv1x1_act(x, wt, b)
+
+
+@pytest.mark.parametrize("name,module", [("relu", torch.nn.ReLU()), ("silu", torch.nn.SiLU()),
+                                         ("elu", torch.nn.ELU()), ("gelu", torch.nn.GELU()),
+                                         ("none", torch.nn.Identity())])
+def test_apply_activation_matches_modules(name, module):
+    z = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert name in ACTIVATIONS
+    assert torch.equal(apply_activation(z, name), module(z))
+
+
+def test_apply_activation_rejects_unknown_name():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        apply_activation(torch.zeros(2), "tanh")

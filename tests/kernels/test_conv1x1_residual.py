@@ -7,8 +7,8 @@ are sums over N*H*W terms).
 import pytest
 import torch
 
-from kernels.conv1x1_residual import (conv1x1_residual, conv1x1_residual_bwd,
-                                      conv1x1_residual_fwd, conv1x1_residual_ref)
+from dvpvae.kernels.conv1x1_residual import (conv1x1_residual, conv1x1_residual_bwd,
+                                             conv1x1_residual_fwd, conv1x1_residual_ref)
 from tests.kernels.utils import assert_three_way, assert_verbose_allclose
 
 DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-12)]
@@ -36,12 +36,12 @@ def _inputs(n, cin, cout, h, w, dtype, bias=True):
     return [t.to(dtype) if t is not None else None for t in (h_, wt, b, skip)]
 
 
-def _run(fn, tensors, gate, grad, **kw):
+def _run(fn, tensors, gate, grad):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
               for t in tensors]
     if isinstance(gate, torch.Tensor):
         gate = gate.detach().clone().requires_grad_(True)
-    out = fn(*leaves, gate, **kw)
+    out = fn(*leaves, gate)
     out.backward(grad)
     grads = [t.grad if t is not None else None for t in leaves]
     grads.append(gate.grad if isinstance(gate, torch.Tensor) else None)
@@ -53,7 +53,7 @@ def _check(shape, dtype, atol, gate, bias=True):
     tensors = _inputs(n, cin, cout, h, w, dtype, bias)
     grad = torch.randn(n, cout, h, w, dtype=dtype)
     g = gate.to(dtype) if isinstance(gate, torch.Tensor) else gate
-    out, gs = _run(conv1x1_residual, tensors, g, grad, backend="triton")
+    out, gs = _run(conv1x1_residual, tensors, g, grad)
     out_ref, gs_ref = _run(conv1x1_residual_ref, tensors, g, grad)
     hi = [t.double() if t is not None else None for t in tensors]
     g_hi = gate.double() if isinstance(gate, torch.Tensor) else gate
@@ -107,25 +107,32 @@ def test_strided_inputs():
     h = h.to(memory_format=torch.channels_last)
     skip = skip.transpose(2, 3).contiguous().transpose(2, 3)
     grad = torch.randn(2, 7, 7, 34, dtype=torch.float64).permute(0, 3, 1, 2)
-    out, gs = _run(conv1x1_residual, [h, wt, b, skip], 0.5, grad, backend="triton")
+    out, gs = _run(conv1x1_residual, [h, wt, b, skip], 0.5, grad)
     out_ref, gs_ref = _run(conv1x1_residual_ref, [h, wt, b, skip], 0.5, grad)
     assert_verbose_allclose(out, out_ref, atol=1e-12, rtol=0, name="out")
     for a, e in zip(gs[:4], gs_ref[:4]):
         assert_verbose_allclose(a, e, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_bad_inputs_raise(backend):
+@pytest.mark.parametrize("op", [conv1x1_residual, conv1x1_residual_ref],
+                         ids=["triton", "reference"])
+def test_bad_inputs_raise(op):
     h, wt, b, skip = _inputs(1, 4, 6, 3, 3, torch.float32)
     cases = [
-        lambda: conv1x1_residual(h[0], wt, b, skip, 1.0, backend=backend),
-        lambda: conv1x1_residual(h, torch.zeros(6, 4, 3, 3), b, skip, 1.0, backend=backend),
-        lambda: conv1x1_residual(h, wt, b, skip[:, :5], 1.0, backend=backend),     # skip shape
-        lambda: conv1x1_residual(h, wt, b, skip.double(), 1.0, backend=backend),   # skip dtype
-        lambda: conv1x1_residual(h, wt, b, skip, torch.ones(2), backend=backend),  # gate
-        lambda: conv1x1_residual(h, wt, b, skip, "1", backend=backend),
-        lambda: conv1x1_residual(h, wt, torch.zeros(6, 1), skip, 1.0, backend=backend),
+        lambda: op(h[0], wt, b, skip, 1.0),
+        lambda: op(h, torch.zeros(6, 4, 3, 3), b, skip, 1.0),
+        lambda: op(h, wt, b, skip[:, :5], 1.0),     # skip shape
+        lambda: op(h, wt, b, skip.double(), 1.0),   # skip dtype
+        lambda: op(h, wt, b, skip, torch.ones(2)),  # gate
+        lambda: op(h, wt, b, skip, "1"),
+        lambda: op(h, wt, torch.zeros(6, 1), skip, 1.0),
     ]
     for case in cases:
         with pytest.raises(ValueError):
             case()
+
+
+def test_triton_rejects_half():
+    h, wt, b, skip = _inputs(1, 4, 6, 3, 3, torch.float16)
+    with pytest.raises(ValueError, match="float32/float64"):
+        conv1x1_residual(h, wt, b, skip, 1.0)

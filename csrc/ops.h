@@ -1,0 +1,38 @@
+// The ops of the dvpvae extension, shared by their implementations and the binding
+// (dvpvae_ext.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+// Argument checks that raise a c10::Error (RuntimeError in Python) naming the argument.
+#define CHECK_DEVICE(x, dev)                                                              \
+  TORCH_CHECK((x).device() == (dev), "dvpvae: " #x " must be on ", (dev), ", got ", \
+              (x).device())
+#define CHECK_CONTIGUOUS(x) \
+  TORCH_CHECK((x).is_contiguous(), "dvpvae: " #x " must be contiguous, got strides ", (x).strides())
+
+namespace dvpvae {
+
+// The T-step ancestral loop of the diffusion prior with a native float32 CPU forward of
+// dvpvae.unet.UNet (unet_cpu.cpp). `films` (T, blocks, 2, C) holds each time block's
+// [1 + scale, shift] per step and `weights` the other parameters, both laid out by
+// dvpvae/native_prior.py.
+at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                                const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
+                                int64_t groups, double eps, double temperature);
+at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                                 const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
+                                 int64_t groups, double eps, double temperature);
+
+// Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
+// 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
+// (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                        int64_t kernel_size);
+std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
+                                                         int64_t kernel_size);
+
+}  // namespace dvpvae

@@ -1,0 +1,80 @@
+"""The native C++ sampler of the diffusion prior: the whole T-step ancestral loop in one
+call of ``torch.ops.dvpvae.ddpm_sample_unet`` (csrc/unet_cpu.cpp), which runs a float32
+CPU forward of ``dvpvae.unet.UNet`` without returning to Python between steps.
+
+Python owns the UNet's layout: ``_weights`` lists the parameters in the order the op reads
+them, and the FiLM values of every step come from the UNet's own modules
+(``UNet.film_table``). The op reads the weights passed on each call, so it always samples
+with the current ones. The reference is ``DiffusionPrior``'s Python loop over its steps.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dvpvae import _ext
+from dvpvae.unet import GROUPS, UNet
+
+
+def _norms(unet: UNet) -> list[nn.Module]:
+    return [n for b in unet.time_blocks() for n in (b.norm_in, b.norm_out)] + [unet.mid_attn.norm, unet.out_norm]
+
+
+def _weights(unet: UNet) -> list[torch.Tensor]:
+    """The op's weight list, (weight, bias) of each layer: input_conv; per time block in
+    forward order norm_in, conv_in, norm_out, conv_out and skip when it is a convolution,
+    with mid_attn's norm, qkv and proj between mid1 and mid2; out_norm, out_conv."""
+    def wb(*layers):
+        return [p for m in layers for p in (m.weight, m.bias)]
+
+    out = wb(unet.input_conv)
+    for b in unet.time_blocks():
+        out += wb(b.norm_in, b.conv_in, b.norm_out, b.conv_out)
+        if not isinstance(b.skip, nn.Identity):
+            out += wb(b.skip)
+        if b is unet.mid1:
+            out += wb(unet.mid_attn.norm, unet.mid_attn.qkv, unet.mid_attn.proj)
+    out += wb(unet.out_norm, unet.out_conv)
+    return [w.contiguous() for w in out]
+
+
+def native_unsupported_reason(prior) -> str | None:
+    """Why the native loop cannot sample ``prior``, or None when it can."""
+    if not _ext.available():
+        return _ext.missing_reason()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("dvpvae::ddpm_sample_unet", "CPU"):
+        return "the built dvpvae._C has no ddpm_sample_unet op (rebuild the extension)"
+    unet = prior.unet
+    if type(unet) is not UNet:  # a subclass may change forward
+        return f"the prior's UNet is a {type(unet).__qualname__}, the native forward is dvpvae.unet.UNet's"
+    coef = prior.coefficients
+    if coef.device.type != "cpu" or coef.dtype != torch.float32:
+        return f"the native loop runs float32 on the CPU; the coefficient table is {coef.dtype} on {coef.device}"
+    for name, p in unet.named_parameters():
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return f"the native loop runs float32 on the CPU; unet.{name} is {p.dtype} on {p.device}"
+    norms = _norms(unet)
+    if not all(isinstance(n, nn.GroupNorm) and n.num_groups == GROUPS and n.affine for n in norms):
+        return f"the native forward needs affine GroupNorms with {GROUPS} groups"
+    if len({n.eps for n in norms}) != 1:
+        return "the native forward needs one eps for all GroupNorms"
+    if unet.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in unet.modules()):
+        return "the native forward runs in eval mode; the UNet is in training mode with dropout > 0"
+    return None
+
+
+@torch.no_grad()
+def sample_native(prior, z_T: torch.Tensor, eps: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Ancestral sampling through the prior's T steps from z_T (n, C, s, s) with the step
+    noise eps (T, n, C, s, s), row k used at the k-th step (t = 1 first). Same numbers as
+    the Python loop up to float32 round-off."""
+    reason = native_unsupported_reason(prior)
+    if reason is not None:
+        raise RuntimeError(f"the native prior sampler does not serve this prior: {reason}")
+    unet, T = prior.unet, prior.T
+    # The step k = T-1-i runs the UNet at t = (i+1)/T, as DiffusionPrior.step forms it.
+    t = torch.tensor([(i + 1) / T for i in range(T - 1, -1, -1)], dtype=torch.float32)
+    films = unet.film_table(t).contiguous()
+    return torch.ops.dvpvae.ddpm_sample_unet(
+        z_T.contiguous(), eps.contiguous(), prior.coefficients.contiguous(), films, _weights(unet),
+        len(unet.down), GROUPS, unet.out_norm.eps, float(temperature))

@@ -1,0 +1,210 @@
+"""Op providers: where the model's operations come from.
+
+Every block calls its operations through a provider passed down from the model, so one set
+of modules serves every implementation:
+
+* ``reference``: plain PyTorch, the oracle every other provider is tested against;
+* ``cpu``: channels-last convolutions with split gradients (``dvpvae.cpu_conv``), exact
+  cheaper forms of three layers (``dvpvae.fast_layers``) and the C++ prior sampler;
+* ``triton``: the fused kernels of ``dvpvae.kernels`` (CUDA tensors, or CPU tensors in the
+  Triton interpreter) with the same layer forms.
+
+``get_ops(name)`` is the one place that turns a name into a provider.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvpvae import fast_layers
+from dvpvae.cpu_conv import channels_last, conv_cl
+from dvpvae.kernels import triton_runs_on
+from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act, conv1x1_act_ref
+from dvpvae.kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
+from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
+                                            idct_pseudoinput_ref)
+from dvpvae.kernels.ddpm_step import ddpm_step, ddpm_step_ref
+from dvpvae.kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
+from dvpvae.native_prior import native_unsupported_reason, sample_native
+
+PROVIDERS = ("reference", "cpu", "triton")
+
+
+class ReferenceOps:
+    """Plain PyTorch, in the order the research code computes."""
+
+    name = "reference"
+
+    # ------------------------------------------------------------ layout and activations
+    def block_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The memory layout the ResNet blocks work in."""
+        return x
+
+    def activate(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        return apply_activation(x, activation)
+
+    # ------------------------------------------------------------ convolutions
+    def conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        return conv(x)
+
+    def conv_act(self, x: torch.Tensor, conv: nn.Conv2d, activation: str) -> torch.Tensor:
+        """activation(conv(x))."""
+        return apply_activation(self.conv(x, conv), activation)
+
+    def conv_residual(self, h: torch.Tensor, conv: nn.Conv2d, skip: torch.Tensor,
+                      gate: torch.Tensor) -> torch.Tensor:
+        """skip + gate * conv(h): the end of a ResBlock."""
+        return skip + gate * self.conv(h, conv)
+
+    def stem(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """The encoder's input convolution, in the blocks' layout."""
+        return conv(x)
+
+    def project(self, z: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """A ladder latent's 1x1 projection to the decoder's channels."""
+        return conv(z)
+
+    def head(self, a: torch.Tensor, pointwise: nn.Conv2d, conv3x3: nn.Conv2d) -> torch.Tensor:
+        """The decoder's output head conv3x3(pointwise(a))."""
+        return conv3x3(pointwise(a))
+
+    def upsample(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """Bilinear resize to (size, size), align_corners=False."""
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------ pseudoinputs and latents
+    dct = staticmethod(dct_pseudoinput_ref)  # image -> normalised DCT pseudoinput
+    idct = staticmethod(idct_pseudoinput_ref)  # pseudoinput -> image
+    reparam_kl = staticmethod(reparam_kl_ref)  # clamped z ~ q and per-example KL(q || p)
+    reparam_sample = staticmethod(reparam_sample_ref)  # z ~ p, variance scaled by a temperature
+
+    # ------------------------------------------------------------ diffusion prior
+    def unet_mse(self, prior, u, t, eps, keep):
+        """The prior's weighted denoising error (``DiffusionPrior.weighted_mse``)."""
+        return prior.weighted_mse(u, t, eps, keep)
+
+    ddpm_step = staticmethod(ddpm_step_ref)  # one ancestral step of the prior
+
+    def sample_prior(self, prior, n: int, temperature: float, noise) -> torch.Tensor:
+        """n draws of u from the prior by ancestral sampling through its T steps."""
+        z, eps = prior.sampling_noise(n, noise)
+        return prior.sample_loop(z, eps, temperature, self)
+
+
+class _FastLayers(ReferenceOps):
+    """Exact cheaper forms of the z projection, upsampling and output head, and the prior's
+    loss term compiled as a graph of its own inside compiled code."""
+
+    def project(self, z, conv):
+        return fast_layers.pointwise_conv(z, conv)
+
+    def head(self, a, pointwise, conv3x3):
+        return fast_layers.composed_head(a, pointwise, conv3x3)
+
+    def upsample(self, x, size):
+        return fast_layers.upsample_bilinear(x, size)
+
+    def unet_mse(self, prior, u, t, eps, keep):
+        # Compiled in one graph with the ladder, inductor drops the gradient of an unrelated
+        # path (the top block's ResNet); a graph of its own computes it correctly.
+        if torch.compiler.is_compiling():
+            return _unet_mse_own_graph(prior, u, t, eps, keep)
+        return prior.weighted_mse(u, t, eps, keep)
+
+
+@torch.compiler.disable
+def _unet_mse_own_graph(prior, u, t, eps, keep):
+    return _compiled_unet_mse(type(prior))(prior, u, t, eps, keep)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_unet_mse(prior_class: type):
+    return torch.compile(prior_class.weighted_mse, dynamic=False)
+
+
+class CpuOps(_FastLayers):
+    """Channels-last convolutions whose weight and bias gradients come from the extension
+    (``extension=True``, where its kernel covers the shape) or oneDNN, and the native C++
+    prior sampler where it serves the prior."""
+
+    name = "cpu"
+
+    def __init__(self, extension: bool = True):
+        self.extension = extension
+
+    def block_layout(self, x):
+        return channels_last(x)
+
+    def conv(self, x, conv):
+        return conv_cl(x, conv.weight, conv.bias, self.extension)
+
+    def stem(self, x, conv):
+        return self.block_layout(fast_layers.pointwise_conv(x, conv))
+
+    def sample_prior(self, prior, n, temperature, noise):
+        if not self.extension or native_unsupported_reason(prior) is not None:
+            return super().sample_prior(prior, n, temperature, noise)
+        z, eps = prior.sampling_noise(n, noise)
+        return sample_native(prior, z, eps, temperature)
+
+
+class TritonOps(_FastLayers):
+    """The fused Triton kernels: 1x1 convolutions with their epilogues, DCT pseudoinputs,
+    reparameterization with KL, and the DDPM step."""
+
+    name = "triton"
+
+    def conv(self, x, conv):
+        if conv.kernel_size == (1, 1):
+            return conv1x1_act(x, conv.weight, conv.bias, "none")
+        return conv(x)
+
+    def conv_act(self, x, conv, activation):
+        if conv.kernel_size == (1, 1):
+            return conv1x1_act(x, conv.weight, conv.bias, activation)
+        return apply_activation(conv(x), activation)
+
+    def conv_residual(self, h, conv, skip, gate):
+        return conv1x1_residual(h, conv.weight, conv.bias, skip, gate)
+
+    dct = staticmethod(dct_pseudoinput)
+    idct = staticmethod(idct_pseudoinput)
+    reparam_kl = staticmethod(reparam_kl)
+    reparam_sample = staticmethod(reparam_sample)
+    ddpm_step = staticmethod(ddpm_step)
+
+
+REFERENCE = ReferenceOps()
+
+
+def get_ops(name: str | ReferenceOps, extension: bool = True) -> ReferenceOps:
+    """The provider called ``name`` (a provider instance is returned as it is)."""
+    if isinstance(name, ReferenceOps):
+        return name
+    if name == "reference":
+        return REFERENCE
+    if name == "cpu":
+        return CpuOps(extension)
+    if name == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown op provider {name!r}; choose from {PROVIDERS}")
+
+
+def best_ops(device: torch.device, fused_kernels: bool = True, extension: bool = True) -> ReferenceOps:
+    """The fastest provider for tensors on ``device``: triton on CUDA (when Triton runs
+    there), cpu on the CPU, reference for anything else or with ``fused_kernels=False``."""
+    if not fused_kernels:
+        return REFERENCE
+    if device.type == "cuda":
+        if triton_runs_on(device):
+            return TritonOps()
+        warnings.warn("the triton package is not importable, so the fused kernels cannot run on "
+                      f"{device}; computing with the reference provider")
+        return REFERENCE
+    if device.type == "cpu":
+        return CpuOps(extension)
+    return REFERENCE

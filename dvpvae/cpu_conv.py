@@ -2,9 +2,10 @@
 
 ``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. Its
 forward and input gradient come from oneDNN; its weight and bias gradients from the
-extension's kernel (``csrc/conv_wgrad_cpu.cpp``) wherever that kernel covers the shape, else
-from oneDNN. The choice is a rule on shape, dtype and ISA, so every process computes the
-same numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as
+extension's kernel (``csrc/conv_wgrad_cpu.cpp``) on AVX2 CPUs wherever that kernel covers
+the shape (there it beats oneDNN's weight gradient plus a channel sum; on AVX-512 oneDNN is
+faster), else from oneDNN. The choice is a rule on shape, dtype and ISA, so every process
+computes the same numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as
 one node, and ``needs_exact_strides`` keeps inductor from handing them other strides.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _backward_fake(grad, x, weight, *_):
 
 # ---------------------------------------------------------------- weight and bias gradients
 def extension_covers(grad: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the extension's weight-gradient kernel serves these tensors (float32 CPU,
+    """Whether the extension's weight-gradient kernel can serve these tensors (float32 CPU,
     out channels % 4, in channels % 8, an AVX2 or AVX-512 CPU, extension built)."""
     from dvpvae import _ext
 
@@ -51,10 +52,11 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      use_extension: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight gradient, bias gradient) of ``F.conv2d(x, weight, bias, padding=k // 2)`` for a
     (out, in, k, k) ``weight`` with k in (1, 3), channels-last ``grad`` and ``x``: from the
-    extension where ``use_extension`` and ``extension_covers``, else from oneDNN."""
+    extension where ``use_extension``, ``extension_covers`` and the CPU is AVX2-class (not
+    AVX-512), else from oneDNN."""
     if weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_weight_grad: weight must be 1x1 or 3x3, got shape {tuple(weight.shape)}")
-    if use_extension and extension_covers(grad, x):
+    if use_extension and torch.backends.cpu.get_cpu_capability() == "AVX2" and extension_covers(grad, x):
         return torch.ops.dvpvae.conv_weight_grad(grad, x, weight.shape[-1])
     # The bias gradient as ATen's channel sum: inductor would otherwise fuse the sums of
     # many layers into one strided reduction that is slower than a sum per gradient.

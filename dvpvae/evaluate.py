@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npz: validation fraction (default: the run's, else 0.1)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--k", type=int, default=1000, help="importance samples per image")
+    p.add_argument("--k", type=int, default=None, help="importance samples per image (default: the config's is_k)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: test_batch_size)")
     p.add_argument("--chunk-size", type=int, default=4096,
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.k <= 0:
-        raise SystemExit("--k must be positive")
+    if args.k is not None and args.k <= 0:
+        raise SystemExit(f"--k must be positive, got {args.k}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = resolve(args.path)
     config = read_config(ckpt)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.time()
-    res = evaluate(model, images, args.k, args.batch_size or config.test_batch_size, args.chunk_size)
+    res = evaluate(model, images, args.k or config.is_k, args.batch_size or config.test_batch_size, args.chunk_size)
     res.update(split=args.split, data=data_name, checkpoint=os.path.abspath(ckpt),
                seconds=time.time() - t0)
 

@@ -69,9 +69,11 @@ class FastDVPVAE(DVPVAE):
         if share:
             fast.likelihood, fast.encoder, fast.decoder = model.likelihood, model.encoder, model.decoder
             fast.validate_inputs = model.validate_inputs
+            fast.train(model.training)
         else:
             fast.to(next(model.parameters()).device)
             fast.load_state_dict(model.state_dict())
+            fast.train(model.training)
         return fast
 
     def ops_for(self, device: torch.device) -> ReferenceOps:

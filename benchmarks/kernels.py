@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -37,7 +36,7 @@ from dvpvae.kernels.reparam_kl import (reparam_kl, reparam_kl_ref, reparam_sampl
 BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # for _harness when this file is loaded by path
     sys.path.append(BENCH)
-from _harness import measure, triton_version  # noqa: E402
+from _harness import measure, save_report, triton_version  # noqa: E402
 
 
 # ------------------------------------------------------------------ bandwidth
@@ -242,10 +241,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     meta, rows = run(args)
     print_table(meta, rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=2)
-        print(f"wrote {args.json}")
+    save_report("kernels", dict(meta=meta, rows=rows), args.json or None, argv, device=meta["device"])
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,8 +34,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:  # appended: the repository's packages keep precedence
     sys.path.append(BENCH)
 
-from _harness import (add_run_options, cpu_name, matmul_peak_gflops, start_extension_run,  # noqa: E402
-                      timeit_interleaved, write_json)
+from _harness import (add_run_options, cpu_name, matmul_peak_gflops, save_report,  # noqa: E402
+                      start_extension_run, timeit_interleaved)
 from dvpvae import Noise, get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
 from dvpvae.native_prior import native_unsupported_reason, sample_native  # noqa: E402
@@ -113,16 +111,9 @@ def main(argv=None) -> int:
     print("max |native - reference|: " + ", ".join(
         f"n={r['n']}: {r['max_abs_diff_vs_reference']:.1e}" for r in results if r["backend"] == "native"))
 
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "sampling", "preset": args.preset, "T": prior.T, "temperature": args.temperature,
-            "results": results, "speedup": speedup,
-            "machine": {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "python": platform.python_version(),
-                        "gemm_peak_gflops": peak},
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-        print(f"wrote {args.json}")
+    save_report("sampling", {"preset": args.preset, "T": prior.T, "temperature": args.temperature,
+                             "results": results, "speedup": speedup, "gemm_peak_gflops": peak},
+                args.json, argv)
     return 0
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from dvpvae import fast_layers
 from dvpvae.cpu_conv import channels_last, conv_cl
 from dvpvae.kernels import triton_runs_on
-from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act, conv1x1_act_ref
-from dvpvae.kernels.conv1x1_residual import conv1x1_residual, conv1x1_residual_ref
+from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act
+from dvpvae.kernels.conv1x1_residual import conv1x1_residual
 from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
                                             idct_pseudoinput_ref)
 from dvpvae.kernels.ddpm_step import ddpm_step, ddpm_step_ref

@@ -52,7 +52,7 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.6",
         "triton; platform_system=='Linux'",
         "numpy",
         "tqdm",

@@ -22,7 +22,9 @@ import warnings
 import torch
 
 from dvpvae.config import Config
+from dvpvae.cuda_graphs import GraphSampler, prior_graphs
 from dvpvae.model import DVPVAE, DVPVAEOutput
+from dvpvae.noise import Noise
 from dvpvae.ops import ReferenceOps, best_ops, get_ops
 
 # Dynamo traces through the lru_cache of the DCT basis builder; the basis is a pure
@@ -114,13 +116,24 @@ class FastDVPVAE(DVPVAE):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, noise=None, prior_temperature: float = 1.0):
+        """``DVPVAE.sample``. On CUDA with ``cuda_graphs``: without ``noise`` one captured
+        graph per (n, temperatures, mode) replays the whole call, drawing its noise on the
+        device; with ``noise`` the prior's loop replays its own graph
+        (``dvpvae.cuda_graphs.PriorLoop``) and the compiled decoder follows, so the result
+        is the reference's for those draws."""
         device = self.prior.coefficients.device
-        if self.use_cuda_graphs and device.type == "cuda" and noise is None and n > 0:
-            from dvpvae.cuda_graphs import GraphSampler
+        graphs = self.use_cuda_graphs and device.type == "cuda"
+        if graphs and noise is None and n > 0:
+            key = (n, float(temperature), float(prior_temperature), device, self.training, self.prior.training)
+            sampler = self._graph_samplers.get(key)
+            if sampler is None or sampler.stale():
+                decode = super()._decode_sample  # uncompiled: the graph removes the launches
 
-            key = (n, float(temperature), float(prior_temperature))
-            if key not in self._graph_samplers:
-                eager = functools.partial(super().sample, n, temperature, None, prior_temperature)
-                self._graph_samplers[key] = GraphSampler(eager)
-            return self._graph_samplers[key].run()
-        return super().sample(n, temperature, noise, prior_temperature)
+                def eager():
+                    draws = Noise()
+                    u = self.sample_pseudoinputs(n, prior_temperature, draws)
+                    return decode(u, self.sample_draws(n, u, draws), temperature)
+                sampler = self._graph_samplers[key] = GraphSampler(eager, watch=self)
+            return sampler.run()
+        with prior_graphs(graphs):
+            return super().sample(n, temperature, noise, prior_temperature)

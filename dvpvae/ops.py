@@ -22,7 +22,7 @@ from torch import nn
 
 from dvpvae import fast_layers
 from dvpvae.cpu_conv import channels_last, conv_cl
-from dvpvae.kernels import triton_runs_on
+from dvpvae.cuda_graphs import sample_prior_loop, triton_unsupported_reason
 from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act
 from dvpvae.kernels.conv1x1_residual import conv1x1_residual
 from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref, idct_pseudoinput,
@@ -177,6 +177,12 @@ class TritonOps(_FastLayers):
     reparam_sample = staticmethod(reparam_sample)
     ddpm_step = staticmethod(ddpm_step)
 
+    def sample_prior(self, prior, n, temperature, noise):
+        # One loop on every device: captured once per batch size and replayed on CUDA,
+        # eager elsewhere (dvpvae.cuda_graphs.PriorLoop).
+        z, eps = prior.sampling_noise(n, noise)
+        return sample_prior_loop(prior, z, eps, temperature, self)
+
 
 REFERENCE = ReferenceOps()
 
@@ -195,15 +201,20 @@ def get_ops(name: str | ReferenceOps, extension: bool = True) -> ReferenceOps:
 
 
 def best_ops(device: torch.device, fused_kernels: bool = True, extension: bool = True) -> ReferenceOps:
-    """The fastest provider for tensors on ``device``: triton on CUDA (when Triton runs
-    there), cpu on the CPU, reference for anything else or with ``fused_kernels=False``."""
+    """The fastest provider for tensors on ``device``: triton on CUDA (when the kernels run
+    on that GPU), cpu on the CPU, reference for anything else or with ``fused_kernels=False``.
+
+    On CUDA a missing triton package, a GPU older than Triton supports or a failing probe
+    launch (``dvpvae.cuda_graphs.triton_unsupported_reason``) gives the reference provider
+    with one warning naming the cause, instead of an error at the first kernel launch."""
     if not fused_kernels:
         return REFERENCE
     if device.type == "cuda":
-        if triton_runs_on(device):
+        reason = triton_unsupported_reason(device)
+        if reason is None:
             return TritonOps()
-        warnings.warn("the triton package is not importable, so the fused kernels cannot run on "
-                      f"{device}; computing with the reference provider")
+        warnings.warn(f"the fused kernels cannot run on {device}: {reason}; computing with the "
+                      "reference provider", RuntimeWarning, stacklevel=2)
         return REFERENCE
     if device.type == "cpu":
         return CpuOps(extension)

@@ -9,6 +9,10 @@ and recomputing z costs a second pass over x and W); act'(z) is applied inside b
 gradient kernels, so grad_z never reaches memory. grad_W and grad_bias are per-split
 partial sums reduced by torch: deterministic, no atomics.
 
+Ops (torch.library.triton_op, autograd registered, traceable by torch.compile):
+dvpvae_kernels::conv1x1_act -> (y, z), and the backward ops conv1x1_input_grad and
+conv1x1_weight_grad, which conv1x1_residual's backward shares.
+
 Triton path: float32/float64, any N, C, H, W (tiles are masked). Activations use only
 tl.* functions, which the interpreter also provides.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks, reduction_split
-from ._triton import require_triton, tl, triton
+from ._triton import kernel_op, launch, require_triton, tl, triton
 
 # Activations of the model, "none" = identity; gelu is the exact erf form (nn.GELU()).
 # The index of a name is the kernels' ACT code.
@@ -242,7 +246,7 @@ def conv1x1_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return y, (z if store_z else None)
     bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
     grid = (triton.cdiv(p, bn), triton.cdiv(cout, bm), n)
-    _conv1x1_act_fwd_kernel[grid](
+    launch(_conv1x1_act_fwd_kernel, grid,
         x, weight, bias if bias is not None else weight, y, z,
         cin, cout, w, p, *x.stride(), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
@@ -262,7 +266,7 @@ def input_grad(grad_y: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act:
     gx = torch.empty(in_shape, dtype=grad_y.dtype, device=grad_y.device)
     if gx.numel():
         bm, bn, bk = blocks or matmul_blocks(cin, p, cout)
-        _conv1x1_act_bwd_dx_kernel[(triton.cdiv(p, bn), triton.cdiv(cin, bm), n)](
+        launch(_conv1x1_act_bwd_dx_kernel, (triton.cdiv(p, bn), triton.cdiv(cin, bm), n),
             grad_y, z, weight, scale if scale is not None else weight, gx, cin, cout, w, p,
             *grad_y.stride(), weight.stride(0), weight.stride(1),
             ACT=act, HAS_SCALE=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
@@ -287,7 +291,7 @@ def weight_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, act
     pw = torch.zeros((split, cout, cin), dtype=x.dtype, device=x.device)
     pb = torch.zeros((split, cout), dtype=x.dtype, device=x.device)
     if tiles:
-        _conv1x1_act_bwd_dw_kernel[grid2 + (split,)](
+        launch(_conv1x1_act_bwd_dw_kernel, grid2 + (split,),
             grad_y, z, x, pw, pb, cin, cout, w, p, tiles, per,
             *grad_y.stride(), *x.stride(),
             ACT=act, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
@@ -320,28 +324,77 @@ def conv1x1_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return gx, gw, gb
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
 
-class Conv1x1ActFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        need_grad = x.requires_grad or weight.requires_grad or (
-            bias is not None and bias.requires_grad)
-        y, z = conv1x1_act_fwd(x, weight, bias, activation, store_z=need_grad)
-        ctx.activation = activation
-        ctx.has_bias = bias is not None
-        if need_grad:
-            ctx.save_for_backward(x, weight, z)
-        return y
+@kernel_op("conv1x1_act")
+def conv1x1_act_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   activation: str, store_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z): z is the pre-activation the backward needs, empty unless stored (store_z and
+    an activation other than "none")."""
+    y, z = conv1x1_act_fwd(x, weight, bias, activation, store_z)
+    return y, (z if z is not None else y.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, z = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = conv1x1_act_bwd(grad_y, x, weight, z, ctx.activation,
-                                     has_bias=ctx.has_bias and need_b,
-                                     need_x=need_x, need_w=need_w)
-        return gx, gw, gb, None
+
+def _pre_activation(z, grad_y, act: int) -> torch.Tensor:
+    """z as the gradient kernels read it (contiguous NCHW); grad_y stands in, unread, for
+    "none". The ops take any strides, as a compiler may hand saved tensors over in another
+    layout."""
+    if act == 0:
+        return grad_y
+    if z is None or z.shape != grad_y.shape:
+        raise ValueError("the gradient of an activation needs its pre-activation z, of the "
+                         "output's shape")
+    return z.contiguous()
+
+
+@kernel_op("conv1x1_input_grad")
+def conv1x1_input_grad_op(grad_y: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None,
+                          scale: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """[scale *] W^T @ (grad_y * act'(z)) of shape (N, Cin, H, W); z unused for "none"."""
+    act = _check_activation(activation)
+    n, _, h, w = grad_y.shape
+    return input_grad(grad_y, weight, _pre_activation(z, grad_y, act), act,
+                      (n, weight.shape[1], h, w), scale=scale)
+
+
+@kernel_op("conv1x1_weight_grad")
+def conv1x1_weight_grad_op(grad_y: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None,
+                           activation: str, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over pixels of gz @ x^T (Cout, Cin), sum of gz (Cout,)) with gz = grad_y * act'(z);
+    the second is zero without has_bias."""
+    act = _check_activation(activation)
+    return weight_grad_sums(grad_y, x, _pre_activation(z, grad_y, act), act, has_bias)
+
+
+def _conv1x1_act_setup(ctx, inputs, output):
+    x, weight, bias, activation, _ = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv1x1_act_backward(ctx, grad_y, _grad_z):
+    x, weight, z = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    act = _check_activation(ctx.activation)
+    if act != 0 and z.numel() != grad_y.numel():
+        raise RuntimeError("conv1x1_act: backward needs the pre-activation, which the forward "
+                           "did not store (store_z=False)")
+    z = z if act != 0 else None
+    gx = gw = gb = None
+    if need_x:
+        gx = conv1x1_input_grad_op(grad_y, weight, z, None, ctx.activation)
+    if need_w or (need_b and ctx.has_bias):
+        a, s = conv1x1_weight_grad_op(grad_y, x, z, ctx.activation, ctx.has_bias and need_b)
+        if need_w:
+            gw = a.view(weight.shape)
+        if need_b and ctx.has_bias:
+            gb = s
+    return gx, gw, gb, None, None
+
+
+conv1x1_act_op.register_autograd(_conv1x1_act_backward, setup_context=_conv1x1_act_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -353,4 +406,6 @@ def conv1x1_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     require_triton("conv1x1_act", x.device)
     check_conv_args(x, weight, bias)
     _check_activation(activation)
-    return Conv1x1ActFn.apply(x, weight, bias, activation)
+    need_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    return conv1x1_act_op(x, weight, bias, activation, need_grad)[0]

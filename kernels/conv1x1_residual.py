@@ -11,14 +11,18 @@ backward kernels without activation) give grad_W = gate * A, grad_bias = gate * 
 grad_gate = <W, A> + <bias, s>, since sum(grad_out * (W h + b)) regroups into those sums.
 
 Triton path: float32/float64, any N, C, H, W (tiles are masked).
+
+Op: dvpvae_kernels::conv1x1_residual (torch.library.triton_op); its backward calls
+conv1x1_act's ops conv1x1_input_grad and conv1x1_weight_grad.
 """
 from __future__ import annotations
 
 import torch
 
 from ._conv1x1_common import check_conv_args, check_triton_dtype, matmul_blocks
-from ._triton import require_triton, tl, triton
-from .conv1x1_act import input_grad, weight_grad_sums
+from ._triton import kernel_op, launch, require_triton, tl, triton
+from .conv1x1_act import (conv1x1_input_grad_op, conv1x1_weight_grad_op, input_grad,
+                          weight_grad_sums)
 
 
 def _check_residual_args(h, weight, bias, skip, gate) -> None:
@@ -108,7 +112,7 @@ def conv1x1_residual_fwd(h, weight, bias, skip, gate, blocks=None) -> torch.Tens
     if out.numel() == 0:
         return out
     bm, bn, bk = blocks or matmul_blocks(cout, p, cin)
-    _conv1x1_residual_fwd_kernel[(triton.cdiv(p, bn), triton.cdiv(cout, bm), n)](
+    launch(_conv1x1_residual_fwd_kernel, (triton.cdiv(p, bn), triton.cdiv(cout, bm), n),
         h, weight, bias if bias is not None else weight, skip, gate_t, out,
         cin, cout, ww, p, *h.stride(), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, *skip.stride(),
@@ -148,23 +152,43 @@ def conv1x1_residual_bwd(grad_out, h, weight, bias, gate_t, need_h=True, need_w=
     return gh, gw, gb, gg
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
 
-class Conv1x1ResidualFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, skip, gate_t):
-        out = conv1x1_residual_fwd(h, weight, bias, skip, gate_t)
-        ctx.save_for_backward(h, weight, bias, gate_t)
-        return out
+@kernel_op("conv1x1_residual")
+def conv1x1_residual_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """skip + gate * (conv1x1(h) + bias) with ``gate`` a 1-element tensor of h's dtype."""
+    return conv1x1_residual_fwd(h, weight, bias, skip, gate)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, weight, bias, gate_t = ctx.saved_tensors
-        need_h, need_w, need_b, need_skip, need_gate = ctx.needs_input_grad
-        gh, gw, gb, gg = conv1x1_residual_bwd(
-            grad_out, h, weight, bias, gate_t, need_h=need_h, need_w=need_w,
-            need_b=need_b and bias is not None, need_gate=need_gate)
-        return gh, gw, gb, (grad_out if need_skip else None), gg
+
+def _conv1x1_residual_setup(ctx, inputs, output):
+    h, weight, bias, _, gate = inputs
+    ctx.save_for_backward(h, weight, bias, gate)
+
+
+def _conv1x1_residual_backward(ctx, grad_out):
+    # The same formulas as conv1x1_residual_bwd, through the ops.
+    h, weight, bias, gate = ctx.saved_tensors
+    need_h, need_w, need_b, need_skip, need_gate = ctx.needs_input_grad
+    need_b = need_b and bias is not None
+    gh = gw = gb = gg = None
+    if need_h:
+        gh = conv1x1_input_grad_op(grad_out, weight, None, gate, "none")
+    if need_w or need_b or need_gate:
+        a, s = conv1x1_weight_grad_op(grad_out, h, None, "none", True)
+        if need_w:
+            gw = (gate * a).view(weight.shape)
+        if need_b:
+            gb = gate * s
+        if need_gate:
+            gg = (weight.view(a.shape) * a).sum().reshape(1)
+            if bias is not None:
+                gg = gg + (bias * s).sum()
+    return gh, gw, gb, (grad_out if need_skip else None), gg
+
+
+conv1x1_residual_op.register_autograd(_conv1x1_residual_backward,
+                                      setup_context=_conv1x1_residual_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -176,4 +200,4 @@ def conv1x1_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     0-dim/1-element tensor (differentiable)."""
     require_triton("conv1x1_residual", h.device)
     _check_residual_args(h, weight, bias, skip, gate)
-    return Conv1x1ResidualFn.apply(h, weight, bias, skip, _gate_tensor(gate, h))
+    return conv1x1_residual_op(h, weight, bias, skip, _gate_tensor(gate, h))

@@ -18,6 +18,10 @@ torch.clamp's gradient.
 ``scale`` (C, K, K) must be strictly positive (the caller applies max(scale, 1)); it is a
 buffer and gets no gradient. Triton path: float32/float64, H, W <= MAX_SIDE (one plane per
 program), 1 <= K <= min(H, W); inputs may have any strides, outputs are contiguous.
+
+Ops (torch.library.triton_op): dvpvae_kernels::dct_pseudoinput -> (u, v) and
+dvpvae_kernels::idct_pseudoinput, with the backward ops dct_pseudoinput_bwd and
+idct_pseudoinput_bwd.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import math
 
 import torch
 
-from ._triton import require_triton, tl, triton
+from ._triton import concrete, kernel_op, launch, require_triton, tl, triton
 
 MAX_SIDE = 128  # largest H, W of the Triton path: one program holds a whole plane
 _TRITON_DTYPES = (torch.float32, torch.float64)
@@ -258,6 +262,13 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- launchers
 
+def _bases(h: int, w: int, k: int, like: torch.Tensor):
+    """(D_H[:k], D_W[:k]) in ``like``'s dtype and device; built uncached while tracing, as
+    traced tensors must not outlive the trace in dct_basis' cache."""
+    build = dct_basis if concrete(like) else dct_basis.__wrapped__
+    return build(h, k, like.dtype, like.device), build(w, k, like.dtype, like.device)
+
+
 def _block(n: int) -> int:
     # tl.dot needs every tile dimension >= 16.
     return max(16, triton.next_power_of_2(n))
@@ -291,9 +302,8 @@ def dct_pseudoinput_fwd(x: torch.Tensor, scale: torch.Tensor, ctx_size: int,
     v = torch.empty_like(u) if save_v else u  # dummy pointer when not saved
     if n * c == 0:
         return u, (v if save_v else None)
-    dh = dct_basis(h, k, x.dtype, x.device)
-    dw = dct_basis(w, k, x.dtype, x.device)
-    _dct_fwd_kernel[(n * c,)](
+    dh, dw = _bases(h, w, k, x)
+    launch(_dct_fwd_kernel, (n * c,),
         x, dh, dw, scale, u, v, c, h, w, k,
         *x.stride(), *scale.stride(),
         SAVE_V=save_v, BH=_block(h), BW=_block(w), BK=_block(k))
@@ -311,9 +321,8 @@ def dct_pseudoinput_bwd(grad_u: torch.Tensor, v: torch.Tensor, scale: torch.Tens
     gx = torch.empty((n, c, h, w), dtype=v.dtype, device=v.device)
     if n * c == 0:
         return gx
-    dh = dct_basis(h, k, v.dtype, v.device)
-    dw = dct_basis(w, k, v.dtype, v.device)
-    _dct_bwd_kernel[(n * c,)](
+    dh, dw = _bases(h, w, k, v)
+    launch(_dct_bwd_kernel, (n * c,),
         grad_u, v.contiguous(), dh, dw, scale, gx, c, h, w, k,
         *grad_u.stride(), *scale.stride(),
         BH=_block(h), BW=_block(w), BK=_block(k))
@@ -330,9 +339,8 @@ def idct_pseudoinput_fwd(u: torch.Tensor, scale: torch.Tensor, size) -> torch.Te
     x = torch.empty((n, c, h, w), dtype=u.dtype, device=u.device)
     if n * c == 0:
         return x
-    dh = dct_basis(h, k, u.dtype, u.device)
-    dw = dct_basis(w, k, u.dtype, u.device)
-    _idct_fwd_kernel[(n * c,)](
+    dh, dw = _bases(h, w, k, u)
+    launch(_idct_fwd_kernel, (n * c,),
         u, dh, dw, scale, x, c, h, w, k,
         *u.stride(), *scale.stride(),
         BH=_block(h), BW=_block(w), BK=_block(k))
@@ -350,16 +358,15 @@ def idct_pseudoinput_bwd(grad_x: torch.Tensor, u: torch.Tensor, scale: torch.Ten
     gu = torch.empty_like(u, memory_format=torch.contiguous_format)
     if n * c == 0:
         return gu
-    dh = dct_basis(h, k, u.dtype, u.device)
-    dw = dct_basis(w, k, u.dtype, u.device)
-    _idct_bwd_kernel[(n * c,)](
+    dh, dw = _bases(h, w, k, u)
+    launch(_idct_bwd_kernel, (n * c,),
         grad_x, u, dh, dw, scale, gu, c, h, w, k,
         *grad_x.stride(), *u.stride(), *scale.stride(),
         BH=_block(h), BW=_block(w), BK=_block(k))
     return gu
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
 
 def _no_scale_grad(scale: torch.Tensor) -> None:
     if scale.requires_grad:
@@ -367,35 +374,64 @@ def _no_scale_grad(scale: torch.Tensor) -> None:
                          "triton kernels; pass scale.detach()")
 
 
-class DctPseudoinputFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, ctx_size):
-        _no_scale_grad(scale)
-        u, v = dct_pseudoinput_fwd(x, scale, ctx_size, save_v=x.requires_grad)
-        if v is not None:
-            ctx.save_for_backward(v, scale)
-        ctx.size = (x.shape[2], x.shape[3])
-        return u
-
-    @staticmethod
-    def backward(ctx, grad_u):
-        v, scale = ctx.saved_tensors
-        return dct_pseudoinput_bwd(grad_u, v, scale, ctx.size), None, None
+@kernel_op("dct_pseudoinput")
+def dct_pseudoinput_op(x: torch.Tensor, scale: torch.Tensor, ctx_size: int,
+                       save_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v): v is the pre-clamp ratio the backward needs, empty unless ``save_v``."""
+    u, v = dct_pseudoinput_fwd(x, scale, ctx_size, save_v)
+    return u, (v if v is not None else u.new_empty(0))
 
 
-class IdctPseudoinputFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, scale, size):
-        _no_scale_grad(scale)
-        x = idct_pseudoinput_fwd(u, scale, size)
-        ctx.save_for_backward(u, scale)
-        ctx.size = (x.shape[2], x.shape[3])
-        return x
+@kernel_op("dct_pseudoinput_bwd")
+def dct_pseudoinput_bwd_op(grad_u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                           height: int, width: int) -> torch.Tensor:
+    return dct_pseudoinput_bwd(grad_u, v, scale, (height, width))
 
-    @staticmethod
-    def backward(ctx, grad_x):
-        u, scale = ctx.saved_tensors
-        return idct_pseudoinput_bwd(grad_x, u, scale, ctx.size), None, None
+
+@kernel_op("idct_pseudoinput")
+def idct_pseudoinput_op(u: torch.Tensor, scale: torch.Tensor, height: int,
+                        width: int) -> torch.Tensor:
+    return idct_pseudoinput_fwd(u, scale, (height, width))
+
+
+@kernel_op("idct_pseudoinput_bwd")
+def idct_pseudoinput_bwd_op(grad_x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+                            height: int, width: int) -> torch.Tensor:
+    return idct_pseudoinput_bwd(grad_x, u, scale, (height, width))
+
+
+def _dct_setup(ctx, inputs, output):
+    x, scale, _, _ = inputs
+    ctx.save_for_backward(output[1], scale)
+    ctx.size = (x.shape[2], x.shape[3])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _dct_backward(ctx, grad_u, _grad_v):
+    v, scale = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    if v.numel() != grad_u.numel():
+        raise RuntimeError("dct_pseudoinput: backward needs the pre-clamp ratio, which the "
+                           "forward did not store (save_v=False)")
+    return dct_pseudoinput_bwd_op(grad_u, v, scale, *ctx.size), None, None, None
+
+
+def _idct_setup(ctx, inputs, output):
+    u, scale, height, width = inputs
+    ctx.save_for_backward(u, scale)
+    ctx.size = (height, width)
+
+
+def _idct_backward(ctx, grad_x):
+    u, scale = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return idct_pseudoinput_bwd_op(grad_x, u, scale, *ctx.size), None, None, None
+
+
+dct_pseudoinput_op.register_autograd(_dct_backward, setup_context=_dct_setup)
+idct_pseudoinput_op.register_autograd(_idct_backward, setup_context=_idct_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -405,7 +441,8 @@ def dct_pseudoinput(x: torch.Tensor, scale: torch.Tensor, ctx_size: int) -> torc
     with the Triton kernels. ``scale`` (C, ctx, ctx) must be strictly positive."""
     require_triton("dct_pseudoinput", x.device)
     _check_fwd_args(x, scale, ctx_size)
-    return DctPseudoinputFn.apply(x, scale, ctx_size)
+    _no_scale_grad(scale)
+    return dct_pseudoinput_op(x, scale, ctx_size, torch.is_grad_enabled() and x.requires_grad)[0]
 
 
 def idct_pseudoinput(u: torch.Tensor, scale: torch.Tensor, size) -> torch.Tensor:
@@ -413,4 +450,5 @@ def idct_pseudoinput(u: torch.Tensor, scale: torch.Tensor, size) -> torch.Tensor
     ``size`` = (H, W)."""
     require_triton("idct_pseudoinput", u.device)
     h, w = _check_inv_args(u, scale, size)
-    return IdctPseudoinputFn.apply(u, scale, (h, w))
+    _no_scale_grad(scale)
+    return idct_pseudoinput_op(u, scale, h, w)

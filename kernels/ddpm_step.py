@@ -22,13 +22,16 @@ synchronises with the host; such a step cannot be range-checked without a sync, 
 kernel clamps it into [0, T-1]. Accumulation is fp32 (fp64 for fp64 inputs). The backward
 (w.r.t. z_t, eps_hat, noise; the clamp passes gradient on [-1, 1] like torch.clamp) is
 provided, though sampling runs under no_grad.
+
+Ops (torch.library.triton_op): dvpvae_kernels::ddpm_step and its backward ddpm_step_bwd. The
+step reaches them as ``step_tensor`` (the 0-dim tensor, or None) and ``step`` (the int).
 """
 from __future__ import annotations
 
 import torch
 
 from ._elementwise_common import acc_dtype, check_matching, flat_config
-from ._triton import require_triton, tl, triton
+from ._triton import kernel_op, launch, require_triton, tl, triton
 
 NUM_COLS = 5  # columns of the coefficient table
 
@@ -179,7 +182,8 @@ def ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature=1.0):
     numel = z_t.numel()
     if numel:
         block, grid, num_warps = flat_config(numel)
-        _ddpm_step_fwd_kernel[(grid,)](
+        launch(
+            _ddpm_step_fwd_kernel, (grid,),
             z_t, eps_hat, noise, coef, step_t if step_t is not None else coef, out, numel,
             step_int, coef.shape[0], float(temperature), BLOCK=block,
             ACC=acc_dtype(z_t.dtype), STEP_IN_MEMORY=step_t is not None, num_warps=num_warps)
@@ -198,7 +202,8 @@ def ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, temperature=1.0, need_nois
     numel = z_t.numel()
     if numel:
         block, grid, num_warps = flat_config(numel)
-        _ddpm_step_bwd_kernel[(grid,)](
+        launch(
+            _ddpm_step_bwd_kernel, (grid,),
             z_t, eps_hat, grad_out, coef, step_t if step_t is not None else coef,
             d_zt, d_eh, d_nz if need_noise else d_zt, numel, step_int, coef.shape[0],
             float(temperature), BLOCK=block, ACC=acc_dtype(z_t.dtype),
@@ -206,27 +211,51 @@ def ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, temperature=1.0, need_nois
     return d_zt, d_eh, d_nz
 
 
-class DDPMStepFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z_t, eps_hat, noise, coef, step, temperature):
-        out = ddpm_step_fwd(z_t, eps_hat, noise, coef, step, temperature)
-        if isinstance(step, torch.Tensor):
-            ctx.save_for_backward(z_t, eps_hat, coef, step)
-            ctx.step = None
-        else:
-            ctx.save_for_backward(z_t, eps_hat, coef)
-            ctx.step = step
-        ctx.temperature = temperature
-        return out
+# --------------------------------------------------------------------------- ops
+Tensor = torch.Tensor
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        z_t, eps_hat, coef = saved[:3]
-        step = saved[3] if ctx.step is None else ctx.step
-        d_zt, d_eh, d_nz = ddpm_step_bwd(z_t, eps_hat, grad_out, coef, step, ctx.temperature,
-                                         need_noise=ctx.needs_input_grad[2])
-        return d_zt, d_eh, d_nz, None, None, None
+
+def _dense(*tensors):
+    # The kernels index the tensors as flat contiguous arrays; the ops take any strides, as
+    # a compiler may hand saved tensors over in another layout.
+    return tuple(t.contiguous() for t in tensors)
+
+
+@kernel_op("ddpm_step")
+def ddpm_step_op(z_t: Tensor, eps_hat: Tensor, noise: Tensor, coef: Tensor,
+                 step_tensor: Tensor | None, step: int, temperature: float) -> Tensor:
+    """``ddpm_step`` at row ``step_tensor`` if given, else at row ``step``."""
+    return ddpm_step_fwd(*_dense(z_t, eps_hat, noise, coef),
+                         step_tensor if step_tensor is not None else step, temperature)
+
+
+@kernel_op("ddpm_step_bwd")
+def ddpm_step_bwd_op(z_t: Tensor, eps_hat: Tensor, grad_out: Tensor, coef: Tensor,
+                     step_tensor: Tensor | None, step: int, temperature: float,
+                     need_noise: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. (z_t, eps_hat, noise); the last is empty unless ``need_noise``."""
+    z_t, eps_hat, coef = _dense(z_t, eps_hat, coef)
+    d_zt, d_eh, d_nz = ddpm_step_bwd(z_t, eps_hat, grad_out, coef,
+                                     step_tensor if step_tensor is not None else step,
+                                     temperature, need_noise)
+    return d_zt, d_eh, (d_nz if d_nz is not None else d_zt.new_empty(0))
+
+
+def _ddpm_step_setup(ctx, inputs, output):
+    z_t, eps_hat, _, coef, step_tensor, step, temperature = inputs
+    ctx.save_for_backward(z_t, eps_hat, coef, step_tensor)
+    ctx.step, ctx.temperature = step, temperature
+
+
+def _ddpm_step_backward(ctx, grad_out):
+    z_t, eps_hat, coef, step_tensor = ctx.saved_tensors
+    need_noise = ctx.needs_input_grad[2]
+    d_zt, d_eh, d_nz = ddpm_step_bwd_op(z_t, eps_hat, grad_out, coef, step_tensor, ctx.step,
+                                        ctx.temperature, need_noise)
+    return d_zt, d_eh, (d_nz if need_noise else None), None, None, None, None
+
+
+ddpm_step_op.register_autograd(_ddpm_step_backward, setup_context=_ddpm_step_setup)
 
 
 # --------------------------------------------------------------------------- public op
@@ -247,5 +276,7 @@ def ddpm_step(z_t, eps_hat, noise, coef, step, temperature=1.0):
         z_s, same shape and dtype as z_t. Differentiable w.r.t. z_t, eps_hat and noise.
     """
     require_triton("ddpm_step", z_t.device)
-    return DDPMStepFunction.apply(z_t.contiguous(), eps_hat.contiguous(), noise.contiguous(),
-                                  coef, step, float(temperature))
+    z_t, eps_hat, noise = z_t.contiguous(), eps_hat.contiguous(), noise.contiguous()
+    _check_inputs(z_t, eps_hat, noise, coef)
+    step_int, step_t = _check_step(step, coef)
+    return ddpm_step_op(z_t, eps_hat, noise, coef, step_t, step_int, float(temperature))

@@ -18,13 +18,16 @@ programs already fill the GPU; smaller batches split D.
 Inputs are flattened to (N, D) with int64 offsets. Scalars (min_logvar, sqrt(T)) travel
 as fp32 kernel arguments; accumulation is fp32 (fp64 for fp64 inputs). The public ops copy
 non-contiguous inputs; the launchers require contiguous ones.
+
+Ops (torch.library.triton_op): dvpvae_kernels::reparam_kl -> (z, kl) and
+dvpvae_kernels::reparam_sample, with the backward ops reparam_kl_bwd and reparam_sample_bwd.
 """
 from __future__ import annotations
 
 import torch
 
 from ._elementwise_common import acc_dtype, check_matching, flat_config
-from ._triton import interpreting, require_triton, tl, triton
+from ._triton import interpreting, kernel_op, launch, require_triton, tl, triton
 
 MAX_LOGVAR = 1.0  # upper clamp of every log-variance in the model
 
@@ -206,9 +209,9 @@ def reparam_kl_fwd(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar, splits=None)
         return z, torch.zeros(N, dtype=q_mu.dtype, device=q_mu.device)
     block, chunk, S, num_warps = _launch_config(N, D, splits)
     partial = torch.empty((N, S), dtype=acc, device=q_mu.device)
-    _reparam_kl_fwd_kernel[(N, S)](q_mu, q_logvar, p_mu, p_logvar, eps, z, partial,
-                                   D, chunk, S, float(min_logvar), MAX_LOGVAR,
-                                   BLOCK=block, ACC=acc_dtype(q_mu.dtype), num_warps=num_warps)
+    launch(_reparam_kl_fwd_kernel, (N, S), q_mu, q_logvar, p_mu, p_logvar, eps, z, partial,
+           D, chunk, S, float(min_logvar), MAX_LOGVAR,
+           BLOCK=block, ACC=acc_dtype(q_mu.dtype), num_warps=num_warps)
     kl = partial[:, 0] if S == 1 else partial.sum(dim=1)  # fixed-order: deterministic
     return z, kl.to(q_mu.dtype)
 
@@ -234,7 +237,8 @@ def reparam_kl_bwd(q_mu, q_logvar, p_mu, p_logvar, eps, grad_z, grad_kl, min_log
         return (*grads, d_eps)
     block, chunk, S, num_warps = _launch_config(N, D, splits)
     dummy = q_mu  # never dereferenced: the matching constexpr flag is False
-    _reparam_kl_bwd_kernel[(N, S)](
+    launch(
+        _reparam_kl_bwd_kernel, (N, S),
         q_mu, q_logvar, p_mu, p_logvar, eps,
         grad_z if grad_z is not None else dummy, grad_kl if grad_kl is not None else dummy,
         *grads, d_eps if need_eps else dummy,
@@ -251,9 +255,9 @@ def reparam_sample_fwd(p_mu, p_logvar, eps, min_logvar, temperature):
     numel = p_mu.numel()
     if numel:
         block, grid, num_warps = flat_config(numel)
-        _reparam_sample_fwd_kernel[(grid,)](p_mu, p_logvar, eps, z, numel, float(min_logvar),
-                                            MAX_LOGVAR, float(temperature) ** 0.5, BLOCK=block,
-                                            ACC=acc_dtype(p_mu.dtype), num_warps=num_warps)
+        launch(_reparam_sample_fwd_kernel, (grid,), p_mu, p_logvar, eps, z, numel,
+               float(min_logvar), MAX_LOGVAR, float(temperature) ** 0.5, BLOCK=block,
+               ACC=acc_dtype(p_mu.dtype), num_warps=num_warps)
     return z
 
 
@@ -267,53 +271,90 @@ def reparam_sample_bwd(p_logvar, eps, grad_z, min_logvar, temperature, need_eps=
     numel = p_logvar.numel()
     if numel:
         block, grid, num_warps = flat_config(numel)
-        _reparam_sample_bwd_kernel[(grid,)](p_logvar, eps, grad_z, d_plv,
-                                            d_eps if need_eps else d_plv, numel,
-                                            float(min_logvar), MAX_LOGVAR,
-                                            float(temperature) ** 0.5, BLOCK=block,
-                                            ACC=acc_dtype(p_logvar.dtype), NEED_EPS=need_eps,
-                                            num_warps=num_warps)
+        launch(_reparam_sample_bwd_kernel, (grid,), p_logvar, eps, grad_z, d_plv,
+               d_eps if need_eps else d_plv, numel, float(min_logvar), MAX_LOGVAR,
+               float(temperature) ** 0.5, BLOCK=block, ACC=acc_dtype(p_logvar.dtype),
+               NEED_EPS=need_eps, num_warps=num_warps)
     return d_plv, d_eps
 
 
-# --------------------------------------------------------------------------- autograd
-class ReparamKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar):
-        z, kl = reparam_kl_fwd(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar)
-        ctx.save_for_backward(q_mu, q_logvar, p_mu, p_logvar, eps)
-        ctx.min_logvar = min_logvar
-        # Unused outputs arrive as None instead of zero tensors: the kernel then skips
-        # their loads (e.g. a loss that only uses kl).
-        ctx.set_materialize_grads(False)
-        return z, kl
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl):
-        q_mu, q_logvar, p_mu, p_logvar, eps = ctx.saved_tensors
-        if grad_z is None and grad_kl is None:
-            return (None,) * 6
-        dqm, dqlv, dpm, dplv, deps = reparam_kl_bwd(
-            q_mu, q_logvar, p_mu, p_logvar, eps, grad_z, grad_kl, ctx.min_logvar,
-            need_eps=ctx.needs_input_grad[4])
-        return dqm, dqlv, dpm, dplv, deps, None
+# --------------------------------------------------------------------------- ops
+Tensor = torch.Tensor
 
 
-class ReparamSampleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p_mu, p_logvar, eps, min_logvar, temperature):
-        z = reparam_sample_fwd(p_mu, p_logvar, eps, min_logvar, temperature)
-        ctx.save_for_backward(p_logvar, eps)
-        ctx.min_logvar = min_logvar
-        ctx.temperature = temperature
-        return z
+def _dense(*tensors):
+    # The kernels index the inputs as flat contiguous arrays; the ops take any strides, as a
+    # compiler may hand saved tensors over in another layout.
+    return tuple(t.contiguous() for t in tensors)
 
-    @staticmethod
-    def backward(ctx, grad_z):
-        p_logvar, eps = ctx.saved_tensors
-        d_plv, d_eps = reparam_sample_bwd(p_logvar, eps, grad_z, ctx.min_logvar,
-                                          ctx.temperature, need_eps=ctx.needs_input_grad[2])
-        return grad_z, d_plv, d_eps, None, None
+
+@kernel_op("reparam_kl")
+def reparam_kl_op(q_mu: Tensor, q_logvar: Tensor, p_mu: Tensor, p_logvar: Tensor, eps: Tensor,
+                  min_logvar: float) -> tuple[Tensor, Tensor]:
+    return reparam_kl_fwd(*_dense(q_mu, q_logvar, p_mu, p_logvar, eps), min_logvar)
+
+
+@kernel_op("reparam_kl_bwd")
+def reparam_kl_bwd_op(q_mu: Tensor, q_logvar: Tensor, p_mu: Tensor, p_logvar: Tensor,
+                      eps: Tensor, grad_z: Tensor | None, grad_kl: Tensor | None,
+                      min_logvar: float, need_eps: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. (q_mu, q_logvar, p_mu, p_logvar, eps); the last is empty unless
+    ``need_eps``."""
+    *grads, d_eps = reparam_kl_bwd(*_dense(q_mu, q_logvar, p_mu, p_logvar, eps), grad_z,
+                                   grad_kl, min_logvar, need_eps=need_eps)
+    return (*grads, d_eps if d_eps is not None else q_mu.new_empty(0))
+
+
+@kernel_op("reparam_sample")
+def reparam_sample_op(p_mu: Tensor, p_logvar: Tensor, eps: Tensor, min_logvar: float,
+                      temperature: float) -> Tensor:
+    return reparam_sample_fwd(*_dense(p_mu, p_logvar, eps), min_logvar, temperature)
+
+
+@kernel_op("reparam_sample_bwd")
+def reparam_sample_bwd_op(p_logvar: Tensor, eps: Tensor, grad_z: Tensor, min_logvar: float,
+                          temperature: float, need_eps: bool) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. (p_logvar, eps); the second is empty unless ``need_eps``."""
+    d_plv, d_eps = reparam_sample_bwd(*_dense(p_logvar, eps), grad_z, min_logvar, temperature,
+                                      need_eps)
+    return d_plv, (d_eps if d_eps is not None else d_plv.new_empty(0))
+
+
+def _reparam_kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.min_logvar = inputs[5]
+    # Unused outputs arrive as None instead of zero tensors: the kernel then skips
+    # their loads (e.g. a loss that only uses kl).
+    ctx.set_materialize_grads(False)
+
+
+def _reparam_kl_backward(ctx, grad_z, grad_kl):
+    if grad_z is None and grad_kl is None:
+        return (None,) * 6
+    need_eps = ctx.needs_input_grad[4]
+    dqm, dqlv, dpm, dplv, deps = reparam_kl_bwd_op(*ctx.saved_tensors, grad_z, grad_kl,
+                                                   ctx.min_logvar, need_eps)
+    return dqm, dqlv, dpm, dplv, (deps if need_eps else None), None
+
+
+def _reparam_sample_setup(ctx, inputs, output):
+    _, p_logvar, eps, min_logvar, temperature = inputs
+    ctx.save_for_backward(p_logvar, eps)
+    ctx.min_logvar = min_logvar
+    ctx.temperature = temperature
+
+
+def _reparam_sample_backward(ctx, grad_z):
+    p_logvar, eps = ctx.saved_tensors
+    need_eps = ctx.needs_input_grad[2]
+    d_plv, d_eps = reparam_sample_bwd_op(p_logvar, eps, grad_z, ctx.min_logvar,
+                                         ctx.temperature, need_eps)
+    return grad_z, d_plv, (d_eps if need_eps else None), None, None
+
+
+reparam_kl_op.register_autograd(_reparam_kl_backward, setup_context=_reparam_kl_setup)
+reparam_sample_op.register_autograd(_reparam_sample_backward, setup_context=_reparam_sample_setup)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -332,8 +373,9 @@ def reparam_kl(q_mu, q_logvar, p_mu, p_logvar, eps, min_logvar):
         input dtype. Differentiable w.r.t. all five tensors.
     """
     require_triton("reparam_kl", q_mu.device)
-    return ReparamKLFunction.apply(q_mu.contiguous(), q_logvar.contiguous(), p_mu.contiguous(),
-                                   p_logvar.contiguous(), eps.contiguous(), float(min_logvar))
+    tensors = tuple(t.contiguous() for t in (q_mu, q_logvar, p_mu, p_logvar, eps))
+    _check_inputs("reparam_kl", ("q_mu", "q_logvar", "p_mu", "p_logvar", "eps"), tensors)
+    return reparam_kl_op(*tensors, float(min_logvar))
 
 
 def reparam_sample(p_mu, p_logvar, eps, min_logvar, temperature=1.0):
@@ -343,5 +385,6 @@ def reparam_sample(p_mu, p_logvar, eps, min_logvar, temperature=1.0):
     require_triton("reparam_sample", p_mu.device)
     if float(temperature) < 0:
         raise ValueError(f"reparam_sample: temperature must be >= 0, got {temperature}")
-    return ReparamSampleFunction.apply(p_mu.contiguous(), p_logvar.contiguous(), eps.contiguous(),
-                                       float(min_logvar), float(temperature))
+    tensors = tuple(t.contiguous() for t in (p_mu, p_logvar, eps))
+    _check_inputs("reparam_sample", ("p_mu", "p_logvar", "eps"), tensors)
+    return reparam_sample_op(*tensors, float(min_logvar), float(temperature))

@@ -1,12 +1,12 @@
 """FastDVPVAE against the reference DVPVAE: same weights, same noise, same numbers."""
 import copy
-import math
 
 import pytest
 import torch
 
 import dvpvae
-from dvpvae import DVPVAE, FastDVPVAE, Noise
+from dvpvae import FastDVPVAE, Noise
+from dvpvae.gpucheck import perturbed_model
 
 
 # Max ratio of the fast path's float32 error to the reference's own (both w.r.t. float64).
@@ -14,18 +14,9 @@ REORDER_FACTOR = 8.0
 
 
 def perturbed(preset, seed=0):
-    torch.manual_seed(seed)
-    model = DVPVAE.from_preset(preset)
-    with torch.no_grad():
-        # Zero-initialised convs would hide errors in their paths. Scaled by 1/sqrt(fan_in)
-        # so activations stay O(1): with a flat 0.05 the cifar10 KL reached ~1e15 and float32
-        # rounding, amplified through 40 layers, dominated every comparison.
-        for p in model.parameters():
-            fan_in = p[0].numel() if p.dim() > 1 else 1
-            p.add_(0.05 * torch.randn_like(p) / math.sqrt(fan_in))
-    images = torch.randint(0, 256, (8,) + model.config.image_shape).float() / 127.5 - 1
-    dvpvae.set_dct_scale(model, images)
-    return model, images
+    """A perturbed reference model (every parameter moved by 0.05 / sqrt(fan_in): zero-initialised
+    convs would hide errors in their paths) and 8 images."""
+    return perturbed_model(preset, seed)
 
 
 def grads(model):

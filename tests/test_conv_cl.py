@@ -104,7 +104,8 @@ def test_weight_grad_kernel_choice_is_a_rule_on_shape_and_dtype(k):
     got = conv_weight_grad(grad, x, w, use_extension=True)
     onednn = conv_weight_grad(grad, x, w, use_extension=False)
     # AVX2: the extension's numbers, exactly; AVX-512: oneDNN's (faster there)
-    chosen = torch.ops.dvpvae.conv_weight_grad(grad, x, k) if torch.backends.cpu.get_cpu_capability() == "AVX2" else onednn
+    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    chosen = torch.ops.dvpvae.conv_weight_grad(grad, x, k) if avx2 else onednn
     assert all(torch.equal(a, b) for a, b in zip(got, chosen))
     for a, b in zip(got, onednn):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -87,8 +87,7 @@ class FastDVPVAE(DVPVAE):
         return self._ops_by_device[device]
 
     def _maybe_compiled(self, name: str, fn, device: torch.device):
-        # Inside a CUDA-graph capture the graph already removes the launch overhead.
-        if not self.use_compile or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not self.use_compile:
             return fn
         mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
         if (name, mode) not in self._compiled:

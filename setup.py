@@ -58,9 +58,12 @@ setup(
         "tqdm",
         "ninja",
         "safetensors",
+        "huggingface_hub>=0.28",
+        "jinja2",  # huggingface_hub's model card template
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"]},
     entry_points={"console_scripts": ["dvpvae-train=dvpvae.train:main",
-                                      "dvpvae-evaluate=dvpvae.evaluate:main"]},
+                                      "dvpvae-evaluate=dvpvae.evaluate:main",
+                                      "dvpvae-export=dvpvae.export:main"]},
 )

@@ -78,6 +78,7 @@ import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
 from dvpvae import DVPVAE, FastDVPVAE, get_config, set_dct_scale  # noqa: E402
+from dvpvae.ops import get_ops  # noqa: E402
 
 TASKS = ("train", "eval", "nll", "sample")
 PROVIDERS = ("DVPVAE", "FastDVPVAE", "official")
@@ -163,10 +164,11 @@ def ours(name, model, ref, cfg, fast_flags):
 
 
 # ------------------------------------------------------------------ the research code
-# Packages the research code imports at module level but that none of train_step /
-# estimate_nll / generate_x calls (logging, config, data, plotting, metrics).
-_STUB_ROOTS = ("wandb", "hydra", "omegaconf", "torchvision", "torchmetrics", "matplotlib",
-               "pytorch_lightning", "tqdm")
+# Packages the research code's model/, utils/ and datasets/ import at module level but that
+# none of train_step / estimate_nll / generate_x calls (logging, config, data, plotting,
+# metrics); tests/official_checkout.py writes a miniature checkout with the same imports.
+_STUB_ROOTS = ("wandb", "hydra", "omegaconf", "torchvision", "torchmetrics", "matplotlib", "tqdm",
+               "six", "scipy", "PIL")
 
 
 class _Anything:
@@ -229,12 +231,12 @@ def _install_stubs() -> list[str]:
     return missing
 
 
-def build_official(path: str, cfg, images: torch.Tensor, device: torch.device, seed: int = 0):
+def build_official(path: str, cfg, images: torch.Tensor | None, device: torch.device, seed: int = 0):
     """The research code's CTX_LADDER_VAE for ``cfg``, imported from the checkout at ``path``.
 
     Its hydra configs are composed by hand from our Config (same field meanings); the
-    research code's own init gives the weights (speed does not depend on them). Returns
-    (model, notes).
+    research code's own init gives the weights (speed does not depend on them) and
+    ``images`` its ``dct_scale`` (None: the caller sets it). Returns (model, notes).
     """
     path = os.path.abspath(path)
     if not os.path.isdir(os.path.join(path, "model")):
@@ -280,25 +282,31 @@ def build_official(path: str, cfg, images: torch.Tensor, device: torch.device, s
                                 noise_schedule=ddgm.LinearNoiseSchedule(cfg.gamma_min, cfg.gamma_max,
                                                                         train=False),
                                 t_sample="uniform", parametrization="eps", ll="gaussian", cont_time=True)
-    common = dict(num_ch=cfg.num_ch, scale_ch_mult=cfg.scale_ch_mult, block_ch_mult=cfg.block_ch_mult,
-                  data_ch=c, data_dim=cfg.image_size, weight_norm=False, batch_norm=False,
-                  latent_scales=list(cfg.latent_scales), latent_width=list(cfg.latent_width),
-                  activation=cfg.activation, start_scale_at_x=cfg.start_scale_at_x)
+
+    def common():
+        # Fresh lists for every constructor, as hydra gives them: the research decoder
+        # reverses latent_scales and latent_width in place.
+        return dict(num_ch=cfg.num_ch, scale_ch_mult=cfg.scale_ch_mult, block_ch_mult=cfg.block_ch_mult,
+                    data_ch=c, data_dim=cfg.image_size, weight_norm=False, batch_norm=False,
+                    latent_scales=list(cfg.latent_scales), latent_width=list(cfg.latent_width),
+                    activation=cfg.activation, start_scale_at_x=cfg.start_scale_at_x)
+
     encoder = enc_mod.SmallLadderEncoder(num_init_blocks=0, num_blocks_per_scale=cfg.enc_blocks_per_scale,
-                                         dset="cifar10" if cfg.standardize_input else "mnist", **common)
+                                         dset="cifar10" if cfg.standardize_input else "mnist", **common())
     decoder = dec_mod.ContextLadderDecoder(num_postprocess_blocks=cfg.num_postprocess_blocks,
                                            likelihood=cfg.likelihood, num_mix=cfg.num_mix,
                                            padding_mode="zeros", num_blocks_per_scale=cfg.dec_blocks_per_scale,
                                            z_L_prior=prior, ctx_type="dct", ctx_size=cfg.ctx_size,
-                                           min_logvar=cfg.min_logvar, decoder_res_mode="2x3", **common)
+                                           min_logvar=cfg.min_logvar, decoder_res_mode="2x3", **common())
     model = cvae.CTX_LADDER_VAE(encoder, decoder, likelihood=cfg.likelihood, beta_start=cfg.beta,
                                 beta_end=cfg.beta, warmup=0, is_k=cfg.is_k,
                                 latent_scales=list(cfg.latent_scales))
-    from dvpvae.dct import compute_dct_scale
+    if images is not None:
+        from dvpvae.dct import compute_dct_scale
 
-    block = model.decoder.decoder_blocks[0]
-    block.dct_scale.data = compute_dct_scale(images, cfg.ctx_size, cfg.dct_scale_images)[None].to(
-        block.dct_scale)
+        block = model.decoder.decoder_blocks[0]
+        block.dct_scale.data = compute_dct_scale(images, cfg.ctx_size, cfg.dct_scale_images)[None].to(
+            block.dct_scale)
     # The research code hard-codes 'cuda' as the diffusion sampler's device.
     prior.device = device
     return model.to(device), notes
@@ -382,7 +390,11 @@ def count_flops(fn) -> int:
 
 
 def task_flops(ref, cfg, task, data, args) -> int | None:
-    """FLOPs of one call of ``task`` on the reference (train: forward + backward, no optimizer)."""
+    """FLOPs of one call of ``task`` on the reference (train: forward + backward, no optimizer).
+
+    Counted with the reference provider: FlopCounterMode sees ATen ops only, not the custom
+    ops (C++ prior sampler, convolutions) of the other providers, which compute the same.
+    """
     m = ref  # not a copy: nothing here changes the weights (train only leaves grads, cleared below)
     if task == "train":
         def fn():
@@ -402,11 +414,14 @@ def task_flops(ref, cfg, task, data, args) -> int | None:
     else:
         def fn():
             m.sample(args.sample_n)
+    provider, m.ops = m.ops, get_ops("reference")
     try:
         return count_flops(fn)
     except Exception as e:  # the count is an annotation; never lose the timings over it
         print(f"note: FLOP count of {task} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return None
+    finally:
+        m.ops = provider
 
 
 # ------------------------------------------------------------------ measurement

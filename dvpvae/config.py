@@ -61,7 +61,10 @@ class Config:
     eta_min: float = 1e-5
     grad_clip: float = 5.0
     grad_skip_thr: float = 0.0  # 0 disables skipping large-gradient updates
+    grad_skip_factor: float = 0.0  # > 1: skip norms above this multiple of their running mean (0: off)
+    max_consecutive_skips: int = 100  # stop the run after this many skipped steps in a row (0: never)
     ema_rate: float = 0.999
+    ema_warmup: bool = True  # rate min(ema_rate, (1 + step) / (10 + step)); false: the paper's plain EMA
     val_size: int = 5000
     is_k: int = 1000
     seed: int = 123
@@ -80,6 +83,21 @@ class Config:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.likelihood == "logistic_mixture" and self.image_channels not in (1, 3):
             raise ValueError("logistic_mixture likelihood supports 1 or 3 image channels")
+        for name in ("image_channels", "image_size", "num_mix", "num_ch", "enc_blocks_per_scale",
+                     "dec_blocks_per_scale", "unet_channels", "batch_size", "test_batch_size",
+                     "epochs", "val_size", "is_k", "dct_scale_images"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("unet_res_blocks", "warmup_epochs", "max_consecutive_skips", "weight_decay",
+                     "adam_eps", "eta_min", "grad_clip", "grad_skip_thr", "beta"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (self.grad_skip_factor == 0 or self.grad_skip_factor > 1):
+            raise ValueError(f"grad_skip_factor must be 0 (off) or > 1, got {self.grad_skip_factor}")
+        if not 0 <= self.ema_rate < 1:
+            raise ValueError(f"ema_rate must be in [0, 1), got {self.ema_rate}")
         if len(self.latent_scales) != len(self.latent_width):
             raise ValueError(
                 f"latent_scales {self.latent_scales} and latent_width {self.latent_width} "

@@ -111,3 +111,5 @@ def _backward(ctx, grad):
 _conv_cl.register_fake(_conv_fake)
 conv_cl_backward.register_fake(_backward_fake)
 _conv_cl.register_autograd(_backward, setup_context=_setup_context)
+# Under CPU autocast (FastDVPVAE's bf16 precision) the convolution runs in bfloat16, as F.conv2d does.
+torch.library.register_autocast("dvpvae::conv_cl", "cpu", torch.bfloat16)

@@ -3,8 +3,8 @@ replay of the sampler.
 
 * ``triton_unsupported_reason(device)``: why the fused kernels cannot run on a CUDA device
   (no triton, a GPU older than Triton supports, a failing probe launch), or None.
-* ``PriorLoop``: the prior's whole T-step ancestral loop (UNet, then the fused
-  ``ddpm_step``) for one batch size. ``run`` computes it eagerly on any device; after
+* ``PriorLoop``: the prior's whole ancestral loop (UNet, then the fused ``ddpm_step``) for
+  one batch size and number of steps. ``run`` computes it eagerly on any device; after
   ``capture`` (CUDA only) it copies its inputs into static buffers and replays one graph.
   ``sample_prior_loop`` is the cached entry point of ``TritonOps.sample_prior``.
 * ``GraphSampler``: one graph for a whole ``sample()`` call (prior loop and decoder).
@@ -129,12 +129,13 @@ def _warm_up_and_capture(fn, warmup: int):
 
 # ----------------------------------------------------------------------------- prior loop
 class PriorLoop:
-    """The T ancestral steps of ``prior`` for batches of ``n``, computed with ``ops.ddpm_step``.
+    """The S ancestral steps of ``prior`` (``steps``, default its T) for batches of ``n``,
+    computed with ``ops.ddpm_step``.
 
-    Step k (row i = T-1-k of the coefficient table) is
-    ``z = ops.ddpm_step(z, unet(z, t_k), eps[k], coef, steps[k], 1.0)`` where ``steps[k]`` is
-    a 0-dim int64 tensor on the device and ``coef`` is the prior's table with its noise
-    column scaled by the temperature: nothing in the loop reads a host value, so it can be
+    Step k (row i = S-1-k of the coefficient table ``prior.step_table(S)``) is
+    ``z = ops.ddpm_step(z, unet(z, t_k), eps[k], coef, rows[k], 1.0)`` where ``rows[k]`` is
+    a 0-dim int64 tensor on the device and ``coef`` is the table with its noise column
+    scaled by the temperature: nothing in the loop reads a host value, so it can be
     captured, and one graph serves every temperature. The result equals
     ``prior.sample_loop(z_T, eps, temperature, ops)``.
 
@@ -143,18 +144,20 @@ class PriorLoop:
     it and returns a copy of its output.
     """
 
-    def __init__(self, prior, n: int, ops):
+    def __init__(self, prior, n: int, ops, steps: int | None = None):
         if n < 1:
             raise ValueError(f"number of samples must be positive, got {n}")
         self.unet, self.ops, self.n = prior.unet, ops, int(n)
-        self.T, self.shape = prior.T, (int(n),) + tuple(prior.shape)
-        self.coefficients = prior.coefficients
+        self.S = prior.T if steps is None else int(steps)
+        self.shape = (int(n),) + tuple(prior.shape)
+        self.source = prior.coefficients  # the prior's table: the loop's own is built from it
+        self.coefficients = prior.step_table(self.S)
         dev, dtype = self.coefficients.device, self.coefficients.dtype
         # Built on the device (a host copy cannot be recorded inside another capture); t of
-        # step k exactly as the reference builds it, torch.full((n,), (i+1)/T).
-        self.steps = torch.arange(self.T - 1, -1, -1, device=dev)
-        self.t = torch.stack([torch.full((self.n,), (i + 1) / self.T, dtype=dtype, device=dev)
-                              for i in range(self.T - 1, -1, -1)])
+        # step k exactly as the reference builds it, torch.full((n,), (i+1)/S).
+        self.rows = torch.arange(self.S - 1, -1, -1, device=dev)
+        self.t = torch.stack([torch.full((self.n,), (i + 1) / self.S, dtype=dtype, device=dev)
+                              for i in range(self.S - 1, -1, -1)])
         self.graph = None
         self._static = None  # (z_T, eps, coef, out) of the captured graph
         self._captured_signature = None
@@ -171,19 +174,19 @@ class PriorLoop:
         return out
 
     def loop(self, z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """The T steps from z_T = ``z`` with the per-step noise ``eps`` (T, n, ...) and the
+        """The S steps from z_T = ``z`` with the per-step noise ``eps`` (S, n, ...) and the
         scaled table ``coef``: the code a capture records."""
-        for k in range(self.T):
-            z = self.ops.ddpm_step(z, self.unet(z, self.t[k]), eps[k], coef, self.steps[k], 1.0)
+        for k in range(self.S):
+            z = self.ops.ddpm_step(z, self.unet(z, self.t[k]), eps[k], coef, self.rows[k], 1.0)
         return z
 
     def _check(self, z_T: torch.Tensor, eps: torch.Tensor) -> None:
-        if tuple(z_T.shape) != self.shape or tuple(eps.shape) != (self.T,) + self.shape:
-            raise ValueError(f"PriorLoop for n={self.n}: expected z_T {self.shape} and eps "
-                             f"{(self.T,) + self.shape}, got {tuple(z_T.shape)} and {tuple(eps.shape)}")
+        if tuple(z_T.shape) != self.shape or tuple(eps.shape) != (self.S,) + self.shape:
+            raise ValueError(f"PriorLoop for n={self.n}, {self.S} steps: expected z_T {self.shape} and eps "
+                             f"{(self.S,) + self.shape}, got {tuple(z_T.shape)} and {tuple(eps.shape)}")
 
     def signature(self) -> tuple:
-        return _signature(self.unet, self.coefficients) + (self.unet.training,)
+        return _signature(self.unet, self.source, self.coefficients) + (self.unet.training,)
 
     def stale(self) -> bool:
         """True when the prior's tensors moved since the capture (the graph would read
@@ -197,7 +200,7 @@ class PriorLoop:
 
     @torch.no_grad()
     def run(self, z_T: torch.Tensor, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """u after the T steps from ``z_T`` (n, ...) with the step noise ``eps`` (T, n, ...)."""
+        """u after the S steps from ``z_T`` (n, ...) with the step noise ``eps`` (S, n, ...)."""
         self._check(z_T, eps)
         if not self.replays:
             return self.loop(z_T, eps, self.scaled_coefficients(temperature))
@@ -217,7 +220,7 @@ class PriorLoop:
             raise RuntimeError("PriorLoop.capture cannot run inside another graph capture")
         like = self.coefficients
         z_s = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
-        eps_s = torch.zeros((self.T,) + self.shape, dtype=like.dtype, device=like.device)
+        eps_s = torch.zeros((self.S,) + self.shape, dtype=like.dtype, device=like.device)
         coef_s = self.scaled_coefficients(1.0)
         self.graph = None
         self.graph, out = _warm_up_and_capture(lambda: self.loop(z_s, eps_s, coef_s), warmup)
@@ -227,19 +230,20 @@ class PriorLoop:
 
 
 # Captured loops per prior (weakly: a loop holds the UNet, never the prior), newest last;
-# each graph keeps its own memory pool, so only a few batch sizes are kept.
+# each graph keeps its own memory pool, so only a few (batch size, steps) pairs are kept.
 _LOOPS: "weakref.WeakKeyDictionary[nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 MAX_LOOPS_PER_PRIOR = 4
 
 
-def cached_prior_loop(prior, n: int, ops) -> PriorLoop:
-    """The PriorLoop of (prior, n, provider, device, dtype, mode), kept per prior (LRU)."""
+def cached_prior_loop(prior, n: int, ops, steps: int | None = None) -> PriorLoop:
+    """The PriorLoop of (prior, n, steps, provider, device, dtype, mode), kept per prior (LRU)."""
     loops = _LOOPS.setdefault(prior, collections.OrderedDict())
     c = prior.coefficients
-    key = (int(n), type(ops), getattr(ops, "name", None), c.device, c.dtype, prior.training)
+    steps = prior.T if steps is None else int(steps)
+    key = (int(n), steps, type(ops), getattr(ops, "name", None), c.device, c.dtype, prior.training)
     loop = loops.get(key)
-    if loop is None or loop.unet is not prior.unet or loop.coefficients is not c or loop.stale():
-        loop = loops[key] = PriorLoop(prior, n, ops)
+    if loop is None or loop.unet is not prior.unet or loop.source is not c or loop.stale():
+        loop = loops[key] = PriorLoop(prior, n, ops, steps)
     loop.ops = ops  # another instance of the same provider computes the same
     loops.move_to_end(key)
     while len(loops) > MAX_LOOPS_PER_PRIOR:
@@ -248,16 +252,17 @@ def cached_prior_loop(prior, n: int, ops) -> PriorLoop:
 
 
 def sample_prior_loop(prior, z: torch.Tensor, eps: torch.Tensor, temperature: float, ops) -> torch.Tensor:
-    """The prior's ancestral loop from ``z`` with the step noise ``eps`` through ``ops``.
+    """The prior's ancestral loop from ``z`` with the step noise ``eps`` (S, n, ...) through
+    ``ops``: S = len(eps) steps.
 
-    On CUDA (unless ``prior_graphs(False)``) the loop for this batch size is captured once
-    and replayed; inside another capture (a whole-sample graph) it is recorded into that
-    graph instead; elsewhere it runs eagerly. Every path computes ``PriorLoop.loop``.
+    On CUDA (unless ``prior_graphs(False)``) the loop for this batch size and S is captured
+    once and replayed; inside another capture (a whole-sample graph) it is recorded into
+    that graph instead; elsewhere it runs eagerly. Every path computes ``PriorLoop.loop``.
     """
-    n = z.shape[0]
+    n, steps = z.shape[0], eps.shape[0]
     if capturing(z.device):
-        return PriorLoop(prior, n, ops).run(z, eps, temperature)
-    loop = cached_prior_loop(prior, n, ops)
+        return PriorLoop(prior, n, ops, steps).run(z, eps, temperature)
+    loop = cached_prior_loop(prior, n, ops, steps)
     if z.device.type == "cuda" and _PRIOR_GRAPHS.get() and (loop.graph is None or loop.stale()):
         loop.capture()
     return loop.run(z, eps, temperature)

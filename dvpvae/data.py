@@ -269,7 +269,7 @@ def to_nchw(x: np.ndarray, where: str) -> np.ndarray:
     """Bring (N,H,W), (N,H,W,C) or (N,C,H,W) uint8 images to contiguous (N,C,H,W)."""
     if x.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 in 0..255, got dtype {x.dtype}")
-    if x.ndim == 3:
+    if x.ndim == 3 and x.shape[1] == x.shape[2]:
         return np.ascontiguousarray(x[:, None])
     if x.ndim == 4:
         if x.shape[1] in (1, 3) and x.shape[2] == x.shape[3]:

@@ -75,11 +75,13 @@ class PseudoinputBlock(nn.Module):
     def to_image(self, u: torch.Tensor, ops: ReferenceOps) -> torch.Tensor:
         return ops.idct(u, safe_scale(self.dct_scale), self.image_size)
 
-    def forward(self, x: torch.Tensor, noise: Noise, full_bound: bool, ops: ReferenceOps):
+    def forward(self, x: torch.Tensor, noise: Noise, full_bound: bool | None, ops: ReferenceOps):
         mu = self.mean(x, ops)
         lv = self.posterior_logvar().expand_as(mu)
         eps = noise.normal("u", mu.shape, mu)
         u = mu + torch.exp(0.5 * lv) * eps
+        if full_bound is None:  # the caller evaluates the prior itself (importance sampling)
+            return Layer(z=u, q_mu=mu, q_logvar=lv), None
         log_q = (-0.5 * (LOG_2PI + lv + eps ** 2)).flatten(1).sum(-1)
         terms = self.prior.neg_log_prob(u, noise, full_bound, ops)
         return Layer(z=u, q_mu=mu, q_logvar=lv, kl=log_q + terms.neg_log_p), terms
@@ -138,10 +140,12 @@ class LadderBlock(nn.Module):
                       p_lv.clamp(self.min_logvar, MAX_LOGVAR), kl)
         return layer, (None if is_last else self.update(s_dec + h, z, ops))
 
-    def generate(self, s_dec, cond, eps, temperature, is_last, ops: ReferenceOps):
-        """Prior pass: z ~ p with its variance scaled by ``temperature``."""
+    def generate(self, s_dec, cond, eps, temperature, is_last, ops: ReferenceOps, z=None):
+        """Prior pass: z ~ p with its variance scaled by ``temperature``, or a given ``z``
+        (``eps`` unused) that the state update follows instead."""
         p_mu, p_lv, h = self.prior_params(s_dec, cond, ops)
-        z = ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
+        if z is None:
+            z = ops.reparam_sample(p_mu, p_lv, eps, self.min_logvar, temperature)
         return z, (None if is_last else self.update(s_dec + h, z, ops))
 
 
@@ -189,9 +193,12 @@ class TopDownDecoder(nn.Module):
     def initial_state(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return torch.ones((n,) + self.top_shape, dtype=like.dtype, device=like.device)
 
-    def forward(self, x: torch.Tensor, enc_feats: list[torch.Tensor], noise: Noise, full_bound: bool,
+    def forward(self, x: torch.Tensor, enc_feats: list[torch.Tensor], noise: Noise, full_bound: bool | None,
                 ops: ReferenceOps):
-        """Posterior pass. Returns (likelihood params, layers [u, z_top .. z_bottom], prior terms)."""
+        """Posterior pass. Returns (likelihood params, layers [u, z_top .. z_bottom], prior terms).
+
+        ``full_bound``: the T-point bound on -log p(u) (True), the single-t one (False), or no
+        prior term at all (None: u's ``kl`` and the prior terms are None)."""
         u_layer, terms = self.pseudoinput(x, noise, full_bound, ops)
         image = self.pseudoinput.to_image(u_layer.z, ops)
         s_dec = self.initial_state(x.shape[0], x)
@@ -204,15 +211,24 @@ class TopDownDecoder(nn.Module):
             layers.append(layer)
         return self.aggregate([lay.z for lay in layers[1:]], ops), layers, terms
 
-    @torch.no_grad()
-    def generate(self, u: torch.Tensor, noise: Noise, temperature: float, ops: ReferenceOps) -> torch.Tensor:
-        """Prior pass from a pseudoinput sample u; returns likelihood parameters."""
+    def generate(self, u: torch.Tensor, noise: Noise, temperatures, ops: ReferenceOps,
+                 given=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Prior pass from a pseudoinput u: the top ``len(given)`` ladder latents are
+        ``given``, each other z_l is drawn from its prior (draw "z{l}") with the variance
+        scaled by ``temperatures[l]``. Returns (likelihood parameters, ladder latents top ->
+        bottom)."""
+        if len(given) == len(self.blocks):  # the likelihood sees the ladder latents only
+            return self.aggregate(list(given), ops), list(given)
         image = self.pseudoinput.to_image(u, ops)
         s_dec = self.initial_state(u.shape[0], u)
         zs = []
         for l, block in enumerate(self.blocks):
             cond = self.condition(image, self.resolutions[l])
-            eps = noise.normal(f"z{l}", (u.shape[0],) + self.latent_shapes[l], u)
-            z, s_dec = block.generate(s_dec, cond, eps, temperature, l + 1 == len(self.blocks), ops)
+            is_last = l + 1 == len(self.blocks)
+            if l < len(given):
+                z, s_dec = block.generate(s_dec, cond, None, None, is_last, ops, z=given[l])
+            else:
+                eps = noise.normal(f"z{l}", (u.shape[0],) + self.latent_shapes[l], u)
+                z, s_dec = block.generate(s_dec, cond, eps, temperatures[l], is_last, ops)
             zs.append(z)
-        return self.aggregate(zs, ops)
+        return self.aggregate(zs, ops), zs

@@ -7,6 +7,7 @@ L_0 + L_diff + L_T, each returned per element so callers can inspect the terms.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,25 @@ from dvpvae.ops import REFERENCE, ReferenceOps
 from dvpvae.unet import UNet
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+def check_steps(steps) -> int:
+    """``steps`` if it is a positive int (a number of prior sampling steps), else ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"the number of prior sampling steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+def forward_chain_coefficients(T: int, gamma_min: float, gamma_max: float) -> torch.Tensor:
+    """The (T + 1, 2) float64 table of the forward chain q(z_0, z_{1/T}, ..., z_1 | u)
+    (MODEL.md section 7), columns [scale, std]: row 0 is q(z_0 | u) = N(alpha_0 u, sigma_0^2),
+    row i >= 1 is q(z_t | z_s) = N(a_ts z_s, sigma_ts^2) for s = (i-1)/T, t = i/T."""
+    g = gamma_min + (gamma_max - gamma_min) * torch.arange(T + 1, dtype=torch.float64) / T
+    log_alpha2 = -torch.nn.functional.softplus(g)  # log sigmoid(-g), accurate for large gamma
+    scale = torch.exp(0.5 * torch.cat([log_alpha2[:1], log_alpha2[1:] - log_alpha2[:-1]]))
+    # sigma_ts^2 = sigma_t^2 - a_ts^2 sigma_s^2 = sigma_t^2 (1 - exp(gamma_s - gamma_t))
+    var = torch.cat([torch.sigmoid(g[:1]), torch.sigmoid(g[1:]) * -torch.expm1(g[:-1] - g[1:])])
+    return torch.stack([scale, var.sqrt()], dim=1)
 
 
 @dataclass
@@ -45,6 +65,9 @@ class DiffusionPrior(nn.Module):
         self.unet = UNet(in_ch, channels, num_res_blocks, dropout)
         # Tabulated once so the sampling loop never rebuilds schedules on the host.
         self.register_buffer("coefficients", ddpm_coefficients(T, gamma_min, gamma_max), persistent=False)
+        self.register_buffer("chain_coefficients", forward_chain_coefficients(T, gamma_min, gamma_max).float(),
+                             persistent=False)
+        self._step_tables: dict[tuple, torch.Tensor] = {}  # step_table(S) for S != T
 
     @classmethod
     def from_config(cls, cfg: Config) -> "DiffusionPrior":
@@ -71,9 +94,25 @@ class DiffusionPrior(nn.Module):
         """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2 per element, t of shape (N,)."""
         g = self.gamma(t)[:, None, None, None]
         z_t = torch.sigmoid(-g).sqrt() * u + torch.sigmoid(g).sqrt() * eps
-        eps_hat = self.unet(z_t, t, keep)
+        return self.weighted_error(eps, self.unet(z_t, t, keep))
+
+    def weighted_error(self, eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
+        """0.5 gamma'(t) ||eps - eps_hat||^2 per element (N, D)."""
         w = 0.5 * (self.gamma_max - self.gamma_min)
         return (w * (eps - eps_hat) ** 2).flatten(1)
+
+    def reconstruction_term(self, u: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """L_0 = -log N(u; z_0 / alpha_0, exp(gamma_min)) per element (N, D); also the last
+        factor p(u | z_0) of the T-step model."""
+        g0 = torch.full((), self.gamma_min, dtype=u.dtype, device=u.device)
+        a0 = torch.sigmoid(-g0).sqrt()
+        return (0.5 * (LOG_2PI + g0 + (u - z0 / a0) ** 2 / torch.exp(g0))).flatten(1)
+
+    def terminal_term(self, u: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(z_1 | u) || N(0, I)) per element (N, D)."""
+        g1 = torch.full((), self.gamma_max, dtype=u.dtype, device=u.device)
+        a2_1, s2_1 = torch.sigmoid(-g1), torch.sigmoid(g1)
+        return (0.5 * (a2_1 * u ** 2 + s2_1 - torch.log(s2_1) - 1.0)).flatten(1)
 
     def neg_log_prob(self, u: torch.Tensor, noise: Noise, full: bool, ops: ReferenceOps = REFERENCE) -> PriorTerms:
         """Bound on -log p(u): single random t if ``full`` is False, else the T-point average."""
@@ -81,9 +120,7 @@ class DiffusionPrior(nn.Module):
         g0 = torch.full((), self.gamma_min, dtype=u.dtype, device=u.device)
         eps0 = noise.normal("diffusion_eps0", u.shape, u)
         a0, s0 = torch.sigmoid(-g0).sqrt(), torch.sigmoid(g0).sqrt()
-        z0 = a0 * u + s0 * eps0
-        # -log N(u; z0/alpha0, exp(gamma_min)) per element
-        L0 = (0.5 * (LOG_2PI + g0 + (u - z0 / a0) ** 2 / torch.exp(g0))).flatten(1)
+        L0 = self.reconstruction_term(u, a0 * u + s0 * eps0)
         if full:
             Ldiff = self._full_diffusion_loss(u, noise, ops)
         else:
@@ -95,10 +132,7 @@ class DiffusionPrior(nn.Module):
                 p = self.dropout
                 keep = (noise.uniform("unet_dropout", self.dropout_shape(n), u) >= p).to(u.dtype) / (1 - p)
             Ldiff = ops.unet_mse(self, u, t, eps, keep)
-        g1 = torch.full((), self.gamma_max, dtype=u.dtype, device=u.device)
-        a2_1, s2_1 = torch.sigmoid(-g1), torch.sigmoid(g1)
-        LT = (0.5 * (a2_1 * u ** 2 + s2_1 - torch.log(s2_1) - 1.0)).flatten(1)
-        return PriorTerms(L0, Ldiff, LT)
+        return PriorTerms(L0, Ldiff, self.terminal_term(u))
 
     def _full_diffusion_loss(self, u: torch.Tensor, noise: Noise, ops: ReferenceOps) -> torch.Tensor:
         """Average weighted MSE over t = 1/T, ..., 1, all T UNet calls in one batch."""
@@ -109,33 +143,97 @@ class DiffusionPrior(nn.Module):
         per_step = ops.unet_mse(self, u_rep, t, eps.reshape(T * n, *u.shape[1:]), None)
         return per_step.reshape(T, n, -1).mean(0)
 
-    def sampling_noise(self, n: int, noise: Noise | dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draws of ancestral sampling: z_1 ("prior_zT", (n,) + shape) and the per-step
-        noise ("prior_eps", (T, n) + shape; row k is used at the k-th step, t = 1 first)."""
+    def forward_chain(self, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward trajectory of u with the noise ``eps`` (T+1, N, ...): z (T+1, N, ...),
+        row i at t = i/T (``forward_chain_coefficients``), and log q(z_0..z_1 | u) (N,)."""
+        scale, std = self.chain_coefficients.to(u.dtype).unbind(1)
+        zs, z = [], u
+        for i in range(self.T + 1):
+            z = scale[i] * z + std[i] * eps[i]
+            zs.append(z)
+        log_q = -0.5 * (LOG_2PI + eps ** 2).sum(0).flatten(1).sum(-1) - u[0].numel() * std.log().sum()
+        return torch.stack(zs), log_q
+
+    def trajectory_terms(self, u: torch.Tensor, eps: torch.Tensor,
+                         ops: ReferenceOps = REFERENCE) -> tuple[torch.Tensor, PriorTerms]:
+        """Importance weight of u's forward trajectory (MODEL.md section 7) and the T-point
+        bound at the same trajectory, sharing the T UNet evaluations.
+
+        Returns log p(u, z_0..z_1) - log q(z_0..z_1 | u) per example (N,) for the T-step model
+        that ``sample`` draws from by default (z_1 ~ N(0, I), T ancestral steps at temperature
+        1, then u ~ N(z_0 / alpha_0, exp(gamma_min))), and the bound's terms: each z_t of the chain
+        has the marginal N(alpha_t u, sigma_t^2) the bound draws from, so they are one
+        random draw of the T-point bound (its T noises correlated along the chain).
+        """
+        n, T = u.shape[0], self.T
+        z, log_q = self.forward_chain(u, eps)
+        t = (torch.arange(1, T + 1, dtype=u.dtype, device=u.device) / T).repeat_interleave(n)
+        z_t = z[1:].reshape(T * n, *u.shape[1:])  # all T UNet calls in one batch, t-major
+        eps_hat = self.unet(z_t, t)
+        steps = eps_hat.view(T, *u.shape)
+        coef = self.coefficients.to(u.dtype)
+        c_noise = coef[:, 4]  # the table's last column: the step's noise scale
+        log_p = -0.5 * (LOG_2PI + z[T] ** 2).flatten(1).sum(-1)
+        for i in range(T):  # the sampler's step t = (i+1)/T -> s = i/T is N(its mean, c_noise^2)
+            mean = ops.ddpm_step(z[i + 1], steps[i], torch.zeros_like(u), coef, i, 0.0)
+            r = (z[i] - mean) / c_noise[i]
+            log_p = log_p - (0.5 * (LOG_2PI + r ** 2) + c_noise[i].log()).flatten(1).sum(-1)
+        L0 = self.reconstruction_term(u, z[0])
+        g = self.gamma(t)[:, None, None, None]
+        eps_t = (z_t - torch.sigmoid(-g).sqrt() * u.repeat(T, 1, 1, 1)) / torch.sigmoid(g).sqrt()
+        Ldiff = self.weighted_error(eps_t, eps_hat).reshape(T, n, -1).mean(0)
+        return log_p - L0.sum(-1) - log_q, PriorTerms(L0, Ldiff, self.terminal_term(u))
+
+    def step_table(self, steps: int) -> torch.Tensor:
+        """The (steps, 5) coefficient table of the grid t_i = i/steps (row i: t = (i+1)/steps
+        -> s = i/steps) in the dtype and on the device of ``coefficients``, which it is for
+        steps = T. The prior is continuous-time, so any positive number of steps samples it."""
+        check_steps(steps)
+        c = self.coefficients
+        if steps == self.T:
+            return c
+        # Kept: a sampler captured in a CUDA graph finds its table on the device (a host copy
+        # cannot be recorded), and repeated calls copy nothing.
+        key = (steps, c.dtype, c.device)
+        if key not in self._step_tables:
+            self._step_tables[key] = ddpm_coefficients(steps, self.gamma_min, self.gamma_max).to(c)
+        return self._step_tables[key]
+
+    def sampling_noise(self, n: int, noise: Noise | dict | None = None,
+                       steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draws of ancestral sampling through ``steps`` steps (default T): z_1
+        ("prior_zT", (n,) + shape) and the per-step noise ("prior_eps", (steps, n) + shape;
+        row k is used at the k-th step, t = 1 first)."""
         if n < 1:
             raise ValueError(f"number of samples must be positive, got {n}")
+        steps = self.T if steps is None else check_steps(steps)
         noise = as_noise(noise)
         like = self.coefficients
         z = noise.normal("prior_zT", (n,) + self.shape, like)
-        eps = noise.normal("prior_eps", (self.T, n) + self.shape, like)
+        eps = noise.normal("prior_eps", (steps, n) + self.shape, like)
         return z, eps
 
     def step(self, z_t: torch.Tensor, i: int, eps: torch.Tensor, temperature: float,
-             ops: ReferenceOps = REFERENCE) -> torch.Tensor:
-        """One ancestral step from t = (i+1)/T to s = i/T (MODEL.md section 5)."""
-        t = torch.full((z_t.shape[0],), (i + 1) / self.T, dtype=z_t.dtype, device=z_t.device)
-        return ops.ddpm_step(z_t, self.unet(z_t, t), eps, self.coefficients, i, temperature)
+             ops: ReferenceOps = REFERENCE, table: torch.Tensor | None = None) -> torch.Tensor:
+        """One ancestral step from t = (i+1)/S to s = i/S (MODEL.md section 5) with row i of
+        ``table`` (S rows, ``step_table(S)``; default the T-step ``coefficients``)."""
+        table = self.coefficients if table is None else table
+        t = torch.full((z_t.shape[0],), (i + 1) / table.shape[0], dtype=z_t.dtype, device=z_t.device)
+        return ops.ddpm_step(z_t, self.unet(z_t, t), eps, table, i, temperature)
 
     def sample_loop(self, z: torch.Tensor, eps: torch.Tensor, temperature: float,
                     ops: ReferenceOps = REFERENCE) -> torch.Tensor:
-        """The T ancestral steps from z_1 = ``z`` with the per-step noise ``eps``."""
-        for k, i in enumerate(range(self.T - 1, -1, -1)):
-            z = self.step(z, i, eps[k], temperature, ops)
+        """The S ancestral steps from z_1 = ``z`` with the per-step noise ``eps`` (S, n, ...):
+        its rows set the number of steps."""
+        table = self.step_table(eps.shape[0])
+        for k, i in enumerate(range(table.shape[0] - 1, -1, -1)):
+            z = self.step(z, i, eps[k], temperature, ops, table)
         return z
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, noise: Noise | dict | None = None,
-               ops: ReferenceOps = REFERENCE) -> torch.Tensor:
-        """n pseudoinputs by ancestral sampling through the T steps; ``temperature`` scales
+               ops: ReferenceOps = REFERENCE, steps: int | None = None) -> torch.Tensor:
+        """n pseudoinputs by ancestral sampling through ``steps`` steps on the grid
+        t_i = i/steps (default T, the grid the prior was trained on); ``temperature`` scales
         the per-step noise. The reference provider runs the Python loop."""
-        return ops.sample_prior(self, n, temperature, noise)
+        return ops.sample_prior(self, n, temperature, noise, steps)

@@ -9,7 +9,10 @@ The modules, parameters, state_dict and noise interface are DVPVAE's. What diffe
   the sample decoder. All noise is drawn eagerly in the reference order and passed in, so
   the compiled graphs hold no RNG;
 * on CUDA, the no-grad compiled passes run as CUDA graphs and ``sample`` replays one
-  captured graph per (n, temperatures).
+  captured graph per (n, temperatures);
+* ``precision="bf16"``: the passes run under bfloat16 autocast (convolutions and matmuls
+  from float32 master weights) with the provider wrapped in ``dvpvae.ops.Bf16Ops``, which
+  keeps the KL, log-densities, likelihood and diffusion bound in float32.
 
 ``FastDVPVAE(..., compile=False, fused_kernels=False, extension=False, cuda_graphs=False)``
 computes exactly what DVPVAE computes, bit for bit.
@@ -23,13 +26,27 @@ import torch
 
 from dvpvae.config import Config
 from dvpvae.cuda_graphs import GraphSampler, prior_graphs
+from dvpvae.diffusion import check_steps
 from dvpvae.model import DVPVAE, DVPVAEOutput
 from dvpvae.noise import Noise
-from dvpvae.ops import ReferenceOps, best_ops, get_ops
+from dvpvae.ops import REFERENCE, Bf16Ops, ReferenceOps, TritonOps, best_ops, get_ops
 
 # Dynamo traces through the lru_cache of the DCT basis builder; the basis is a pure
 # function of (size, rows, dtype, device), so tracing the builder gives the same constant.
 warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"torch\._dynamo.*")
+
+PRECISIONS = ("float32", "bf16")
+
+
+def native_bf16_reason(device: torch.device) -> str | None:
+    """Why ``device`` computes bfloat16 without hardware support (None when it has it)."""
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+            return "this CPU has neither AVX512-BF16 nor AMX-BF16, so oneDNN emulates bfloat16"
+    elif device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name(device)} has no native bfloat16"
+    return None
 
 
 def compile_mode(device: torch.device, cuda_graphs: bool, grad_enabled: bool) -> str | None:
@@ -49,16 +66,29 @@ def _graph_replay(compiled):
     return run
 
 
+def _autocast_bf16(fn, device: torch.device):
+    """``fn`` called under bfloat16 autocast on ``device``'s type (compiled graphs guard on
+    the autocast state, so entering it outside them compiles the bfloat16 graph)."""
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args)
+    return run
+
+
 class FastDVPVAE(DVPVAE):
     """Drop-in ``DVPVAE`` computing with the best op provider for its device, compiled."""
 
     def __init__(self, config: Config | str = "mnist", *, compile: bool = True, fused_kernels: bool = True,
                  extension: bool = True, cuda_graphs: bool = True, ops: str | ReferenceOps | None = None,
-                 **overrides):
+                 precision: str = "float32", **overrides):
         super().__init__(config, **overrides)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
         self.use_compile, self.use_fused = compile, fused_kernels
         self.use_extension, self.use_cuda_graphs = extension, cuda_graphs
-        self.ops = None if ops is None else get_ops(ops, extension)  # None: the best per device
+        self.precision = precision
+        self.ops = None if ops is None else self._with_precision(get_ops(ops, extension))  # None: per device
         self._ops_by_device: dict[torch.device, ReferenceOps] = {}
         self._compiled: dict[tuple[str, str | None], object] = {}
         self._graph_samplers: dict = {}
@@ -79,23 +109,39 @@ class FastDVPVAE(DVPVAE):
         return fast
 
     def ops_for(self, device: torch.device) -> ReferenceOps:
-        """The provider named at construction, else the best for ``device`` (``best_ops``)."""
-        if self.ops is not None:
-            return self.ops
+        """The provider named at construction, else the best for ``device`` (``best_ops``);
+        with ``precision="bf16"`` wrapped in ``Bf16Ops``, warning once where ``device`` has no
+        native bfloat16."""
         if device not in self._ops_by_device:
-            self._ops_by_device[device] = best_ops(device, self.use_fused, self.use_extension)
+            ops = self.ops
+            if ops is None:
+                ops = best_ops(device, self.use_fused, self.use_extension)
+                # The fused Triton kernels are float32; inductor writes bfloat16 ones from the reference.
+                ops = self._with_precision(REFERENCE if self.precision == "bf16" and isinstance(ops, TritonOps)
+                                           else ops)
+            reason = native_bf16_reason(device) if self.precision == "bf16" else None
+            if reason is not None:
+                warnings.warn(f"precision='bf16' on {device}: {reason}; expect it to be slower than float32 "
+                              "(the default)", RuntimeWarning, stacklevel=2)
+            self._ops_by_device[device] = ops
         return self._ops_by_device[device]
 
+    def _with_precision(self, ops: ReferenceOps) -> ReferenceOps:
+        return Bf16Ops(ops) if self.precision == "bf16" else ops
+
     def _maybe_compiled(self, name: str, fn, device: torch.device):
-        if not self.use_compile:
-            return fn
-        mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
-        if (name, mode) not in self._compiled:
-            # dynamic=False: a new batch size recompiles once instead of generating slower
-            # shape-generic code for every size.
-            compiled = torch.compile(fn, dynamic=False, mode=mode)
-            self._compiled[name, mode] = compiled if mode is None else _graph_replay(compiled)
-        return self._compiled[name, mode]
+        """The pass ``name`` computing ``fn``: compiled once per (name, mode) unless
+        ``compile=False``, under bfloat16 autocast with ``precision="bf16"``."""
+        self.ops_for(device)  # chosen (and any warning given) outside the traced code
+        if self.use_compile:
+            mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
+            if (name, mode) not in self._compiled:
+                # dynamic=False: a new batch size recompiles once instead of generating slower
+                # shape-generic code for every size.
+                compiled = torch.compile(fn, dynamic=False, mode=mode)
+                self._compiled[name, mode] = compiled if mode is None else _graph_replay(compiled)
+            fn = self._compiled[name, mode]
+        return fn if self.precision == "float32" else _autocast_bf16(fn, device)
 
     # ------------------------------------------------------------------ compiled passes
     def _loss_terms(self, x: torch.Tensor, draws: dict):
@@ -106,33 +152,36 @@ class FastDVPVAE(DVPVAE):
         loss, rec, kl = self._maybe_compiled("loss", self._loss_terms, x.device)(x, draws)
         return DVPVAEOutput(loss, rec, kl, -(rec + kl.sum(-1)))
 
-    def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> torch.Tensor:
+    def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> dict[str, torch.Tensor]:
         return self._maybe_compiled("log_weights", super()._log_weights, x.device)(x, target, kk, draws)
 
-    def _decode_sample(self, u: torch.Tensor, draws: dict, temperature: float) -> torch.Tensor:
-        return self._maybe_compiled("decode", super()._decode_sample, u.device)(u, draws, temperature)
+    def _decode_sample(self, u: torch.Tensor, draws: dict, temperatures: tuple[float, ...]) -> torch.Tensor:
+        return self._maybe_compiled("decode", super()._decode_sample, u.device)(u, draws, temperatures)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, noise=None, prior_temperature: float = 1.0):
+    def sample(self, n: int, temperature=1.0, noise=None, prior_temperature: float = 1.0,
+               prior_steps: int | None = None):
         """``DVPVAE.sample``. On CUDA with ``cuda_graphs``: without ``noise`` one captured
-        graph per (n, temperatures, mode) replays the whole call, drawing its noise on the
-        device; with ``noise`` the prior's loop replays its own graph
+        graph per (n, temperatures, prior steps, mode) replays the whole call, drawing its
+        noise on the device; with ``noise`` the prior's loop replays its own graph
         (``dvpvae.cuda_graphs.PriorLoop``) and the compiled decoder follows, so the result
         is the reference's for those draws."""
         device = self.prior.coefficients.device
         graphs = self.use_cuda_graphs and device.type == "cuda"
         if graphs and noise is None and n > 0:
-            key = (n, float(temperature), float(prior_temperature), device, self.training, self.prior.training)
+            temperatures = self.layer_temperatures(temperature)
+            steps = self.prior.T if prior_steps is None else check_steps(prior_steps)
+            key = (n, temperatures, float(prior_temperature), steps, device, self.training, self.prior.training)
             sampler = self._graph_samplers.get(key)
             if sampler is None or sampler.stale():
                 decode = super()._decode_sample  # uncompiled: the graph removes the launches
 
                 def eager():
                     draws = Noise()
-                    u = self.sample_pseudoinputs(n, prior_temperature, draws)
-                    return decode(u, self.sample_draws(n, u, draws), temperature)
+                    u = self.sample_pseudoinputs(n, prior_temperature, draws, steps)
+                    return decode(u, self.sample_draws(n, u, draws), temperatures)
                 sampler = self._graph_samplers[key] = GraphSampler(eager, watch=self)
             return sampler.run()
         with prior_graphs(graphs):
-            return super().sample(n, temperature, noise, prior_temperature)
+            return super().sample(n, temperature, noise, prior_temperature, prior_steps)

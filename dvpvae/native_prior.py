@@ -1,6 +1,7 @@
-"""The native C++ sampler of the diffusion prior: the whole T-step ancestral loop in one
-call of ``torch.ops.dvpvae.ddpm_sample_unet`` (csrc/unet_cpu.cpp), which runs a float32
-CPU forward of ``dvpvae.unet.UNet`` without returning to Python between steps.
+"""The native C++ sampler of the diffusion prior: the whole ancestral loop (the prior's T
+steps or any other number) in one call of ``torch.ops.dvpvae.ddpm_sample_unet``
+(csrc/unet_cpu.cpp), which runs a float32 CPU forward of ``dvpvae.unet.UNet`` without
+returning to Python between steps.
 
 Python owns the UNet's layout: ``_weights`` lists the parameters in the order the op reads
 them, and the FiLM values of every step come from the UNet's own modules
@@ -65,16 +66,16 @@ def native_unsupported_reason(prior) -> str | None:
 
 @torch.no_grad()
 def sample_native(prior, z_T: torch.Tensor, eps: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Ancestral sampling through the prior's T steps from z_T (n, C, s, s) with the step
-    noise eps (T, n, C, s, s), row k used at the k-th step (t = 1 first). Same numbers as
-    the Python loop up to float32 round-off."""
+    """Ancestral sampling through S steps from z_T (n, C, s, s) with the step noise eps
+    (S, n, C, s, s), row k used at the k-th step (t = 1 first); S = T is the prior's own grid.
+    Same numbers as the Python loop up to float32 round-off."""
     reason = native_unsupported_reason(prior)
     if reason is not None:
         raise RuntimeError(f"the native prior sampler does not serve this prior: {reason}")
-    unet, T = prior.unet, prior.T
-    # The step k = T-1-i runs the UNet at t = (i+1)/T, as DiffusionPrior.step forms it.
-    t = torch.tensor([(i + 1) / T for i in range(T - 1, -1, -1)], dtype=torch.float32)
+    unet, S = prior.unet, eps.shape[0]
+    # The step k = S-1-i runs the UNet at t = (i+1)/S, as DiffusionPrior.step forms it.
+    t = torch.tensor([(i + 1) / S for i in range(S - 1, -1, -1)], dtype=torch.float32)
     films = unet.film_table(t).contiguous()
     return torch.ops.dvpvae.ddpm_sample_unet(
-        z_T.contiguous(), eps.contiguous(), prior.coefficients.contiguous(), films, _weights(unet),
+        z_T.contiguous(), eps.contiguous(), prior.step_table(S).contiguous(), films, _weights(unet),
         len(unet.down), GROUPS, unet.out_norm.eps, float(temperature))

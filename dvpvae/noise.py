@@ -7,7 +7,7 @@ global RNG) and can be recorded for replay.
 
 Draw names (N = batch, C/H/W image, c = ctx_size, T = diffusion steps):
 
-  forward / estimate_nll
+  forward
     ``u``                 (N,C,c,c)   standard normal, pseudoinput sample from q(u|x)
     ``diffusion_eps0``    (N,C,c,c)   standard normal, z_0 for the L_0 term
     ``diffusion_t``       (N,)        uniform [0,1), train-mode diffusion time
@@ -16,12 +16,22 @@ Draw names (N = batch, C/H/W image, c = ctx_size, T = diffusion steps):
                                       unit kept when u >= p, one slice per UNet ResBlock
     ``z0`` ... ``z{L-1}`` latent shape, standard normal, ladder latents top -> bottom
     ``binarize``          (N,C,H,W)   uniform [0,1), Bernoulli target = (u < (x+1)/2)
+  estimate_nll / importance_log_weights: ``binarize`` once per image, then for each of the
+  k samples in turn (N rows each), in this order:
+    ``u``                 as in forward
+    ``trajectory_eps``    (T+1,N,C,c,c) standard normal, u's forward diffusion trajectory:
+                                      row 0 for z_0 | u, row i for z_{i/T} | z_{(i-1)/T}
+    ``z0`` ... ``z{L-1}`` as in forward
   sample
     ``prior_zT``          (n,C,c,c)   standard normal, z_1 of the diffusion sampler
-    ``prior_eps``         (T,n,C,c,c) standard normal, row 0 used at the first step t=1
+    ``prior_eps``         (S,n,C,c,c) standard normal, row 0 used at the first step t=1;
+                                      S = the sampler's steps (``prior_steps``, default T)
     ``z0`` ... ``z{L-1}`` as above, drawn from the priors
     ``mix_component``     (n,M,H,W)   uniform (1e-5, 1-1e-5), Gumbel component choice
     ``mix_logistic``      (n,C,H,W)   uniform (1e-5, 1-1e-5), logistic noise
+  encode: those of forward. decode: those of sample after u, ``z{l}`` only for the layers
+  drawn from their priors. reconstruct: encode's, then decode's (layer l takes ``z{l}``
+  whether its sample comes from the posterior or the prior).
 """
 from __future__ import annotations
 

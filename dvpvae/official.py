@@ -91,29 +91,67 @@ def official_key(name: str) -> str | None:
     raise KeyError(f"unrecognised research-code parameter name {name!r}")
 
 
+# Where each section sits: in the composed hydra config a run stores (wandb run config,
+# ``OmegaConf.to_container(resolve=True)``) and in the flattened layout of the parity
+# fixtures (tests/golden: ``model`` holds only the model's own kwargs).
+_COMPOSED = {"dataset": "dataset", "model": "model", "encoder": "model.encoder", "decoder": "model.decoder",
+             "z_L_prior": "model.decoder.z_L_prior", "unet": "model.decoder.z_L_prior.model",
+             "noise_schedule": "model.decoder.z_L_prior.noise_schedule"}
+_FLATTENED = {name: name for name in _COMPOSED}
+
+
+def _sections(cfg: Mapping[str, Any]) -> dict[str, tuple[Mapping[str, Any], str]]:
+    """section name -> (its mapping, its dotted path) for either config layout."""
+    model = cfg.get("model")
+    layout = _COMPOSED if isinstance(model, Mapping) and "encoder" in model else _FLATTENED
+    out = {}
+    for name, path in layout.items():
+        d = cfg
+        for i, key in enumerate(path.split(".")):
+            if not isinstance(d, Mapping) or key not in d:
+                raise ValueError(f"research-code config lacks {'.'.join(path.split('.')[:i + 1])}")
+            d = d[key]
+        out[name] = (d, path)
+    return out
+
+
 def config_from_official(cfg: Mapping[str, Any], base: str = "mnist") -> Config:
-    """Our Config from the research code's composed hydra config (a nested dict)."""
-    model, enc, dec = cfg["model"], cfg["encoder"], cfg["decoder"]
-    unet, prior, sched = cfg["unet"], cfg["z_L_prior"], cfg["noise_schedule"]
-    c, h, _ = cfg["dataset"]["image_size"]
-    if model.get("ctx_type", "dct") != "dct" or dec.get("decoder_res_mode", "2x3") != "2x3":
+    """Our Config from a research-code config: the composed hydra config a run stores
+    (``model.encoder``, ``model.decoder.z_L_prior.model``, ...) or the flattened layout of
+    the parity fixtures. A missing entry raises ValueError naming it."""
+    sections = _sections(cfg)
+
+    def get(section: str, key: str, default: Any = ...) -> Any:
+        d, path = sections[section]
+        if key not in d:
+            if default is ...:
+                raise ValueError(f"research-code config lacks {path}.{key}")
+            return default
+        return d[key]
+
+    if get("model", "ctx_type", "dct") != "dct" or get("decoder", "decoder_res_mode", "2x3") != "2x3":
         raise ValueError("only the DCT context and the '2x3' decoder blocks are supported")
-    if model.get("batch_norm") or model.get("weight_norm"):
+    if get("model", "batch_norm", False) or get("model", "weight_norm", False):
         raise ValueError("batch_norm / weight_norm variants are not part of the paper's configs")
-    if enc.get("num_init_blocks", 0) != 0:
+    if get("encoder", "num_init_blocks", 0) != 0:
         raise ValueError("num_init_blocks > 0 is not supported")
+    c, h, _ = get("dataset", "image_size")
+    name = get("dataset", "name")
     return get_config(
-        base, dataset=cfg["dataset"]["name"], image_channels=c, image_size=h,
-        likelihood=model["likelihood"], num_mix=model["num_mix"], ctx_size=model["ctx_size"],
-        latent_scales=tuple(model["latent_scales"]), latent_width=tuple(model["latent_width"]),
-        activation=model["activation"], num_ch=model["num_ch"], scale_ch_mult=model["scale_ch_mult"],
-        block_ch_mult=model["block_ch_mult"], start_scale_at_x=model["start_scale_at_x"],
-        standardize_input=cfg["dataset"]["name"] == "cifar10",
-        enc_blocks_per_scale=enc["num_blocks_per_scale"], dec_blocks_per_scale=dec["num_blocks_per_scale"],
-        num_postprocess_blocks=dec["num_postprocess_blocks"], min_logvar=float(dec["min_logvar"]),
-        unet_channels=unet["model_channels"], unet_res_blocks=unet["num_res_blocks"],
-        unet_dropout=float(unet["dropout"]), unet_heads=unet["num_heads"],
-        diffusion_steps=prior["T"], gamma_min=float(sched["gamma_min"]), gamma_max=float(sched["gamma_max"]))
+        base, dataset=name, image_channels=c, image_size=h,
+        likelihood=get("model", "likelihood"), num_mix=get("model", "num_mix"), ctx_size=get("model", "ctx_size"),
+        latent_scales=tuple(get("model", "latent_scales")), latent_width=tuple(get("model", "latent_width")),
+        activation=get("model", "activation"), num_ch=get("model", "num_ch"),
+        scale_ch_mult=get("model", "scale_ch_mult"), block_ch_mult=get("model", "block_ch_mult"),
+        start_scale_at_x=get("model", "start_scale_at_x"), standardize_input=name == "cifar10",
+        enc_blocks_per_scale=get("encoder", "num_blocks_per_scale"),
+        dec_blocks_per_scale=get("decoder", "num_blocks_per_scale"),
+        num_postprocess_blocks=get("decoder", "num_postprocess_blocks"),
+        min_logvar=float(get("decoder", "min_logvar")),
+        unet_channels=get("unet", "model_channels"), unet_res_blocks=get("unet", "num_res_blocks"),
+        unet_dropout=float(get("unet", "dropout")), unet_heads=get("unet", "num_heads"),
+        diffusion_steps=get("z_L_prior", "T"), gamma_min=float(get("noise_schedule", "gamma_min")),
+        gamma_max=float(get("noise_schedule", "gamma_max")))
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor], preset_or_config: str | Config | Mapping):

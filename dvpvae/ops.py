@@ -89,9 +89,10 @@ class ReferenceOps:
 
     ddpm_step = staticmethod(ddpm_step_ref)  # one ancestral step of the prior
 
-    def sample_prior(self, prior, n: int, temperature: float, noise) -> torch.Tensor:
-        """n draws of u from the prior by ancestral sampling through its T steps."""
-        z, eps = prior.sampling_noise(n, noise)
+    def sample_prior(self, prior, n: int, temperature: float, noise, steps: int | None = None) -> torch.Tensor:
+        """n draws of u from the prior by ancestral sampling through ``steps`` steps (default
+        its T; ``DiffusionPrior.step_table``)."""
+        z, eps = prior.sampling_noise(n, noise, steps)
         return prior.sample_loop(z, eps, temperature, self)
 
 
@@ -145,10 +146,10 @@ class CpuOps(_FastLayers):
     def stem(self, x, conv):
         return self.block_layout(fast_layers.pointwise_conv(x, conv))
 
-    def sample_prior(self, prior, n, temperature, noise):
+    def sample_prior(self, prior, n, temperature, noise, steps=None):
         if not self.extension or native_unsupported_reason(prior) is not None:
-            return super().sample_prior(prior, n, temperature, noise)
-        z, eps = prior.sampling_noise(n, noise)
+            return super().sample_prior(prior, n, temperature, noise, steps)
+        z, eps = prior.sampling_noise(n, noise, steps)
         return sample_native(prior, z, eps, temperature)
 
 
@@ -177,11 +178,58 @@ class TritonOps(_FastLayers):
     reparam_sample = staticmethod(reparam_sample)
     ddpm_step = staticmethod(ddpm_step)
 
-    def sample_prior(self, prior, n, temperature, noise):
-        # One loop on every device: captured once per batch size and replayed on CUDA,
-        # eager elsewhere (dvpvae.cuda_graphs.PriorLoop).
-        z, eps = prior.sampling_noise(n, noise)
+    def sample_prior(self, prior, n, temperature, noise, steps=None):
+        # One loop on every device: captured once per (batch size, steps) and replayed on
+        # CUDA, eager elsewhere (dvpvae.cuda_graphs.PriorLoop).
+        z, eps = prior.sampling_noise(n, noise, steps)
         return sample_prior_loop(prior, z, eps, temperature, self)
+
+
+class Bf16Ops:
+    """``base`` with its convolutions and matmuls in bfloat16, for passes that run under
+    ``torch.autocast(..., dtype=torch.bfloat16)`` (``FastDVPVAE(precision="bf16")``).
+
+    Autocast computes the convolutions and matmuls in bfloat16 from float32 master weights;
+    this provider keeps the rest in float32: each block's output and its upsampling (the
+    residual stream, which feeds the latents' parameters, so the KL and every log-density),
+    the likelihood's parameters, and the DCT pseudoinput transforms (u, whose density is the
+    diffusion bound). The diffusion bound's error term is float32 as well: the UNet's
+    bfloat16 prediction is subtracted from float32 noise.
+    """
+
+    def __init__(self, base: ReferenceOps):
+        if isinstance(base, TritonOps):
+            raise ValueError("the triton provider's fused kernels are float32 only; use precision='bf16' "
+                             "with ops='reference' (compiled, inductor generates bfloat16 kernels) or 'cpu'")
+        self.base = base
+        self.name = f"{base.name}+bf16"
+
+    def __getattr__(self, attr):
+        return getattr(self.base, attr)
+
+    def conv_residual(self, h, conv, skip, gate):
+        return self.base.conv_residual(h, conv, skip, gate).float()
+
+    def stem(self, x, conv):
+        return self.base.stem(x, conv).float()
+
+    def project(self, z, conv):
+        return self.base.project(z, conv).float()
+
+    def head(self, a, pointwise, conv3x3):
+        return self.base.head(a, pointwise, conv3x3).float()
+
+    def upsample(self, x, size):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.base.upsample(x.float(), size)
+
+    def dct(self, x, *args):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.base.dct(x, *args)
+
+    def idct(self, u, *args):
+        with torch.autocast(u.device.type, enabled=False):
+            return self.base.idct(u, *args)
 
 
 REFERENCE = ReferenceOps()

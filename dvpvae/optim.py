@@ -1,9 +1,9 @@
 """The paper's optimisation recipe: Adamax with weight decay, warm-up + cosine schedule, EMA.
 
 The training step must skip an update (non-finite loss or gradient, or a gradient norm
-above ``grad_skip_thr``) without reading the decision on the host, which would stall a
-GPU every step. So the optimizer and the EMA take the decision as a 0-d device tensor
-and apply it arithmetically: with ``apply == 0`` parameters, moments and step counts
+above ``grad_skip_thr`` or far above its recent values: ``GradNormGuard``) without
+reading the decision on the host, which would stall a GPU every step. So the optimizer
+and the EMA take the decision as a 0-d device tensor and apply it arithmetically: with ``apply == 0`` parameters, moments and step counts
 stay bit-identical.
 """
 from __future__ import annotations
@@ -108,23 +108,95 @@ class CosineSchedule:
         self.warmup, self.eta_min = int(d["warmup_steps"]), float(d["eta_min"])
 
 
+class GradNormGuard:
+    """Decides on the device which updates to apply, and counts the run of skipped ones.
+
+    An update is skipped when its loss or gradient norm is non-finite, when the norm
+    exceeds ``threshold`` (> 0; VDVAE's fixed skip) or, with ``factor`` > 0, when it
+    exceeds ``factor`` times a running mean of recent norms (once ``warmup`` norms have
+    been seen). Every finite norm feeds that mean, clamped to ``factor`` times it: a
+    single spike moves the mean by at most ``(factor - 1) / window`` of itself, while a lasting
+    rise of the norms lifts it within a few dozen steps, so the adaptive rule alone
+    cannot skip forever. ``streak`` counts consecutive skipped steps and ``max_streak``
+    its largest value since the last ``take_max_streak()``, the one host read (made at
+    logging time by the trainer).
+    """
+
+    def __init__(self, device: torch.device, threshold: float = 0.0, factor: float = 0.0,
+                 window: int = 100, warmup: int = 10):
+        if threshold < 0 or factor < 0 or (0 < factor <= 1) or window < 1 or warmup < 1:
+            raise ValueError(f"invalid skip settings threshold={threshold} factor={factor} "
+                             f"(must be 0 or > 1) window={window} warmup={warmup}")
+        self.threshold, self.factor, self.window, self.warmup = threshold, factor, window, warmup
+        z = torch.zeros((), dtype=torch.float32, device=device)
+        self.mean, self.count, self.streak, self.max_streak = z.clone(), z.clone(), z.clone(), z.clone()
+
+    @torch.no_grad()
+    def __call__(self, gnorm: torch.Tensor, finite_loss: torch.Tensor) -> torch.Tensor:
+        """0-d bool: apply this update. ``finite_loss`` is a 0-d bool/float (1 = finite)."""
+        g = gnorm.detach().float()
+        finite = (finite_loss > 0) & torch.isfinite(g)
+        apply = finite
+        if self.threshold > 0:
+            apply = apply & (g < self.threshold)
+        if self.factor > 0:
+            ready = self.count >= self.warmup
+            limit = self.factor * self.mean
+            apply = apply & ~(ready & (g > limit))
+            fed = torch.where(ready, torch.minimum(g, limit), g)
+            # A plain average of the first ``warmup`` norms, then an exponential one.
+            rate = torch.where(ready, 1.0 / self.window, 1.0 / (self.count + 1.0)) * finite
+            self.mean.add_(rate * (torch.where(finite, fed, self.mean) - self.mean))
+            self.count.add_(finite.float())
+        self.streak.copy_(torch.where(apply, 0.0, self.streak + 1.0))
+        torch.maximum(self.max_streak, self.streak, out=self.max_streak)
+        return apply
+
+    def take_max_streak(self) -> int:
+        """The longest run of skipped steps since the last call (a host sync)."""
+        m = int(self.max_streak.item())
+        self.max_streak.copy_(self.streak)
+        return m
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.item(), "count": self.count.item(), "streak": self.streak.item(),
+                "max_streak": self.max_streak.item()}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in ("mean", "count", "streak", "max_streak"):
+            getattr(self, k).fill_(float(d[k]))
+
+
 class EMA:
     """Exponential moving average of a model's parameters, held in a frozen copy.
 
-    ``update(model, apply)`` moves the shadow parameters by ``(1 - rate) * apply``
+    ``update(model, step, apply)`` moves the shadow parameters by ``(1 - rate_at(step)) * apply``
     towards the model's and copies the buffers (e.g. ``dct_scale``). ``module`` is a
     complete model usable for evaluation and sampling.
+
+    With ``warmup`` the rate of 0-based step s is min(rate, (1 + s) / (10 + s)): the initial
+    weights keep a share of 1 / C(s + 10, 9) after s + 1 steps instead of rate^(s + 1), so the
+    average is usable early in a run; without it every step uses ``rate`` (the paper's EMA).
+    The rate depends on the step alone, so a run resumed at its saved step continues exactly.
     """
 
-    def __init__(self, model: torch.nn.Module, rate: float):
-        self.rate = rate
+    def __init__(self, model: torch.nn.Module, rate: float, warmup: bool):
+        if not 0 <= rate < 1:
+            raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
+        self.rate, self.warmup = rate, warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def rate_at(self, step: int) -> float:
+        """The rate of the update at 0-based training step ``step``."""
+        return min(self.rate, (1.0 + step) / (10.0 + step)) if self.warmup else self.rate
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, apply: torch.Tensor | None = None) -> None:
+    def update(self, model: torch.nn.Module, step: int, apply: torch.Tensor | None = None) -> None:
         src = [p for p in model.parameters()]
         dst = [p for p in self.module.parameters()]
-        w = (1.0 - self.rate) if apply is None else (1.0 - self.rate) * apply.to(src[0].device, torch.float32)
+        w = 1.0 - self.rate_at(step)
+        if apply is not None:
+            w = w * apply.to(src[0].device, torch.float32)
         # ema <- ema + w * (p - ema); p is finite whenever apply = 1 (skipped steps leave
         # the parameters untouched), so the product with w = 0 cannot produce NaN.
         delta = torch._foreach_sub(src, dst)

@@ -43,6 +43,27 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) ->
     return path
 
 
+def save_labelled_grid(columns: list[tuple[str, torch.Tensor]], path: str, pad: int = 2) -> str:
+    """Save a grid with one row per image and one labelled column per (label, (N, C, H, W)
+    images in [-1, 1]) entry of ``columns``; returns ``path``."""
+    labels = [label for label, _ in columns]
+    grid = image_grid(torch.stack([images for _, images in columns], 1).flatten(0, 1), len(columns), pad)
+    w = columns[0][1].shape[-1]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 30, grid.shape[0] / 30 + 0.3))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([pad + c * (w + pad) + (w - 1) / 2 for c in range(len(labels))], labels, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def read_metrics(path: str) -> list[dict]:
     """Rows of a metrics JSONL file (a truncated last line is ignored)."""
     rows = []

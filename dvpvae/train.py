@@ -1,9 +1,10 @@
 """Train DVP-VAE: ``python -m dvpvae.train`` / ``dvpvae-train`` / ``torchrun ... -m dvpvae.train``.
 
-The paper's recipe by default: Adamax with weight decay, per-step linear warm-up then
-cosine decay, gradient-norm clipping, EMA of the weights (validation and samples use
-the EMA), an optional skip of updates whose gradient norm exceeds ``grad_skip_thr``,
-and steps whose loss or gradient is NaN/inf are skipped and counted.
+The paper's recipe: Adamax with weight decay, per-step linear warm-up then cosine
+decay, gradient-norm clipping, EMA of the weights (validation and samples use the EMA;
+its rate warms up by default, ``--ema-warmup false`` gives the paper's plain EMA), an
+optional skip of updates whose gradient norm exceeds ``grad_skip_thr``, and steps whose
+loss or gradient is NaN/inf are skipped and counted.
 
 Reproducibility: the model's random draws at step s on rank r come from the global
 torch RNG reseeded with (seed, r, s), and the data order of an epoch is a function of
@@ -11,9 +12,13 @@ torch RNG reseeded with (seed, r, s), and the data order of an epoch is a functi
 uninterrupted one. The training step never reads a device value on the host; values
 are accumulated on the device and read every ``--log-every`` steps.
 
+Faults (README, "Faults"): a failed checkpoint write is reported and training goes on,
+the next save trying again; ``max_consecutive_skips`` skipped steps in a row stop the run
+without a checkpoint; bad input stops ``main`` with a one-line error before any work.
+
 Run folder (``--out``): run.json, metrics.jsonl, curves.png, samples/step-*.png,
-checkpoints/step-*/ (+ best.json), and the final EMA weights as model.safetensors +
-config.json.
+checkpoints/step-*/ (+ best.json), and final/: the final EMA weights as a hub-style folder
+(``DVPVAE.from_pretrained``).
 """
 from __future__ import annotations
 
@@ -32,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 from dvpvae import plotting
-from dvpvae.checkpoint import (CheckpointError, CheckpointManager, atomic_write, build_model,
-                               load_into, load_training_checkpoint, save_weights)
+from dvpvae.checkpoint import (CheckpointError, CheckpointManager, TrainingCheckpoint, atomic_write,
+                               build_model, clean_stale, load_into, load_training_checkpoint,
+                               read_json)
 from dvpvae.config import PRESETS, Config, get_config
-from dvpvae.data import DATASETS, BatchIterator, first_images, load_dataset
-from dvpvae.optim import EMA, CosineSchedule, MaskedAdamax
+from dvpvae.data import DATASETS, BatchIterator, DataError, first_images, load_dataset
+from dvpvae.optim import EMA, CosineSchedule, GradNormGuard, MaskedAdamax
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -79,9 +85,16 @@ def config_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, f"cfg_{f.name}", None) is not None}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line: the usage of every config flag would bury the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dvpvae-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="dvpvae-train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="named config (default: mnist, or the resumed run's)")
     p.add_argument("--data", choices=DATASETS, default=None,
@@ -115,6 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     add_config_flags(p)
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad command-line values before any work starts (a one-line SystemExit)."""
+    def fail(msg):
+        raise SystemExit(f"dvpvae-train: error: {msg}")
+
+    for name in ("max_steps", "log_every", "eval_every", "save_every", "keep", "num_samples", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.data_root is not None and not os.path.exists(args.data_root):
+        fail(f"--data-root {args.data_root} does not exist")
+    if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run or checkpoint folder")
+    if args.resume is None:  # a resumed run's overrides apply to its checkpoint's config
+        try:
+            get_config(args.preset or "mnist", **config_overrides(args))
+        except KeyError as e:
+            fail(e.args[0])
+        except ValueError as e:
+            fail(e)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -156,6 +193,8 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 VAL_STREAM = 2**40  # a "step" no run reaches: the validation draws' own stream
+STOP_SKIPS = "too many skipped steps"  # run() results besides signal names, "requested", None
+STOP_WRITE = "checkpoint write failed"
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -176,19 +215,26 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(args.device)
         self.is_main = self.rank == 0
         self._stop_reason: str | None = None
+        self._skip_streak = 0
+        self._last_save_ok = True
+        self.second_signal: int | None = None
         self.step_hook = None  # callable(trainer) after every step (tests, tooling)
 
-        resume_path = self._find_resume()
+        self.ckpt = self._find_resume()
+        resume_path = self.ckpt.path if self.ckpt is not None else None
         if resume_path is None and args.out and CheckpointManager(
                 os.path.join(args.out, "checkpoints")).latest():
             raise ValueError(f"{args.out} already holds checkpoints; pass --resume to continue "
                              "that run or choose another --out")
         run_meta = self._read_run_meta(resume_path)
         data_name = args.data or run_meta.get("data")
+        saved_preset = self.ckpt.state.get("preset", run_meta.get("preset")) if self.ckpt else None
+        if args.preset and saved_preset and args.preset != saved_preset:
+            raise ValueError(f"--preset {args.preset}, but {resume_path} was trained with preset "
+                             f"{saved_preset}; drop --preset to resume it")
         self.preset = args.preset or run_meta.get("preset") or "mnist"
         overrides = config_overrides(args)
-        if resume_path:
-            self.ckpt = load_training_checkpoint(resume_path)
+        if self.ckpt is not None:
             config = self.ckpt.config
             changed = {k: v for k, v in overrides.items() if getattr(config, k) != v}
             if changed:
@@ -196,7 +242,6 @@ class Trainer:
                               "follow the uninterrupted trajectory")
                 config = config.replace(**changed)
         else:
-            self.ckpt = None
             config = get_config(self.preset, **overrides)
         data_name = data_name or config.dataset
         self.data_name = data_name
@@ -224,7 +269,7 @@ class Trainer:
             import dvpvae
             dvpvae.set_dct_scale(model, first_images(data.train, config.dct_scale_images))
         self.model = model.to(self.device)
-        self.ema = EMA(self.model, config.ema_rate)
+        self.ema = EMA(self.model, config.ema_rate, warmup=config.ema_warmup)
         if self.ckpt is not None and self.ckpt.ema is not None:
             load_into(self.ema.module, self.ckpt.ema, os.path.join(resume_path, "ema.safetensors"))
         self.ddp = self.model
@@ -257,6 +302,10 @@ class Trainer:
             self.counters.update(st.get("counters", {}))
             self.best_val = st.get("best_val", math.inf)
             self.ckpt.restore_rng()
+            self._check_resumed_state(st)
+        self.guard = GradNormGuard(self.device, config.grad_skip_thr, config.grad_skip_factor)
+        if self.ckpt is not None and "skip_guard" in self.ckpt.state:
+            self.guard.load_state_dict(self.ckpt.state["skip_guard"])
 
         self.out = args.out or os.path.join("runs", f"{self.preset}-{data_name}")
         self.ckpts = CheckpointManager(os.path.join(self.out, "checkpoints"), keep_last=args.keep)
@@ -267,29 +316,70 @@ class Trainer:
 
     # -- setup helpers -------------------------------------------------------------------
 
-    def _find_resume(self) -> str | None:
+    def _find_resume(self) -> TrainingCheckpoint | None:
+        """The checkpoint to resume from (None: a new run); sets ``args.out`` from it.
+
+        In a run folder this is the newest checkpoint that loads completely: damaged newer
+        ones are reported and passed over. What a killed writer left is removed first.
+        """
         a = self.args
         if a.resume is None:
             return None
         if a.resume == "auto":
             if a.out is None:
                 raise ValueError("--resume without a PATH needs --out RUN_DIR")
-            latest = CheckpointManager(os.path.join(a.out, "checkpoints")).latest()
-            if latest is None:
-                print(f"no checkpoint in {a.out}; starting a new run", file=sys.stderr)
-            return latest
-        if os.path.isdir(os.path.join(a.resume, "checkpoints")):
-            latest = CheckpointManager(os.path.join(a.resume, "checkpoints")).latest()
-            if latest is None:
-                raise CheckpointError(f"no checkpoint in {a.resume}/checkpoints to resume from")
+            run = a.out
+        elif os.path.isdir(os.path.join(a.resume, "checkpoints")):
+            run = a.resume
             if a.out is None:
-                a.out = a.resume
-            return latest
-        if not os.path.isdir(a.resume):
-            raise CheckpointError(f"--resume {a.resume}: no such checkpoint or run folder")
-        if a.out is None:  # .../RUN/checkpoints/step-N -> RUN
-            a.out = os.path.dirname(os.path.dirname(os.path.abspath(a.resume)))
-        return a.resume
+                a.out = run
+        elif os.path.isfile(os.path.join(a.resume, "config.json")):
+            if a.out is None:  # .../RUN/checkpoints/step-N -> RUN
+                a.out = os.path.dirname(os.path.dirname(os.path.abspath(a.resume)))
+            return load_training_checkpoint(a.resume)
+        else:
+            raise CheckpointError(f"--resume {a.resume} is neither a run folder (no checkpoints/) "
+                                  "nor a checkpoint folder (no config.json)")
+        ckpt_dir = os.path.join(run, "checkpoints")
+        if self.is_main:
+            for msg in clean_stale(ckpt_dir):
+                print(msg, file=sys.stderr)
+        self._barrier()
+        ckpt, problems = CheckpointManager(ckpt_dir).latest_intact()
+        if self.is_main:
+            for msg in problems:
+                print(f"passing over a damaged checkpoint: {msg}", file=sys.stderr)
+        if ckpt is None and problems:
+            raise CheckpointError(f"no intact checkpoint in {ckpt_dir} to resume from "
+                                  f"({len(problems)} damaged)")
+        if ckpt is None and a.resume != "auto":
+            raise CheckpointError(f"no checkpoint in {ckpt_dir} to resume from")
+        if self.is_main and ckpt is None:
+            print(f"no checkpoint in {ckpt_dir}; starting a new run", file=sys.stderr)
+        elif self.is_main and problems:
+            print(f"resuming from {ckpt.path}, the newest intact checkpoint", file=sys.stderr)
+        return ckpt
+
+    def _check_resumed_state(self, st: dict) -> None:
+        """A resumed run must see the data as the checkpointed one did; a changed LR schedule
+        is allowed (e.g. a longer --max-steps) with a warning."""
+        where = os.path.join(self.ckpt.path, "state.json")
+        world = st.get("world_size", self.world)
+        if world != self.world:
+            raise ValueError(f"{where}: written by a run on {world} processes, this one has "
+                             f"{self.world}; the data shards and the position in the epoch would not "
+                             "carry over (resume with the same number of processes)")
+        spe = st.get("data", {}).get("steps_per_epoch", self.steps_per_epoch)
+        if spe != self.steps_per_epoch:
+            raise ValueError(f"{where}: the checkpointed run had {spe} steps per epoch, this data "
+                             f"and batch size give {self.steps_per_epoch}; the position in the epoch "
+                             "would not carry over")
+        saved = st.get("scheduler")
+        now = self.schedule.state_dict()
+        if saved is not None and saved != now:
+            changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+            warnings.warn(f"resuming with a changed learning-rate schedule {changed} (checkpoint, now): "
+                          "the run will not follow the uninterrupted trajectory")
 
     def _read_run_meta(self, resume_path: str | None) -> dict:
         if not resume_path or self.args.out is None:
@@ -297,10 +387,15 @@ class Trainer:
         path = os.path.join(self.args.out, "run.json")
         if not os.path.isfile(path):
             return {}
-        with open(path) as f:
-            return json.load(f).get("args", {})
+        meta = read_json(path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("args", {}), dict):
+            raise CheckpointError(f"{path} is malformed: expected a JSON object with an 'args' object")
+        return meta.get("args", {})
 
     def _init_run_folder(self) -> None:
+        for d in (self.out, self.ckpts.dir):
+            for msg in clean_stale(d):
+                print(msg, file=sys.stderr)
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         meta = {"config": self.config.to_dict(), "world_size": self.world,
                 "args": {"data": self.data_name, "data_root": self.data_root, "model": self.args.model,
@@ -337,6 +432,7 @@ class Trainer:
         def handler(signum, frame):
             if self._stop_reason is not None:  # second signal: stop right away
                 signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                self.second_signal = signum
                 raise KeyboardInterrupt
             self.request_stop(signal.Signals(signum).name)
 
@@ -384,10 +480,10 @@ class Trainer:
         if self.world > 1:  # the loss is local; the decision must be global
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         ok = (finite > 0) & torch.isfinite(gnorm)
-        applied = ok & (gnorm < cfg.grad_skip_thr) if cfg.grad_skip_thr > 0 else ok
+        applied = self.guard(gnorm, finite)
         self.optimizer.step(applied)
         self.model.constrain_()
-        self.ema.update(self.model, ok)
+        self.ema.update(self.model, self.step, applied)
         bpd = -out.elbo.detach().mean() * self.model.bits_per_nat
         zero = torch.zeros((), device=x.device)
         return {"loss": torch.where(ok, out.loss.detach(), zero), "bpd": torch.where(ok, bpd, zero),
@@ -398,24 +494,31 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """EMA model on the validation split: loss (bits/dim, with beta) and nelbo (nats)."""
-        model = self.ema.module
+        """Validation split: loss (bits/dim, with beta), nelbo (nats) and bpd of the EMA model,
+        which picks the best checkpoint, and ``val_nelbo_raw`` of the trained weights."""
+        loss_nats, nelbo, n = self._val_sums(self.ema.module)
+        _, nelbo_raw, _ = self._val_sums(self.model)
+        bpn = self.model.bits_per_nat
+        return {"val_loss": loss_nats / n * bpn, "val_nelbo": nelbo / n, "val_bpd": nelbo / n * bpn,
+                "val_nelbo_raw": nelbo_raw / n}
+
+    def _val_sums(self, model: torch.nn.Module) -> list[float]:
+        """[sum of beta-weighted losses, sum of -ELBO, image count] over the validation split."""
+        was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        # Fixed draws for every validation pass, so successive values are comparable.
+        # The same fixed draws for every pass and model, so all values are comparable.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(step_seed(self.config.seed, self.rank, VAL_STREAM))
             for x in self.val_iter.iterate():
                 out = model(x)
-                n = x.shape[0]
                 per_ex = out.rec + self.config.beta * out.kl.sum(-1)
                 sums += torch.stack([per_ex.sum().double(), -out.elbo.sum().double(),
-                                     torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                                     torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)])
+        model.train(was_training)
         if self.world > 1:
             dist.all_reduce(sums)
-        loss_nats, nelbo, n = sums.tolist()
-        return {"val_loss": loss_nats / n * model.bits_per_nat, "val_nelbo": nelbo / n,
-                "val_bpd": nelbo / n * model.bits_per_nat}
+        return sums.tolist()
 
     def save_samples(self) -> str:
         path = os.path.join(self.out, "samples", f"step-{self.step:08d}.png")
@@ -431,16 +534,27 @@ class Trainer:
             return
         row = {"kind": row.pop("kind"), "step": self.step, "epoch": self.epoch, **row,
                "time": time.time()}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            self._write_failed(f"appending to {self.metrics_path}", e)
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(f"{row['kind']}/{k}", v, self.step)
 
-    def save_checkpoint(self, val_loss: float | None = None) -> str | None:
+    def _write_failed(self, what: str, e: OSError) -> None:
+        print(f"error: {what} failed ({e}); training continues", file=sys.stderr)
+
+    def save_checkpoint(self, val_loss: float | None = None) -> bool:
+        """Write a checkpoint (rank 0); False when the write failed.
+
+        A failed write (full disk, unwritable folder) leaves the checkpoints on disk as
+        they were and is reported; training goes on and the next save tries again.
+        """
         if not self.is_main:
-            return None
+            return True
         counters = dict(self.counters)
         if getattr(self, "_acc", None) is not None:  # skips not yet flushed to the metrics log
             counters["skipped_nonfinite"] += int(round(self._acc["nonfinite"].item()))
@@ -449,23 +563,35 @@ class Trainer:
                  "counters": counters, "best_val": self.best_val,
                  "scheduler": self.schedule.state_dict(), "world_size": self.world,
                  "data": {"name": self.data_name, "seed": self.config.seed,
-                          "steps_per_epoch": self.steps_per_epoch}}
-        return self.ckpts.save(self.step, self.model, self.config, ema=self.ema.module,
-                               optimizer=self.optimizer, state=state, val_loss=val_loss)
+                          "steps_per_epoch": self.steps_per_epoch},
+                 "preset": self.preset, "skip_guard": self.guard.state_dict()}
+        try:
+            self.ckpts.save(self.step, self.model, self.config, ema=self.ema.module,
+                            optimizer=self.optimizer, state=state, val_loss=val_loss)
+            self._last_save_ok = True
+        except OSError as e:
+            self._write_failed(f"writing checkpoint step {self.step} (the newest on disk: "
+                               f"{self.ckpts.latest()})", e)
+            self._last_save_ok = False
+        return self._last_save_ok
 
     def _barrier(self):
         if self.world > 1:
             dist.barrier()
 
-    def evaluate_and_save(self) -> None:
+    def evaluate_and_save(self) -> bool:
         val = self.validate()
         self.best_val = min(self.best_val, val["val_loss"])
         self.log({"kind": "val", **val})
         if self.is_main:
-            self.save_samples()
-            plotting.save_curves(self.metrics_path, os.path.join(self.out, "curves.png"))
-        self.save_checkpoint(val["val_loss"])
+            try:
+                self.save_samples()
+                plotting.save_curves(self.metrics_path, os.path.join(self.out, "curves.png"))
+            except OSError as e:
+                self._write_failed("writing samples and curves", e)
+        saved = self.save_checkpoint(val["val_loss"])
         self._barrier()
+        return saved
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -506,18 +632,32 @@ class Trainer:
             if self._acc is not None:
                 self._flush_metrics(self._acc, acc_steps, time.time() - t0, bar)
                 self._acc = None
+            if self._stop_reason == STOP_SKIPS:
+                if self.is_main:
+                    print(f"\nstopping at step {self.step} without a checkpoint: {self._skip_streak} "
+                          "consecutive steps were skipped (non-finite loss or gradient, or a gradient "
+                          f"norm above the skip limits; --max-consecutive-skips "
+                          f"{self.config.max_consecutive_skips}). Skipped steps change no weights; "
+                          f"--resume continues from the newest checkpoint ({self.ckpts.latest()}), "
+                          "--resume RUN/checkpoints/step-N from an older one. Lower --lr, change "
+                          "--grad-clip, --grad-skip-thr or --grad-skip-factor, or check the data.",
+                          file=sys.stderr)
+                return STOP_SKIPS
             if self._stop_reason is not None:
                 if self.is_main:
                     print(f"\nstopping ({self._stop_reason}) at step {self.step}: saving a checkpoint",
                           file=sys.stderr)
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
                 self._barrier()
-                return self._stop_reason
-            if last_eval != self.step:
-                self.evaluate_and_save()
+                return self._stop_reason if saved else STOP_WRITE
+            saved = self.evaluate_and_save() if last_eval != self.step else self._last_save_ok
             if self.is_main:
-                save_weights(self.out, self.ema.module, self.config)
-            return None
+                try:
+                    self.ema.module.save_pretrained(os.path.join(self.out, "final"))
+                except OSError as e:
+                    self._write_failed("exporting the final weights", e)
+                    saved = False
+            return None if saved else STOP_WRITE
         finally:
             bar.close()
             if self.tb is not None:
@@ -529,6 +669,10 @@ class Trainer:
         vals = {k: v.item() for k, v in acc.items()}  # the one host sync per logging interval
         self.counters["skipped_nonfinite"] += int(round(vals["nonfinite"]))
         self.counters["skipped_grad_norm"] += int(round(vals["skipped_grad"]))
+        streak, limit = self.guard.take_max_streak(), self.config.max_consecutive_skips
+        if limit and streak >= limit and self._stop_reason is None:
+            self._stop_reason = STOP_SKIPS
+            self._skip_streak = streak
         good = max(vals["ok"], 1.0)
         row = {"kind": "train", "loss": vals["loss"] / good, "bpd": vals["bpd"] / good,
                "grad_norm": vals["grad_norm"] / good, "lr": self.optimizer.param_groups[0]["lr"],
@@ -539,13 +683,29 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dvpvae.train`` and ``dvpvae-train``."""
+    """Entry point of ``python -m dvpvae.train`` and ``dvpvae-train``.
+
+    Exit status: 0 done (or ``request_stop``), 128 + signal number after SIGINT/SIGTERM,
+    1 when the run stopped on skipped steps or its last checkpoint could not be written,
+    1 with a one-line message for bad input (arguments, data, checkpoints).
+    """
     args = build_parser().parse_args(argv)
-    trainer = Trainer(args)
-    reason = trainer.run()
+    check_args(args)
+    try:
+        trainer = Trainer(args)
+    except (CheckpointError, DataError, ValueError) as e:
+        raise SystemExit(f"dvpvae-train: error: {e}") from None
+    except KeyError as e:  # unknown config keys
+        raise SystemExit(f"dvpvae-train: error: {e.args[0]}") from None
+    try:
+        reason = trainer.run()
+    except KeyboardInterrupt:
+        print("dvpvae-train: stopped by a second signal without saving; --resume continues from "
+              "the newest checkpoint on disk", file=sys.stderr)
+        return 128 + (trainer.second_signal or signal.SIGINT)
     if reason in ("SIGINT", "SIGTERM"):
         return 128 + int(getattr(signal, reason))
-    return 0
+    return 1 if reason in (STOP_SKIPS, STOP_WRITE) else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def _check_report(rep, models, flops=True):
         assert all(rep["flops"][t] > 0 for t in TASKS)
     rows = [(r["model"], r["task"]) for r in rep["results"]]
     assert sorted(rows) == sorted((m, t) for m in models for t in TASKS)  # each exactly once
+    base = {r["task"]: r for r in rep["results"] if r["model"] == "DVPVAE"}
     for r in rep["results"]:
         assert "error" not in r, r
         assert r["preset"] == "tiny"
@@ -71,8 +72,19 @@ def _check_report(rep, models, flops=True):
                     "warmup_s", "first_call_s", "speedup_vs_DVPVAE") + (("gflops",) if flops else ()):
             assert _positive_finite(r[key]), (key, r)
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["seconds_median"])
+        assert r["it_per_s"] == pytest.approx(1 / r["seconds_median"])
         assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
-        assert r["repeats"] == 1
+        assert r["first_call_s"] == pytest.approx(r["warmup_s"]) and r["warmup_calls"] == 1
+        assert r["repeats"] == 1 and r["inner"] >= 1
+        # The ratios are those of this run's own timings against the reference's.
+        b = base[r["task"]]
+        assert r["speedup_vs_DVPVAE"] == pytest.approx(b["seconds_median"] / r["seconds_median"])
+        assert r["speedup_vs_DVPVAE_of_min"] == pytest.approx(b["seconds_min"] / r["seconds_min"])
+        if flops:
+            # One count per task (the reference's work), the rate from each provider's median.
+            assert r["flops"] == rep["flops"][r["task"]]
+            assert r["gflops"] == pytest.approx(r["flops"] / r["seconds_median"] / 1e9)
+            assert r["fraction_of_peak"] == pytest.approx(r["gflops"] / rep["matmul_peak_gflops"])
         # RSS can even drop during a call (a page returned to the OS), so only >= -slack.
         assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] > -64
         if r["model"] == "DVPVAE":
@@ -120,6 +132,27 @@ def test_fast_without_compile(throughput):
                                                        "--fast-flag", "compile=off"]))
     _check_report(rep, ["DVPVAE", "FastDVPVAE"], flops=False)
     assert "FastDVPVAE flags: compile=False" in rep["notes"]
+
+
+def test_flops_are_counted_with_the_reference_provider(throughput):
+    # FlopCounterMode cannot see the CPU provider's C++ ops (prior sampler, convolutions):
+    # a model computing with them must be counted as the reference computes.
+    from dvpvae import DVPVAE, get_config
+    from dvpvae.ops import CpuOps
+
+    args = throughput.parse_args(TINY)
+    cfg = get_config("tiny")
+    x = throughput.make_images(cfg, 2)
+    data = {"train": x, "eval": x, "nll": x}
+    ref, cpu = DVPVAE(cfg).eval(), DVPVAE(cfg, ops="cpu").eval()
+    tasks = ("train", "sample")  # the custom convolutions with their gradients; the C++ sampler
+    counts = {t: throughput.task_flops(ref, cfg, t, data, args) for t in tasks}
+    assert all(counts[t] > 0 for t in tasks)
+    assert {t: throughput.task_flops(cpu, cfg, t, data, args) for t in tasks} == counts
+    assert isinstance(cpu.ops, CpuOps)  # the model's own provider is back
+    # The sample count holds the prior's T UNet passes (one more pass per step adds FLOPs).
+    longer = DVPVAE(cfg, diffusion_steps=cfg.diffusion_steps + 1).eval()
+    assert throughput.task_flops(longer, cfg, "sample", data, args) > counts["sample"]
 
 
 def test_unknown_fast_flag_is_an_error(throughput):
@@ -204,3 +237,81 @@ def test_conv_grads_reports_both_providers_with_small_errors(harness, tmp_path):
             assert _positive_finite(r[key]), (key, r)
         assert r["max_rel_error_vs_float64"] < 1e-5
     _check_results_md(tmp_path / "RESULTS.md", rep, harness)
+
+
+# ------------------------------------------------------------------ convergence.py
+@pytest.fixture(scope="module")
+def convergence():
+    return _load_benchmark("convergence")
+
+
+def test_convergence_writes_curves_plot_and_time_to_quality(convergence, harness, tmp_path):
+    import numpy as np
+
+    from datafiles import images
+    from official_checkout import write_checkout
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=images(40), x_test=images(8, seed=3))
+    out = tmp_path / "results" / "convergence.json"
+    # official: the miniature research checkout, which trains in a fraction of tiny's time.
+    argv = ["--preset", "tiny", "--data", "npz", "--data-root", str(data), "--steps", "2", "--eval-every", "1e-9",
+            "--eval-images", "8", "--k", "2", "--providers", "DVPVAE,official",
+            "--official", write_checkout(tmp_path / "dvp_vae"), "--batch-size", "8", "--json", str(out)]
+    assert convergence.main(argv) == 0
+    rep = json.loads(out.read_text())
+    for key in ("config", "notes", "curves", "time_to_quality", "results", "png", "run"):
+        assert key in rep, key
+    assert rep["config"]["config_overrides"] == {"batch_size": 8}
+    for prov, curve in rep["curves"].items():
+        # At 0, after every step (eval-every below any step's time) and no point twice.
+        assert [p["step"] for p in curve] == [0, 1, 2], prov
+        assert curve[0]["seconds"] == 0 and all(a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
+        for p in curve:
+            for key in ("nelbo_raw", "nelbo_ema", "nll_raw", "nll_ema"):
+                assert math.isfinite(p[key]), (prov, p)
+        assert curve[0]["nelbo_raw"] == curve[0]["nelbo_ema"]  # the EMA starts at the weights
+    for w in ("raw", "ema"):
+        t = rep["time_to_quality"][w]
+        bests = {p: min(q[f"nelbo_{w}"] for q in c) for p, c in rep["curves"].items()}
+        assert t["target_nelbo"] == max(bests.values())
+        secs = t["seconds"]
+        for p, c in rep["curves"].items():
+            assert 0 < secs[p] <= c[-1]["seconds"]
+        assert t["speedup_vs"]["DVPVAE"]["official"] == pytest.approx(secs["DVPVAE"] / secs["official"])
+        assert t["speedup_vs"]["official"]["official"] == pytest.approx(1.0)
+    rows = {r["provider"]: r for r in rep["results"]}
+    assert set(rows) == {"DVPVAE", "official"}
+    for p, r in rows.items():
+        assert r["steps"] == 2 and r["s_per_step"] == pytest.approx(r["train_s"] / 2)
+        assert r["seconds_to_target_raw"] == rep["time_to_quality"]["raw"]["seconds"][p]
+        assert r["speedup_vs_DVPVAE_ema"] == rep["time_to_quality"]["ema"]["speedup_vs"]["DVPVAE"][p]
+    png = tmp_path / "results" / "convergence.png"
+    assert rep["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = _check_results_md(tmp_path / "results" / "RESULTS.md", rep, harness)
+    assert "| DVPVAE | 2 |" in text and "| official | 2 |" in text
+
+
+def test_time_to_quality_interpolates_to_the_common_target(convergence):
+    a = [dict(seconds=0.0, nelbo_raw=30.0), dict(seconds=2.0, nelbo_raw=20.0), dict(seconds=4.0, nelbo_raw=10.0)]
+    b = [dict(seconds=0.0, nelbo_raw=30.0), dict(seconds=1.0, nelbo_raw=float("nan")),
+         dict(seconds=6.0, nelbo_raw=15.0), dict(seconds=8.0, nelbo_raw=16.0)]
+    for c in (a, b):
+        for p in c:
+            p["nelbo_ema"] = p["nelbo_raw"]
+    t = convergence.time_to_quality({"A": a, "B": b})["raw"]
+    assert t["target_nelbo"] == 15.0  # B's best; A goes further
+    assert t["seconds"] == {"A": pytest.approx(3.0), "B": 6.0}  # A: halfway from 20 (2 s) to 10 (4 s)
+    assert t["speedup_vs"]["B"] == {"A": pytest.approx(2.0), "B": pytest.approx(1.0)}
+    assert convergence.seconds_to(a, "nelbo_raw", 5.0) is None
+
+
+def test_convergence_arguments_are_checked(convergence, capsys):
+    for argv, msg in ((["--providers", "DVPVAE"], "give a budget"),
+                      (["--steps", "3"], "needs --eval-every"),
+                      (["--seconds", "10", "--providers", "official"], "needs --official"),
+                      (["--seconds", "10", "--providers", "DVPVAE,jax"], "choose from"),
+                      (["--seconds", "-1"], "must be positive")):
+        with pytest.raises(SystemExit):
+            convergence.parse_args(argv)
+        assert msg in capsys.readouterr().err

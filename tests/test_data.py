@@ -195,6 +195,9 @@ def test_npz_bad_inputs(tmp_path):
     np.savez(p, x=np.zeros((4, 5, 8, 8), np.uint8))
     with pytest.raises(DataError, match="cannot interpret"):
         load_dataset("npz", p)
+    np.savez(p, x=np.zeros((4, 8, 9), np.uint8))  # not square
+    with pytest.raises(DataError, match=r"d.npz:x: cannot interpret .*\(4, 8, 9\)"):
+        load_dataset("npz", p)
     np.savez(p, x=np.array([{"a": 1}] * 4, dtype=object))
     with pytest.raises(DataError):
         load_dataset("npz", p)

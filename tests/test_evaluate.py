@@ -35,20 +35,25 @@ def test_evaluate_run_dir_json_and_pngs(run, tmp_path, capsys):
     assert E.main([str(run / "run"), "--k", "6", "--max-images", "7", "--json", str(js),
                    "--num-samples", "4", "--out-dir", str(tmp_path / "png")]) == 0
     res = json.loads(js.read_text())
-    for key in ("nelbo", "nll", "bpd", "active_units", "k", "num_images"):
-        assert key in res
     assert res["k"] == 6 and res["num_images"] == 7 and res["split"] == "test"
     assert res["data"] == "npz"  # taken from the run's run.json
-    assert all(math.isfinite(res[k]) for k in ("nelbo", "nll", "bpd"))
-    assert res["bpd"] == pytest.approx(res["nll"] / (math.log(2) * 784))
-    assert res["nll"] < res["nelbo"]  # importance sampling tightens the bound of an untrained model
+    assert res["kinds"] == {"nelbo": "ELBO", "nelbo_trajectory": "ELBO", "nll": "IS",
+                            "nll_bound_plugin": "IS, plug-in bound (not valid)"}
+    assert res["nll"] <= res["nelbo_trajectory"]  # log-mean-exp >= mean, image by image
+    for name in res["kinds"]:
+        for key in (name, f"{name}_se", f"{name}_bpd", f"{name}_bpd_se"):
+            assert math.isfinite(res[key]), key
+        assert res[f"{name}_bpd"] == pytest.approx(res[name] / (math.log(2) * 784))
+        assert res[f"{name}_bpd_se"] == pytest.approx(res[f"{name}_se"] / (math.log(2) * 784))
+    for name in ("nll", "nll_bound_plugin"):
+        assert 1.0 <= res[f"{name}_ess_min"] <= res[f"{name}_ess_mean"] <= 6.0
     assert 0.0 <= res["active_units"] <= res["active_units_0.001"] <= 1.0
     # the run folder resolves to its best checkpoint (lowest validation loss)
     assert res["checkpoint"] == CheckpointManager(str(run / "run" / "checkpoints")).best()
     for t in ("1.0", "0.8", "0.6"):
         assert os.path.getsize(tmp_path / "png" / f"samples_t{t}.png") > 0
     out = capsys.readouterr().out
-    assert "NLL (IS, k=6)" in out and "active units" in out
+    assert "NLL (IS, k=6)" in out and "plug-in bound" in out and "ESS mean" in out and "active units" in out
 
 
 def test_evaluate_matches_direct_computation(run):
@@ -61,10 +66,42 @@ def test_evaluate_matches_direct_computation(run):
     torch.manual_seed(3)
     x = torch.from_numpy(x_u8).float() / 127.5 - 1
     with torch.no_grad():
-        nelbo = float(-model(x).elbo.mean())
-    nll = float(model.estimate_nll(x, k=4, chunk_size=64).mean())
-    assert res["nelbo"] == pytest.approx(nelbo, rel=1e-6)
-    assert res["nll"] == pytest.approx(nll, rel=1e-6)
+        nelbo = -model(x).elbo.double()
+    log_w = model.importance_log_weights(x, k=4, chunk_size=64)
+    assert res["nelbo"] == pytest.approx(float(nelbo.mean()), rel=1e-6)
+    assert res["nelbo_se"] == pytest.approx(float(nelbo.std() / math.sqrt(5)), rel=1e-5)
+    for name, estimator in (("nll", "trajectory"), ("nll_bound_plugin", "bound_plugin")):
+        nll = -(torch.logsumexp(log_w[estimator].double(), 0) - math.log(4))
+        assert res[name] == pytest.approx(float(nll.mean()), rel=1e-6)
+        assert res[f"{name}_se"] == pytest.approx(float(nll.std() / math.sqrt(5)), rel=1e-5)
+    assert res["nelbo_trajectory"] == pytest.approx(float(-log_w["trajectory"].double().mean()), rel=1e-6)
+
+
+def test_standard_error_and_effective_sample_size_by_hand():
+    assert E.standard_error(torch.tensor([1.0, 2.0, 4.0, 5.0])) == pytest.approx(math.sqrt(10 / 3) / 2)
+    assert E.standard_error(torch.tensor([3.0])) is None
+    # (sum w)^2 / sum w^2 of the columns (k = 4, N = 3): (1, 1, 1, 1) -> 4, (1, 0, 0, 0) -> 1,
+    # (3, 1, 0, 0) -> 16 / 10; given as logs far below exp's range
+    w = torch.tensor([[1.0, 1.0, 3.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    ess = E.effective_sample_size(w.log() - 900.0)
+    torch.testing.assert_close(ess, torch.tensor([4.0, 1.0, 1.6], dtype=torch.float64))
+
+
+def test_format_table_shows_standard_errors_and_kinds():
+    res = {"k": 10, "num_images": 1, "split": "test", "active_units": 0.5, "active_units_0.001": 0.75,
+           "kinds": dict(E.ESTIMATES)}
+    for i, name in enumerate(E.ESTIMATES):
+        res.update({name: 100.0 + i, f"{name}_se": None if i == 0 else 0.5, f"{name}_bpd": 0.2,
+                    f"{name}_bpd_se": None if i == 0 else 0.001})
+    for name in E.IS_ESTIMATES:
+        res.update({f"{name}_ess_mean": 2.5, f"{name}_ess_min": 1.25})
+    lines = {line.split("  ")[0]: line for line in E.format_table(res).splitlines()}
+    nelbo, traj = lines["negative ELBO"], lines["negative ELBO, T-step model (k=10)"]
+    assert nelbo.split()[2:] == ["100.000", "0.2000", "ELBO"]  # no standard error for one value
+    assert "101.000 +- 0.500" in traj and "0.2000 +- 0.0010" in traj and traj.endswith("ELBO")
+    assert "102.000 +- 0.500" in lines["NLL (IS, k=10)"]
+    assert lines["NLL (IS, k=10)"].endswith("ESS mean 2.50, min 1.25 of 10")
+    assert "103.000" in lines["NLL, plug-in bound (k=10, not valid)"]
 
 
 def test_evaluate_checkpoint_dir_val_split_and_errors(run, tmp_path):

@@ -1,4 +1,5 @@
 """Invariants of the reference model that can fail."""
+import copy
 import math
 
 import numpy as np
@@ -113,30 +114,72 @@ def test_same_noise_same_numbers_and_replay(tiny):
         tiny(x, {"u": torch.zeros(1, 1, 5, 5)})
 
 
+def trajectory_log_ratio(prior, u, e):
+    """log p(u, z_0..z_1) - log q(z_0..z_1 | u) written out from MODEL.md sections 5 and 7."""
+    T = prior.T
+    g = prior.gamma_min + (prior.gamma_max - prior.gamma_min) * torch.arange(T + 1, dtype=u.dtype) / T
+    alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+    normal = torch.distributions.Normal
+
+    def total(log_prob):
+        return log_prob.flatten(1).sum(-1)
+
+    z = [alpha[0] * u + sigma[0] * e[0]]
+    log_q = total(normal(alpha[0] * u, sigma[0]).log_prob(z[0]))
+    for i in range(1, T + 1):
+        a_ts = alpha[i] / alpha[i - 1]
+        s_ts = (sigma[i] ** 2 - a_ts ** 2 * sigma[i - 1] ** 2).sqrt()
+        z.append(a_ts * z[-1] + s_ts * e[i])
+        log_q = log_q + total(normal(a_ts * z[i - 1], s_ts).log_prob(z[i]))
+    log_p = total(normal(0.0, 1.0).log_prob(z[T]))
+    for i in range(T, 0, -1):
+        a_ts = alpha[i] / alpha[i - 1]
+        s2_ts = sigma[i] ** 2 - a_ts ** 2 * sigma[i - 1] ** 2
+        eps_hat = prior.unet(z[i], torch.full((u.shape[0],), i / T, dtype=u.dtype))
+        x_hat = ((z[i] - sigma[i] * eps_hat) / alpha[i]).clamp(-1, 1)
+        mean = a_ts * sigma[i - 1] ** 2 / sigma[i] ** 2 * z[i] + alpha[i - 1] * s2_ts / sigma[i] ** 2 * x_hat
+        log_p = log_p + total(normal(mean, (s2_ts * sigma[i - 1] ** 2 / sigma[i] ** 2).sqrt()).log_prob(z[i - 1]))
+    log_p = log_p + total(normal(z[0] / alpha[0], math.exp(0.5 * prior.gamma_min)).log_prob(u))
+    return log_p - log_q
+
+
 @torch.no_grad()
-def test_importance_sampling_estimator(tiny):
-    tiny.eval()
-    x = random_images(4, tiny.config)
-    torch.manual_seed(11)
-    # k = 1: log w is an unbiased estimate of the ELBO, so means agree within standard errors.
-    n = 400
-    log_w = -tiny.estimate_nll(x.repeat(n, 1, 1, 1), 1).reshape(n, 4)
-    elbo = tiny(x.repeat(n, 1, 1, 1)).elbo.reshape(n, 4)
-    se = ((log_w.var(0) / log_w.shape[0]) + elbo.var(0) / n).sqrt()
-    assert bool(((log_w.mean(0) - elbo.mean(0)).abs() < 4.5 * se).all())
-    # More samples give a tighter bound on average (weakly decreasing NLL).
-    nll = {k: torch.stack([tiny.estimate_nll(x, k, chunk_size=64) for _ in range(4)]).mean(0) for k in (1, 8, 32)}
-    # (in expectation per image; averaged over images to keep Monte Carlo noise small)
-    assert float(nll[32].mean()) <= float(nll[8].mean()) <= float(nll[1].mean()), nll
+def test_one_sample_importance_weight_is_the_elbo_written_out(tiny):
+    """k = 1: -estimate_nll is log p(x, z, u, trajectory) - log q(z, u, trajectory | x) at
+    the recorded draws, every density sampled (an analytic KL or a plug-in bound for log p(u)
+    would change the number)."""
+    model = copy.deepcopy(tiny).double()
+    x = random_images(3, model.config).double()
+    rec = Noise(generator=torch.Generator().manual_seed(7), record=True)
+    log_w = -model.estimate_nll(x, 1, noise=rec)
+    d = rec.recorded
+    _, layers, _ = model.decoder(x, model.encoder(x, model.ops), Noise(d), None, model.ops)
+    params = model.decoder.aggregate([lay.z for lay in layers[1:]], model.ops)
+    probs = torch.sigmoid(params).clamp(1e-7, 1 - 1e-7)
+    target = (d["binarize"] < (x + 1) / 2).double()
+    want = torch.distributions.Bernoulli(probs=probs).log_prob(target).flatten(1).sum(-1)
+    normal = torch.distributions.Normal
+    for lay in layers[1:]:
+        want = want + (normal(lay.p_mu, (0.5 * lay.p_logvar).exp()).log_prob(lay.z)
+                       - normal(lay.q_mu, (0.5 * lay.q_logvar).exp()).log_prob(lay.z)).flatten(1).sum(-1)
+    u = layers[0]
+    want = want - normal(u.q_mu, (0.5 * u.q_logvar).exp()).log_prob(u.z).flatten(1).sum(-1)
+    want = want + trajectory_log_ratio(model.prior, u.z, d["trajectory_eps"])
+    # (the tabulated schedule coefficients are float32 values, hence rtol 1e-6)
+    torch.testing.assert_close(log_w, want, rtol=1e-6, atol=1e-6)
 
 
-def test_estimate_nll_chunking_does_not_change_the_result(tiny):
-    tiny.eval()
+@torch.no_grad()
+def test_estimate_nll_does_not_depend_on_chunk_size(tiny):
     x = random_images(3, tiny.config)
-    a = tiny.estimate_nll(x, 10, chunk_size=6, noise=Noise(generator=torch.Generator().manual_seed(2)))
-    b = tiny.estimate_nll(x, 10, chunk_size=6, noise=Noise(generator=torch.Generator().manual_seed(2)))
-    torch.testing.assert_close(a, b)
-    assert a.shape == (3,) and bool(torch.isfinite(a).all())
+    results = []
+    for chunk in (3, 6, 21):  # 1, 2 and all 7 samples of each image per pass
+        noise = Noise(generator=torch.Generator().manual_seed(2))
+        results.append(tiny.estimate_nll(x, 7, chunk_size=chunk, noise=noise, return_log_weights=True))
+    for nll, log_w in results[1:]:
+        torch.testing.assert_close(log_w, results[0][1], rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(nll, results[0][0], rtol=1e-6, atol=1e-4)
+    assert results[0][0].shape == (3,) and bool(torch.isfinite(results[0][0]).all())
 
 
 @pytest.mark.parametrize("preset", ["mnist", "omniglot", "cifar10"])

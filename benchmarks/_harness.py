@@ -20,6 +20,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -70,6 +71,68 @@ def cpu_isa() -> str:
     if "amx_tile" in flags:
         isa += " + AMX"
     return isa
+
+
+# fp32 FMA lanes per core and cycle: the vector width in floats times two FMA units, the
+# count of the server cores these benchmarks run on (Zen 2-4, Skylake-SP and later Xeons).
+FMA_LANES = {"AVX2": 8 * 2, "AVX-512": 16 * 2}
+
+
+def cpu_max_mhz() -> tuple[float | None, str]:
+    """The CPU's highest clock in MHz and where it came from: cpufreq's cpuinfo_max_freq,
+    else lscpu's "CPU max MHz", else the largest "cpu MHz" of /proc/cpuinfo (the current
+    clock; under a hypervisor often the nominal one)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read()) / 1000.0, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("CPU max MHz"):
+                return float(line.split(":", 1)[1]), "lscpu CPU max MHz"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":", 1)[1]) for line in f if line.startswith("cpu MHz")]
+        if mhz:
+            return max(mhz), "/proc/cpuinfo cpu MHz (current clock, no max reported)"
+    except (OSError, ValueError):
+        pass
+    return None, "unknown"
+
+
+def physical_cores() -> int:
+    """Distinct (physical id, core id) pairs of /proc/cpuinfo, else os.cpu_count()."""
+    cores, phys = set(), "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":", 1)[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((phys, line.split(":", 1)[1].strip()))
+    except OSError:
+        pass
+    return len(cores) or os.cpu_count() or 1
+
+
+def fma_peak(threads: int) -> dict | None:
+    """The ISA's theoretical fp32 peak for ``threads`` threads: cores x GHz x FMA lanes x 2
+    (an FMA is two FLOPs), with the inputs and their assumptions; None off x86 or without
+    a clock."""
+    isa = cpu_isa().split(" + ")[0]
+    mhz, source = cpu_max_mhz()
+    if isa not in FMA_LANES or mhz is None:
+        return None
+    cores = min(threads, physical_cores())
+    return dict(gflops=cores * mhz / 1000.0 * FMA_LANES[isa] * 2, cores=cores, ghz=mhz / 1000.0,
+                fma_lanes=FMA_LANES[isa], isa=isa, clock_source=source,
+                assumption=f"{FMA_LANES[isa] // 2} fp32 lanes x 2 FMA units per core at the clock from "
+                           f"{source}, one thread per physical core (SMT siblings share the units); "
+                           "a turbo clock above it or a 1-FMA-unit part makes the true peak differ")
 
 
 def triton_version() -> str | None:

@@ -39,8 +39,11 @@ Roofline. ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs (convolu
 matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not counted)
 of each task once on the reference model; every provider computes the same function, so
 achieved GFLOP/s = those FLOPs / its median (for a provider that skips work, an effective
-rate: the reference's work per second). The peak is a measured fp32 square matmul with the
-same thread count (``--no-flops`` skips both).
+rate: the reference's work per second). Two peaks: a measured fp32 square matmul with the
+same thread count, and on CPU the ISA's theoretical fp32 FMA peak, cores x GHz x FMA lanes
+x 2 (``_harness.fma_peak``: lanes from the ISA, the clock from cpufreq / lscpu /
+/proc/cpuinfo; the JSON's ``fma_peak`` records the inputs and assumptions).
+``--no-flops`` skips the counts and both peaks.
 
 Output: the table on stdout, and the report as JSON in ``benchmarks/results/throughput.json``
 (``--json PATH`` elsewhere), from which ``benchmarks/RESULTS.md`` is regenerated
@@ -78,6 +81,7 @@ import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
 from dvpvae import DVPVAE, FastDVPVAE, get_config, set_dct_scale  # noqa: E402
+from dvpvae.fast import PRECISIONS  # noqa: E402
 from dvpvae.ops import get_ops  # noqa: E402
 
 TASKS = ("train", "eval", "nll", "sample")
@@ -92,7 +96,8 @@ FAST_FLAGS = ("compile", "fused_kernels", "extension", "cuda_graphs")
 TABLE_COLUMNS = [("model", "model"), ("task", "task"), ("batch", "images/call"),
                  ("images_per_s", "images/s"), ("seconds_median", "median s"), ("seconds_min", "min s"),
                  ("seconds_max", "max s"), ("first_call_s", "first call s"), ("peak_mem_mb", "peak MB"),
-                 ("gflops", "GFLOP/s"), ("speedup_vs_DVPVAE", "x DVPVAE")]
+                 ("gflops", "GFLOP/s"), ("fraction_of_peak", "of matmul peak"),
+                 ("fraction_of_fma_peak", "of FMA peak"), ("speedup_vs_DVPVAE", "x DVPVAE")]
 # A timing of one call shorter than this is repeated back-to-back (``inner`` calls) so that
 # the clock and Python overhead do not dominate tiny configurations.
 MIN_TIMING_S = 0.05
@@ -251,6 +256,14 @@ def build_official(path: str, cfg, images: torch.Tensor | None, device: torch.de
     # references to each other, so they need not stay in sys.modules.
     roots = ("model", "utils", "datasets")
     aside = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in roots}
+    for root in roots:
+        # model/ and utils/ have no __init__.py: as namespace packages they would lose to any
+        # regular module of the same name further down sys.path, so bind them here.
+        folder = os.path.join(path, root)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "__init__.py")):
+            package = types.ModuleType(root)
+            package.__path__ = [folder]
+            sys.modules[root] = package
     sys.path.insert(0, path)
     try:
         cvae = importlib.import_module("model.context_ladder_vae")
@@ -356,6 +369,8 @@ def build_providers(args, cfg, images, device) -> tuple[dict, object, list[str]]
     wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
     out = {}
     fast_flags = parse_fast_flags(args.fast_flag)
+    if args.precision != "float32":
+        fast_flags["precision"] = args.precision
     if fast_flags:
         notes.append("FastDVPVAE flags: " + ", ".join(f"{k}={v}" for k, v in fast_flags.items()))
     for name in wanted:
@@ -516,7 +531,8 @@ def run(args) -> dict:
 
     report = dict(benchmark="throughput", **H.machine_info(device))
     peak = H.matmul_peak_gflops(device, n=args.peak_n) if args.flops else None
-    report.update(matmul_peak_gflops=peak, matmul_peak_n=args.peak_n,
+    fma = H.fma_peak(torch.get_num_threads()) if args.flops and device.type == "cpu" else None
+    report.update(matmul_peak_gflops=peak, matmul_peak_n=args.peak_n, fma_peak=fma,
                   config=dict(preset=args.preset, batch=args.batch, tasks=tasks, repeats=args.repeats,
                               warmup=args.warmup, k=args.k, nll_batch=args.nll_batch,
                               sample_n=args.sample_n, providers=list(providers), seed=args.seed,
@@ -542,6 +558,8 @@ def run(args) -> dict:
                 r["gflops"] = flops / r["seconds_median"] / 1e9
                 if peak:
                     r["fraction_of_peak"] = r["gflops"] / peak
+                if fma:
+                    r["fraction_of_fma_peak"] = r["gflops"] / fma["gflops"]
             if base is not None:
                 r["speedup_vs_DVPVAE"] = base["seconds_median"] / r["seconds_median"]
                 # Under contention the fastest repeat is the one least disturbed by other
@@ -579,11 +597,15 @@ def print_table(rep: dict) -> None:
               f"is the closer estimate of uncontended speed (JSON: speedup_vs_DVPVAE_of_min)")
     if rep["matmul_peak_gflops"]:
         print(f"measured fp32 matmul peak ({rep['matmul_peak_n']}^3): {rep['matmul_peak_gflops']:.1f} GFLOP/s")
+    fma = rep.get("fma_peak")
+    if fma:
+        print(f"theoretical fp32 FMA peak ({fma['isa']}): {fma['cores']} cores x {fma['ghz']:.2f} GHz x "
+              f"{fma['fma_lanes']} FMA lanes x 2 = {fma['gflops']:.1f} GFLOP/s ({fma['assumption']})")
     for n in rep["notes"]:
         print(f"note: {n}")
     head = (f"{'model':<11} {'task':<6} {'imgs':>5} {'it/s':>8} {'img/s':>9} {'median s':>9} {'min s':>8} "
             f"{'max s':>8} {'first s':>8} {'warm-up s':>9} {'peak MB':>8} {'GFLOP/s':>8} {'%peak':>6} "
-            f"{'x DVPVAE':>8}")
+            f"{'%FMA':>6} {'x DVPVAE':>8}")
     print()
     print(head)
     print("-" * len(head))
@@ -591,18 +613,20 @@ def print_table(rep: dict) -> None:
         if "seconds_median" not in r:
             print(f"{r['model']:<11} {r['task']:<6} {r['batch']:>5} ERROR {r.get('error', '')[:90]}")
             continue
-        pct = r.get("fraction_of_peak")
+        pct, pct_fma = r.get("fraction_of_peak"), r.get("fraction_of_fma_peak")
         print(f"{r['model']:<11} {r['task']:<6} {r['batch']:>5} {r['it_per_s']:>8.3f} {r['images_per_s']:>9.2f} "
               f"{r['seconds_median']:>9.3f} {r['seconds_min']:>8.3f} {r['seconds_max']:>8.3f} "
               f"{r['first_call_s']:>8.2f} {r['warmup_s']:>9.2f} {_f(r.get('peak_mem_mb'), '8.1f'):>8} "
               f"{_f(r.get('gflops'), '8.2f'):>8} {_f(None if pct is None else 100 * pct, '6.1f'):>6} "
+              f"{_f(None if pct_fma is None else 100 * pct_fma, '6.1f'):>6} "
               f"{_f(r.get('speedup_vs_DVPVAE'), '7.2f') + 'x' if 'speedup_vs_DVPVAE' in r else '-':>8}")
     print()
     print("imgs = images per call (nll: images, each with k importance samples); first s = first call "
           "(includes torch.compile for FastDVPVAE); warm-up s = all warm-up calls; peak MB = "
           + ("peak CUDA allocation above the pre-call allocation" if rep["device"].startswith("cuda") else
              "peak RSS increase during one call (1 ms sampling)")
-          + "; GFLOP/s from FlopCounterMode counts (conv/matmul only) of the reference.")
+          + "; GFLOP/s from FlopCounterMode counts (conv/matmul only) of the reference; %peak of the "
+          "measured matmul peak, %FMA of the ISA's theoretical FMA peak.")
 
 
 def parse_args(argv=None):
@@ -629,6 +653,9 @@ def parse_args(argv=None):
     p.add_argument("--fast-flag", action="append", default=[], metavar="NAME=on|off",
                    help="constructor flag of FastDVPVAE (" + ", ".join(FAST_FLAGS) + "), repeatable, "
                         "to measure what each fast path contributes; default: all on")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="FastDVPVAE's compute precision (default %(default)s; bf16: bfloat16 convolutions and "
+                        "matmuls under autocast, float32 densities)")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP counts and the matmul peak")
     p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul for the peak")

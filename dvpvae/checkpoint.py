@@ -304,22 +304,25 @@ def rng_from_files(tensors: dict[str, torch.Tensor], desc: dict) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def build_model(config: Config, kind: str = "reference") -> torch.nn.Module:
-    """Construct ``DVPVAE`` (``kind="reference"``) or ``FastDVPVAE`` (``"fast"``).
+def build_model(config: Config, kind: str = "reference", precision: str = "float32") -> torch.nn.Module:
+    """Construct ``DVPVAE`` (``kind="reference"``) or ``FastDVPVAE`` (``"fast"``) computing in
+    ``precision`` (``FastDVPVAE``'s; the reference is float32 only).
 
     ``fast`` falls back to the reference with a warning when ``FastDVPVAE`` is not
     importable: both have the same constructor and state_dict.
     """
     import dvpvae
 
+    if kind not in ("reference", "fast"):
+        raise ValueError(f"unknown model kind {kind!r}; use 'reference' or 'fast'")
+    if kind == "reference" and precision != "float32":
+        raise ValueError(f"precision {precision!r} needs the fast model; the reference computes in float32")
     if kind == "fast":
         try:
             from dvpvae import FastDVPVAE
-            return FastDVPVAE(config)
+            return FastDVPVAE(config, precision=precision)
         except ImportError as e:
             warnings.warn(f"FastDVPVAE is not available ({e}); using the reference DVPVAE")
-    elif kind != "reference":
-        raise ValueError(f"unknown model kind {kind!r}; use 'reference' or 'fast'")
     return dvpvae.DVPVAE(config)
 
 
@@ -333,6 +336,8 @@ def config_from_dict(d: Any, where: str) -> Config:
     """The Config of a parsed ``config.json``; anything else raises CheckpointError naming ``where``."""
     if not isinstance(d, dict):
         raise CheckpointError(f"{where} is not a dvpvae config (expected a JSON object of Config fields)")
+    if d.get("format") == "dvpvae" and isinstance(d.get("config"), dict):
+        d = d["config"]  # the layout earlier versions wrote: the fields under "config"
     try:
         return Config.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
@@ -433,12 +438,12 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model(path: str, kind: str = "reference", use_ema: bool = True,
-               device: str | torch.device = "cpu") -> torch.nn.Module:
+               device: str | torch.device = "cpu", precision: str = "float32") -> torch.nn.Module:
     """Build the model of a run folder (best checkpoint, else latest), a checkpoint or a
     weights folder (``save_pretrained``) and load its EMA (``use_ema``, when present) or
     trained weights."""
     folder = resolve(path)
-    model = build_model(read_config(folder), kind)
+    model = build_model(read_config(folder), kind, precision)
     load_weights(model, weights_file(folder, use_ema))
     return model.to(device).eval()
 

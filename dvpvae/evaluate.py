@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=4096,
                    help="image-samples per forward pass of the importance sampler")
     p.add_argument("--model", choices=("reference", "fast"), default="reference")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                   help="compute precision of --model fast (bf16: bfloat16 convolutions and matmuls, "
+                        "float32 weights and densities; fast only where the CPU/GPU has bfloat16 units)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -117,6 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             fail(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.precision != "float32" and args.model != "fast":
+        fail(f"--precision {args.precision} needs --model fast (the reference computes in float32)")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.data_root is not None and not os.path.exists(args.data_root):
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     run = _run_args(ckpt)
     data_name = args.data or run.get("data") or config.dataset
     data_root = args.data_root or run.get("data_root") or "data"
-    model = load_model(ckpt, kind=args.model, use_ema=not args.no_ema, device=device)
+    model = load_model(ckpt, kind=args.model, use_ema=not args.no_ema, device=device, precision=args.precision)
     model.validate_inputs = False
     val_fraction = args.val_fraction or run.get("val_fraction") or 0.1
     data = load_dataset(data_name, data_root, val_size=config.val_size, val_fraction=val_fraction,

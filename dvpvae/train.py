@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips of training images (default: on for cifar10, "
                         "as the research code)")
     p.add_argument("--model", choices=("reference", "fast"), default="reference")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                   help="compute precision of --model fast (bf16: bfloat16 convolutions and matmuls, "
+                        "float32 weights and densities; fast only where the CPU/GPU has bfloat16 units)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (default: epochs x steps per epoch); "
                         "also the length of the LR schedule")
@@ -139,6 +142,8 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             fail(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.precision != "float32" and args.model != "fast":
+        fail(f"--precision {args.precision} needs --model fast (the reference computes in float32)")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.data_root is not None and not os.path.exists(args.data_root):
@@ -261,7 +266,7 @@ class Trainer:
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(config.seed)
-        model = build_model(config, args.model)
+        model = build_model(config, args.model, args.precision)
         model.validate_inputs = False  # its checks read device values; data is valid by construction
         if self.ckpt is not None:
             load_into(model, self.ckpt.model, os.path.join(resume_path, "model.safetensors"))

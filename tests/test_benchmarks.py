@@ -284,6 +284,7 @@ def test_convergence_writes_curves_plot_and_time_to_quality(convergence, harness
     assert set(rows) == {"DVPVAE", "official"}
     for p, r in rows.items():
         assert r["steps"] == 2 and r["s_per_step"] == pytest.approx(r["train_s"] / 2)
+        assert r["s_per_later_step"] == pytest.approx(r["train_s"] - r["first_step_s"])
         assert r["seconds_to_target_raw"] == rep["time_to_quality"]["raw"]["seconds"][p]
         assert r["speedup_vs_DVPVAE_ema"] == rep["time_to_quality"]["ema"]["speedup_vs"]["DVPVAE"][p]
     png = tmp_path / "results" / "convergence.png"
@@ -315,3 +316,16 @@ def test_convergence_arguments_are_checked(convergence, capsys):
         with pytest.raises(SystemExit):
             convergence.parse_args(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_fma_peak_is_cores_times_clock_times_lanes_times_two(harness, monkeypatch):
+    monkeypatch.setattr(harness, "cpu_isa", lambda: "AVX2")
+    monkeypatch.setattr(harness, "cpu_max_mhz", lambda: (2500.0, "test clock"))
+    monkeypatch.setattr(harness, "physical_cores", lambda: 4)
+    peak = harness.fma_peak(threads=2)  # two threads use two of the four cores
+    assert peak["gflops"] == pytest.approx(2 * 2.5 * 16 * 2) and peak["fma_lanes"] == 16
+    assert "test clock" in peak["assumption"]
+    monkeypatch.setattr(harness, "cpu_isa", lambda: "AVX-512 + AMX")
+    assert harness.fma_peak(threads=8)["gflops"] == pytest.approx(4 * 2.5 * 32 * 2)
+    monkeypatch.setattr(harness, "cpu_max_mhz", lambda: (None, "unknown"))
+    assert harness.fma_peak(threads=2) is None

@@ -169,3 +169,20 @@ def test_loaded_tensors_do_not_depend_on_the_file(tmp_path):
     state, _ = C.load_tensors(str(path))
     path.write_bytes(b"")
     assert float(state["a"][-1]) == (1 << 20) - 1
+
+
+def test_weights_in_the_earlier_config_layout_still_load(tmp_path):
+    # Earlier versions nested the Config fields under "config" next to a format tag.
+    model = dvpvae.DVPVAE("tiny")
+    with torch.no_grad():
+        model.dct_scale.fill_(0.5)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"format": "dvpvae", "version": 1, "config": model.config.to_dict(), "model_class": "DVPVAE"}))
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    loaded = C.load_model(str(folder))
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

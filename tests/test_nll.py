@@ -48,23 +48,24 @@ def test_trajectory_weight_converges_to_the_integrated_prior():
     # a 0.02 grid resolves the narrowest step (c_noise ~ 0.12).
     prior = DiffusionPrior(1, 1, 5, -4.0, 4.0, channels=32, num_res_blocks=1, dropout=0.0).double().eval()
     for p in prior.parameters():
-        p.add_(0.3 * torch.randn_like(p))
+        p.add_(0.1 * torch.randn_like(p))
     us = torch.tensor([-0.7, 0.1, 0.9], dtype=torch.float64)
     exact = integrated_log_prior(prior, us)
-    k = 8000
+    k = 4000
     eps = torch.randn(prior.T + 1, k * 3, 1, 1, 1, dtype=torch.float64)
     log_w, _ = prior.trajectory_terms(us.repeat(k).view(-1, 1, 1, 1), eps)
     log_w = log_w.view(k, 3)
-    # the estimate converges: with k samples it is within its standard error of log p(u)
+    # the estimate converges: with k samples it is within a few standard errors of log p(u)
+    # (delta method; heavy-tailed weights make the log estimate fall short more often)
     w = torch.exp(log_w - log_w.max(0).values)
     se = w.std(0) / math.sqrt(k) / w.mean(0)
     assert bool((se < 0.05).all()), se
     err = log_mean_exp(log_w) - exact
     assert bool((err.abs() < 4 * se + 0.01).all()), (err, se)
-    # k = 1 is an ELBO, and the expected gap shrinks with k (averaged over blocks of k samples)
-    gaps = [float((exact - log_mean_exp(log_w.view(k // kk, kk, 3), 1).mean(0)).min()) for kk in (1, 10, 100)]
-    assert gaps[0] > gaps[1] > gaps[2] > -0.01, gaps
-    assert gaps[0] > 0.5  # far from a converged estimate: the test can tell them apart
+    # k = 1 is an ELBO, and the expected gap shrinks with k (averaged over blocks of k samples
+    # and over the three u)
+    gaps = [float((exact - log_mean_exp(log_w.view(k // kk, kk, 3), 1).mean(0)).mean()) for kk in (1, 10, 100)]
+    assert gaps[0] > 0.5 and gaps[0] > 5 * gaps[1] and gaps[1] > abs(gaps[2]), gaps
 
 
 @pytest.fixture(scope="module")

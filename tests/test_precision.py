@@ -53,7 +53,7 @@ def test_bf16_matches_float64_within_the_autocast_reference_error(tiny, training
         bf16, g_bf16 = run(FastDVPVAE.from_reference(ref, compile=compile, precision="bf16"), x, draws, training)
     for name in ("loss", "rec", "kl"):
         assert getattr(bf16, name).dtype == torch.float32, name
-    assert abs(float(bf16.loss) - float(o64.loss)) <= LOSS_RTOL * abs(float(o64.loss))
+    assert abs(bf16.loss.item() - o64.loss.item()) <= LOSS_RTOL * abs(o64.loss.item())
     grad_scale = max((float(g.abs().max()) for g in g64.values()), default=0.0)
     pairs = [(n, getattr(o64, n), getattr(o_ac, n), getattr(bf16, n), float(getattr(o64, n).abs().max()))
              for n in ("loss", "rec", "kl")]
@@ -101,3 +101,13 @@ def test_bf16_warns_once_without_native_support(tiny, monkeypatch):
         warnings.simplefilter("error")
         with torch.no_grad():
             plain.eval()(x)
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_cli_precision_needs_the_fast_model(module, tmp_path):
+    import importlib
+
+    cli = importlib.import_module(f"dvpvae.{module}")
+    argv = ["--preset", "tiny", "--out", str(tmp_path)] if module == "train" else [str(tmp_path)]
+    with pytest.raises(SystemExit, match="--precision bf16 needs --model fast"):
+        cli.main(argv + ["--precision", "bf16"])

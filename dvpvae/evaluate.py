@@ -42,6 +42,7 @@ import time
 import torch
 
 from dvpvae import plotting
+from dvpvae.cli import check_common_args
 from dvpvae.checkpoint import CheckpointError, atomic_write, load_model, read_config, resolve
 from dvpvae.data import DATASETS, load_dataset, to_float
 from dvpvae.model import importance_nll
@@ -113,19 +114,8 @@ def save_layer_grid(model, images, path: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad command-line values before any work starts (a one-line SystemExit): sizes
     below 1, a missing data root, a path that holds no readable checkpoint config."""
-    def fail(msg):
-        raise SystemExit(f"dvpvae-evaluate: error: {msg}")
-
-    for name in ("k", "max_images", "batch_size", "chunk_size", "num_samples", "threads"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.precision != "float32" and args.model != "fast":
-        fail(f"--precision {args.precision} needs --model fast (the reference computes in float32)")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.data_root is not None and not os.path.exists(args.data_root):
-        fail(f"--data-root {args.data_root} does not exist")
+    fail = check_common_args(args, "dvpvae-evaluate",
+                             ("k", "max_images", "batch_size", "chunk_size", "num_samples", "threads"))
     try:
         read_config(resolve(args.path))
     except CheckpointError as e:

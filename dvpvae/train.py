@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dvpvae import plotting
+from dvpvae.cli import check_common_args
 from dvpvae.checkpoint import (CheckpointError, CheckpointManager, TrainingCheckpoint, atomic_write,
                                build_model, clean_stale, load_into, load_training_checkpoint,
                                read_json)
@@ -135,19 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad command-line values before any work starts (a one-line SystemExit)."""
-    def fail(msg):
-        raise SystemExit(f"dvpvae-train: error: {msg}")
-
-    for name in ("max_steps", "log_every", "eval_every", "save_every", "keep", "num_samples", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.precision != "float32" and args.model != "fast":
-        fail(f"--precision {args.precision} needs --model fast (the reference computes in float32)")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.data_root is not None and not os.path.exists(args.data_root):
-        fail(f"--data-root {args.data_root} does not exist")
+    fail = check_common_args(args, "dvpvae-train",
+                             ("max_steps", "log_every", "eval_every", "save_every", "keep", "num_samples", "threads"))
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         fail(f"--resume {args.resume}: no such run or checkpoint folder")
     if args.resume is None:  # a resumed run's overrides apply to its checkpoint's config

@@ -80,3 +80,10 @@ def write_omniglot(root: str, n_train: int = 30, n_test: int = 6) -> tuple[np.nd
     scipy.io.savemat(os.path.join(root, "chardata.mat"),
                      {"data": omniglot_columns(tr), "testdata": omniglot_columns(te)})
     return tr, te
+
+
+def tiny_training_npz(path) -> str:
+    """80 binary-ish 28x28 images with 10 test images: 72 train (4 batches of 16) + 8 val."""
+    x = ((images(90, seed=7) > 160) * 255).astype(np.uint8)[:, 0]
+    np.savez(path, x=x[:80], x_test=x[80:])
+    return str(path)

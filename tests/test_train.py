@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,11 +26,7 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    """80 binary-ish 28x28 images with 10 test images: 72 train (4 batches of 16) + 8 val."""
-    p = tmp_path_factory.mktemp("npz") / "d.npz"
-    x = ((datafiles.images(90, seed=7) > 160) * 255).astype(np.uint8)[:, 0]
-    np.savez(p, x=x[:80], x_test=x[80:])
-    return str(p)
+    return datafiles.tiny_training_npz(tmp_path_factory.mktemp("npz") / "d.npz")
 
 
 def _args(npz, out, *extra):

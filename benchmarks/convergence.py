@@ -35,14 +35,12 @@ beside the JSON (``--png PATH``). JSON keys: ``config``, ``notes``, ``curves`` (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 import tempfile
 import time
 import types
-from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,22 +120,14 @@ class OfficialModel(torch.nn.Module):
         return self.net.estimate_nll(self._batch(x), k)[0]
 
 
-@contextlib.contextmanager
-def _trainer_model(provider: str, args, notes: list):
-    """``Trainer`` builds its model with ``dvpvae.train.build_model``: for official it gets the
-    research model there, and every other part of the recipe stays the CLI's."""
-    if provider != "official":
-        yield
-        return
-
+def _official_builder(args, notes: list):
+    """A ``Trainer`` model builder giving the research model: the rest of the recipe stays the CLI's."""
     def build(config, *kind_and_options):
         net, more = throughput.build_official(args.official, config, None, torch.device(args.device),
                                               config.seed)
         notes.extend(more)
         return OfficialModel(net, config)
-
-    with mock.patch.object(T, "build_model", build):
-        yield
+    return build
 
 
 def make_trainer(provider: str, args, out: str, notes: list):
@@ -150,11 +140,10 @@ def make_trainer(provider: str, args, out: str, notes: list):
     targs = T.build_parser().parse_args(argv)
     for name, value in T.config_overrides(args).items():
         setattr(targs, f"cfg_{name}", value)
-    with _trainer_model(provider, args, notes):
+    if provider == "official":
+        trainer = T.Trainer(targs, build=_official_builder(args, notes))
+    else:
         trainer = T.Trainer(targs)
-    if (provider == "official") != isinstance(trainer.model, OfficialModel):
-        raise RuntimeError(f"dvpvae.train.Trainer no longer builds its model through build_model: "
-                           f"{provider} would train a {type(trainer.model).__name__}")
     if len(trainer.train_iter) == 0:
         raise SystemExit(f"{trainer.data_name}: fewer training images than one batch of "
                          f"{trainer.config.batch_size}")

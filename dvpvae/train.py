@@ -201,9 +201,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class Trainer:
-    """Holds the run state and implements the training loop (see module docstring)."""
+    """Holds the run state and implements the training loop (see module docstring).
 
-    def __init__(self, args: argparse.Namespace):
+    ``build(config, kind, precision)`` makes the model (``build_model``; benchmarks pass
+    another to train a different implementation with the same recipe)."""
+
+    def __init__(self, args: argparse.Namespace, build=build_model):
         self.args = args
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -256,7 +259,7 @@ class Trainer:
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(config.seed)
-        model = build_model(config, args.model, args.precision)
+        model = build(config, args.model, args.precision)
         model.validate_inputs = False  # its checks read device values; data is valid by construction
         if self.ckpt is not None:
             load_into(model, self.ckpt.model, os.path.join(resume_path, "model.safetensors"))

@@ -137,7 +137,7 @@ def test_train_run_writes_everything(npz, tmp_path):
         T.main(_args(npz, out, "--max-steps", "2"))
 
 
-@pytest.mark.parametrize("model", ["reference", "fast"])
+@pytest.mark.parametrize("model", ["reference", pytest.param("fast", marks=pytest.mark.slow)])
 def test_resume_continues_the_same_trajectory(npz, tmp_path, model):
     steps = "7"  # crosses an epoch boundary (4 batches per epoch)
     common = ("--model", model, "--max-steps", steps, "--eval-every", "3")

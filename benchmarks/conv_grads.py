@@ -21,19 +21,12 @@ to ``benchmarks/results/conv_grads.json`` (``--json PATH`` elsewhere) and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-BENCH = os.path.dirname(os.path.abspath(__file__))
-if BENCH not in sys.path:  # appended: the repository's packages keep precedence
-    sys.path.append(BENCH)
+import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
 from _harness import add_run_options, save_report, start_extension_run, timeit_interleaved  # noqa: E402
 from dvpvae import get_config  # noqa: E402

@@ -42,14 +42,7 @@ import tempfile
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-# As in throughput.py: this checkout's ``dvpvae`` first, the benchmarks folder last.
-if HERE not in sys.path:
-    sys.path.append(HERE)
-if ROOT in sys.path:
-    sys.path.remove(ROOT)
-sys.path.insert(0, ROOT)
+import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
 import torch  # noqa: E402
 

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 
 import torch
 
@@ -33,9 +32,7 @@ from dvpvae.kernels.ddpm_step import ddpm_coefficients, ddpm_step, ddpm_step_ref
 from dvpvae.kernels.reparam_kl import (reparam_kl, reparam_kl_ref, reparam_sample,
                                        reparam_sample_ref)
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-if BENCH not in sys.path:  # for _harness when this file is loaded by path
-    sys.path.append(BENCH)
+import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 from _harness import measure, save_report, triton_version  # noqa: E402
 
 

@@ -20,19 +20,12 @@ eps_hat != 0); speed does not depend on their values.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-BENCH = os.path.dirname(os.path.abspath(__file__))
-if BENCH not in sys.path:  # appended: the repository's packages keep precedence
-    sys.path.append(BENCH)
+import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
 from _harness import (add_run_options, cpu_name, matmul_peak_gflops, save_report,  # noqa: E402
                       start_extension_run, timeit_interleaved)

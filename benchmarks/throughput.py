@@ -67,15 +67,7 @@ import sys
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-# ROOT first, so that ``dvpvae`` is this checkout's (the script directory, sys.path[0] when
-# run as a script, holds benchmarks/kernels.py); HERE last, for ``_harness`` only.
-if HERE not in sys.path:
-    sys.path.append(HERE)
-if ROOT in sys.path:
-    sys.path.remove(ROOT)
-sys.path.insert(0, ROOT)
+import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
 import torch  # noqa: E402
 

@@ -14,3 +14,22 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after: the tiny models are loops of small
+    ops, where a second OpenMP thread only waits at barriers on a shared 2-core machine; the
+    thread count does not change what is checked."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """A tiny training .npz (``datafiles.tiny_training_npz``), one per test module."""
+    import datafiles
+
+    return datafiles.tiny_training_npz(tmp_path_factory.mktemp("npz") / "d.npz")

@@ -87,3 +87,18 @@ def tiny_training_npz(path) -> str:
     x = ((images(90, seed=7) > 160) * 255).astype(np.uint8)[:, 0]
     np.savez(path, x=x[:80], x_test=x[80:])
     return str(path)
+
+
+def training_argv(npz: str, out, *extra: str) -> list[str]:
+    """``python -m dvpvae.train`` arguments for a short single-thread run of the tiny preset
+    on ``npz`` (``tiny_training_npz``), writing to ``out``."""
+    return ["--preset", "tiny", "--data", "npz", "--data-root", npz, "--val-fraction", "0.1",
+            "--out", str(out), "--threads", "1", "--num-samples", "4", "--log-every", "1",
+            "--warmup-epochs", "1", *extra]
+
+
+def metric_rows(out, kind: str = "train") -> list[dict]:
+    """The rows of kind ``kind`` ("train", "val", ...) in a training run's metrics.jsonl."""
+    from dvpvae.plotting import read_metrics
+
+    return [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == kind]

@@ -15,9 +15,7 @@ from dvpvae.checkpoint import CheckpointError, CheckpointManager
 from dvpvae.optim import EMA, MaskedAdamax
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_tiny(steps=2):

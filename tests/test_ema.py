@@ -4,15 +4,13 @@ import math
 
 import pytest
 import torch
-from test_train import _args, _rows, npz  # noqa: F401 (npz is a fixture)
+from datafiles import metric_rows, training_argv
 
 from dvpvae import train as T
 from dvpvae.optim import EMA
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Scalar(torch.nn.Module):
@@ -90,22 +88,23 @@ def test_invalid_rate_is_rejected():
         EMA(_Scalar(0.0), 1.0, warmup=True)
 
 
-def test_config_flag_selects_the_plain_ema(npz, tmp_path):  # noqa: F811
+def test_config_flag_selects_the_plain_ema(tiny_npz, tmp_path):
     p = T.build_parser()
     assert T.config_overrides(p.parse_args(["--ema-warmup", "false"])) == {"ema_warmup": False}
-    plain = T.Trainer(p.parse_args(_args(npz, tmp_path / "a", "--ema-warmup", "false", "--max-steps", "1")))
+    plain = T.Trainer(p.parse_args(training_argv(tiny_npz, tmp_path / "a", "--ema-warmup", "false",
+                                                 "--max-steps", "1")))
     assert plain.config.ema_warmup is False and plain.ema.warmup is False
-    warm = T.Trainer(p.parse_args(_args(npz, tmp_path / "b", "--max-steps", "1")))
+    warm = T.Trainer(p.parse_args(training_argv(tiny_npz, tmp_path / "b", "--max-steps", "1")))
     assert warm.config.ema_warmup is True and warm.ema.warmup is True  # on by default
 
 
-def test_validation_reports_raw_and_ema(npz, tmp_path):  # noqa: F811
-    tr = T.Trainer(T.build_parser().parse_args(_args(npz, tmp_path / "r", "--max-steps", "3",
+def test_validation_reports_raw_and_ema(tiny_npz, tmp_path):
+    tr = T.Trainer(T.build_parser().parse_args(training_argv(tiny_npz, tmp_path / "r", "--max-steps", "3",
                                                      "--eval-every", "3")))
     before = tr.validate()  # EMA = raw weights before any step; same draws for both
     assert before["val_nelbo"] == before["val_nelbo_raw"]
     tr.run()
-    val = _rows(tmp_path / "r", "val")[-1]
+    val = metric_rows(tmp_path / "r", "val")[-1]
     assert all(math.isfinite(val[k]) for k in ("val_loss", "val_nelbo", "val_bpd", "val_nelbo_raw"))
     assert val["val_nelbo"] != val["val_nelbo_raw"]
     assert val["val_nelbo"] == pytest.approx(val["val_bpd"] / tr.model.bits_per_nat)

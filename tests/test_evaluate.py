@@ -13,9 +13,7 @@ from dvpvae import train as T
 from dvpvae.checkpoint import CheckpointManager, load_model
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -65,17 +65,6 @@ def op_args(prior, z, eps, temperature=1.0):
             prior.unet.out_norm.eps, temperature]
 
 
-@pytest.fixture
-def one_thread():
-    """The T-step loop comparisons run single-threaded: on a shared 2-core machine an eager
-    op with 2 OpenMP threads can stall a whole scheduler slice at its barrier. The thread
-    count does not change what is checked."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def priors():
     return {preset: perturbed_prior(preset) for preset in PRESETS}

@@ -28,33 +28,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # checkpoints at 4, 8 (with validation), 12, 16 (with validation)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return datafiles.tiny_training_npz(tmp_path_factory.mktemp("npz") / "d.npz")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(npz, out, *extra):
-    return ["--preset", "tiny", "--data", "npz", "--data-root", npz, "--val-fraction", "0.1",
-            "--out", str(out), "--threads", "1", "--num-samples", "4", "--log-every", "1",
-            "--warmup-epochs", "1", "--model", "reference", "--max-steps", str(STEPS),
-            "--save-every", "4", "--eval-every", "8", "--grad-skip-factor", "10", *extra]
+    return datafiles.training_argv(npz, out, "--model", "reference", "--max-steps", str(STEPS), "--save-every", "4",
+                                   "--eval-every", "8", "--grad-skip-factor", "10", *extra)
 
 
 @pytest.fixture(scope="module")
-def reference(npz, tmp_path_factory):
+def reference(tiny_npz, tmp_path_factory):
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert T.main(_args(npz, out)) == 0
+    assert T.main(_args(tiny_npz, out)) == 0
     return out
-
-
-def _rows(out, kind="train"):
-    return [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == kind]
 
 
 def _ckdir(out):
@@ -72,13 +59,13 @@ def _stale(out):
 
 def _assert_same_run(ref, out):
     """Per-step metrics, validation losses and the final weights, moments and EMA: identical."""
-    a, b = _rows(ref), _rows(out)
+    a, b = datafiles.metric_rows(ref), datafiles.metric_rows(out)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
         for k in ("loss", "bpd", "grad_norm", "lr", "epoch", "skipped_nonfinite", "skipped_grad_norm"):
             assert ra[k] == rb[k], (ra["step"], k)
-    assert [(r["step"], r["val_loss"]) for r in _rows(ref, "val")] == \
-        [(r["step"], r["val_loss"]) for r in _rows(out, "val")]
+    assert [(r["step"], r["val_loss"]) for r in datafiles.metric_rows(ref, "val")] == \
+        [(r["step"], r["val_loss"]) for r in datafiles.metric_rows(out, "val")]
     name = f"step-{STEPS:08d}"
     ca = load_training_checkpoint(os.path.join(_ckdir(ref), name))
     cb = load_training_checkpoint(os.path.join(_ckdir(out), name))
@@ -92,13 +79,13 @@ def _assert_same_run(ref, out):
 
 # ----------------------------------------------------------------------------- SIGKILL
 
-def _spawn(npz, out, log, *extra, pause=None):
+def _spawn(tiny_npz, out, log, *extra, pause=None):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop(C._PAUSE_ENV, None)
     if pause:
         env[C._PAUSE_ENV] = pause
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "dvpvae.train", *_args(npz, out, *extra)],
+        return subprocess.Popen([sys.executable, "-m", "dvpvae.train", *_args(tiny_npz, out, *extra)],
                                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
 
 
@@ -110,13 +97,13 @@ def _wait(proc, log, cond, timeout=240):
         time.sleep(0.02)
 
 
-def test_sigkill_at_any_moment_resumes_the_same_run(npz, reference, tmp_path, capsys):
+def test_sigkill_at_any_moment_resumes_the_same_run(tiny_npz, reference, tmp_path, capsys):
     out, log = tmp_path / "run", str(tmp_path / "log")
     marker = tmp_path / "paused"
 
     # 1. Two SIGTERMs while the first checkpoint is half written: the second stops at once,
     #    and the half-written folder goes with it.
-    p = _spawn(npz, out, log, pause=f"checkpoint-write:4:{marker}")
+    p = _spawn(tiny_npz, out, log, pause=f"checkpoint-write:4:{marker}")
     _wait(p, log, marker.exists)
     p.send_signal(signal.SIGTERM)
     time.sleep(0.5)  # the first signal only requests a stop; the write is still paused
@@ -129,7 +116,7 @@ def test_sigkill_at_any_moment_resumes_the_same_run(npz, reference, tmp_path, ca
 
     # 2. SIGKILL inside the write of step 12: steps 4 and 8 are complete, 12 is a temporary.
     marker.unlink()
-    p = _spawn(npz, out, log, "--resume", pause=f"checkpoint-write:12:{marker}")
+    p = _spawn(tiny_npz, out, log, "--resume", pause=f"checkpoint-write:12:{marker}")
     _wait(p, log, marker.exists)
     p.kill()
     p.wait(60)
@@ -138,8 +125,8 @@ def test_sigkill_at_any_moment_resumes_the_same_run(npz, reference, tmp_path, ca
     assert [os.path.basename(s) for s in _stale(out)] == [f".tmp-step-00000012-{p.pid}"]
 
     # 3. SIGKILL between steps, after step 12 was saved.
-    p = _spawn(npz, out, log, "--resume")
-    _wait(p, log, lambda: any(r["step"] >= 13 for r in _rows(out)))
+    p = _spawn(tiny_npz, out, log, "--resume")
+    _wait(p, log, lambda: any(r["step"] >= 13 for r in datafiles.metric_rows(out)))
     p.kill()
     p.wait(60)
     err = open(log).read()
@@ -149,7 +136,7 @@ def test_sigkill_at_any_moment_resumes_the_same_run(npz, reference, tmp_path, ca
 
     # 4. Resume to the end: the same run as the uninterrupted one.
     capsys.readouterr()
-    assert T.main(_args(npz, out, "--resume")) == 0
+    assert T.main(_args(tiny_npz, out, "--resume")) == 0
     assert "16 steps from step 12;" in capsys.readouterr().err
     _assert_same_run(reference, out)
     assert _stale(out) == []
@@ -231,7 +218,7 @@ def test_damaged_exported_weights_are_named(reference, tmp_path):
         dvpvae.DVPVAE.from_pretrained(str(folder))
 
 
-def test_resume_falls_back_to_the_newest_intact_checkpoint(npz, reference, tmp_path, capsys):
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_npz, reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for r in read_metrics(str(out / "metrics.jsonl")):
@@ -239,7 +226,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(npz, reference, tmp_p
     _flip(os.path.join(_ckdir(out), "step-00000016", "model.safetensors"))
     _truncate(os.path.join(_ckdir(out), "step-00000012", "state.json"))
     capsys.readouterr()
-    assert T.main(_args(npz, out, "--resume")) == 0
+    assert T.main(_args(tiny_npz, out, "--resume")) == 0
     err = capsys.readouterr().err
     assert "passing over a damaged checkpoint: corrupt safetensors file" in err
     assert "step-00000016/model.safetensors" in err and "step-00000012/state.json" in err
@@ -249,7 +236,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(npz, reference, tmp_p
     for name in ("step-00000008", "step-00000012", "step-00000016"):
         _truncate(os.path.join(_ckdir(out), name, "ema.safetensors"))
     with pytest.raises(SystemExit, match="no intact checkpoint in .* \\(3 damaged\\)"):
-        T.main(_args(npz, out, "--resume"))
+        T.main(_args(tiny_npz, out, "--resume"))
 
 
 def _rewrite_state(ckpt, edit):
@@ -265,7 +252,7 @@ def _rewrite_state(ckpt, edit):
     open(os.path.join(ckpt, "state.safetensors"), "wb").write(blob)
 
 
-def test_review_findings(npz, reference, tmp_path):
+def test_review_findings(tiny_npz, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     ck = os.path.join(_ckdir(out), "step-00000016")
@@ -298,21 +285,21 @@ def test_review_findings(npz, reference, tmp_path):
     # the data position does not carry over to another world size or epoch length
     _rewrite_state(ck, lambda d: d.update(world_size=2))
     with pytest.raises(SystemExit, match="state.json: written by a run on 2 processes, this one has 1"):
-        T.main(_args(npz, out, "--resume"))
+        T.main(_args(tiny_npz, out, "--resume"))
     _rewrite_state(ck, lambda d: d.update(world_size=1))
     with pytest.raises(SystemExit, match="had 4 steps per epoch, .* give 3"):
-        T.main(_args(npz, out, "--resume", "--val-fraction", "0.3"))
+        T.main(_args(tiny_npz, out, "--resume", "--val-fraction", "0.3"))
     with pytest.raises(SystemExit, match="--preset mnist, but .* was trained with preset tiny"):
-        T.main(_args(npz, out, "--resume", "--preset", "mnist"))
+        T.main(_args(tiny_npz, out, "--resume", "--preset", "mnist"))
     # a longer schedule is allowed, with a warning
     with pytest.warns(UserWarning, match="changed learning-rate schedule.*'total_steps': \\(16, 18\\)"):
-        assert T.main(_args(npz, out, "--resume", "--max-steps", "18", "--eval-every", "100")) == 0
-    assert _rows(out)[-1]["step"] == 18
+        assert T.main(_args(tiny_npz, out, "--resume", "--max-steps", "18", "--eval-every", "100")) == 0
+    assert datafiles.metric_rows(out)[-1]["step"] == 18
 
 
 # ----------------------------------------------------------------------------- full disk
 
-def test_full_disk_keeps_the_last_checkpoint_and_training_going(npz, reference, tmp_path):
+def test_full_disk_keeps_the_last_checkpoint_and_training_going(tiny_npz, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for name in ("step-00000012", "step-00000016"):
@@ -327,7 +314,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_training_going(npz, reference, 
 
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop(C._PAUSE_ENV, None)
-    p = subprocess.run([sys.executable, "-m", "dvpvae.train", *_args(npz, out, "--resume")], env=env,
+    p = subprocess.run([sys.executable, "-m", "dvpvae.train", *_args(tiny_npz, out, "--resume")], env=env,
                        cwd=ROOT, preexec_fn=small_files, capture_output=True, timeout=240)
     err = p.stderr.decode()
     assert p.returncode == 1, err
@@ -339,7 +326,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_training_going(npz, reference, 
     # the previous checkpoint is untouched, nothing half-written is left, training went on
     assert {f: open(os.path.join(kept, f), "rb").read() for f in os.listdir(kept)} == before
     assert _steps(out) == [8] and _stale(out) == [] and not (out / "final").exists()
-    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(reference)]
+    assert [r["loss"] for r in datafiles.metric_rows(out)] == [r["loss"] for r in datafiles.metric_rows(reference)]
 
 
 # ----------------------------------------------------------------------------- runaway gradients
@@ -358,8 +345,8 @@ class _Poison(torch.nn.Module):
         return out
 
 
-def _trainer(npz, out, *extra):
-    return T.Trainer(T.build_parser().parse_args(_args(npz, out, "--save-every", "100",
+def _trainer(tiny_npz, out, *extra):
+    return T.Trainer(T.build_parser().parse_args(_args(tiny_npz, out, "--save-every", "100",
                                                        "--eval-every", "100", *extra)))
 
 
@@ -373,9 +360,9 @@ def _same(a, b):
     return all(len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b))
 
 
-def test_skipped_steps_change_nothing_and_are_counted(npz, tmp_path, monkeypatch):
+def test_skipped_steps_change_nothing_and_are_counted(tiny_npz, tmp_path, monkeypatch):
     poison = {3: float("nan"), 4: float("inf"), 12: 1e6, 13: 1e6}  # 0-based step -> loss factor
-    tr = _trainer(npz, tmp_path / "r")
+    tr = _trainer(tiny_npz, tmp_path / "r")
     tr.ddp = _Poison(tr, poison)
     snaps = [_snapshot(tr)]
     tr.step_hook = lambda t: snaps.append(_snapshot(t))
@@ -392,21 +379,21 @@ def test_skipped_steps_change_nothing_and_are_counted(npz, tmp_path, monkeypatch
     assert tr.run() is None
     for s in range(STEPS):
         assert _same(snaps[s], snaps[s + 1]) == (s in poison), s
-    rows = _rows(tmp_path / "r")
+    rows = datafiles.metric_rows(tmp_path / "r")
     assert [r["skipped_nonfinite"] for r in rows] == [0] * 3 + [1] + [2] * 12
     assert [r["skipped_grad_norm"] for r in rows] == [0] * 12 + [1] + [2] * 3
     assert tr.guard.count.item() == STEPS - 2  # every finite norm fed the running mean
 
 
 @pytest.mark.parametrize("cause", ["nonfinite", "threshold"])
-def test_a_run_of_skips_stops_with_a_message(npz, tmp_path, capsys, cause):
+def test_a_run_of_skips_stops_with_a_message(tiny_npz, tmp_path, capsys, cause):
     extra = ["--max-consecutive-skips", "3"] + (["--grad-skip-thr", "1e-9"] if cause == "threshold" else [])
-    tr = _trainer(npz, tmp_path / "r", *extra)
+    tr = _trainer(tiny_npz, tmp_path / "r", *extra)
     if cause == "nonfinite":
         tr.ddp = _Poison(tr, {s: float("nan") for s in range(2, STEPS)})
     assert tr.run() == T.STOP_SKIPS
     stopped = 5 if cause == "nonfinite" else 3
-    assert _rows(tmp_path / "r")[-1]["step"] == stopped
+    assert datafiles.metric_rows(tmp_path / "r")[-1]["step"] == stopped
     assert f"stopping at step {stopped} without a checkpoint: 3 consecutive steps were skipped" in \
         capsys.readouterr().err
     assert _steps(tmp_path / "r") == []
@@ -444,21 +431,21 @@ def test_grad_norm_guard_rejects_spikes_and_follows_a_lasting_rise():
     (["--resume", "FOREIGN"], "is neither a run folder .* nor a checkpoint folder"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no such run or checkpoint folder"),
 ])
-def test_bad_train_arguments_fail_in_one_line_before_any_work(npz, tmp_path, extra, message):
+def test_bad_train_arguments_fail_in_one_line_before_any_work(tiny_npz, tmp_path, extra, message):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "FOREIGN").mkdir()
     (tmp_path / "FOREIGN" / "notes.txt").write_text("not a run")
     extra = [str(tmp_path / e) if e in ("EMPTY", "FOREIGN") else e for e in extra]
     with pytest.raises(SystemExit, match=message) as info:
-        T.main(_args(npz, tmp_path / "run", *extra))
+        T.main(_args(tiny_npz, tmp_path / "run", *extra))
     assert isinstance(info.value.code, str) and "\n" not in info.value.code
     assert info.value.code.startswith("dvpvae-train: error: ")
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_preset_is_one_line(npz, tmp_path, capsys):
+def test_unknown_preset_is_one_line(tiny_npz, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        T.main(_args(npz, tmp_path / "run", "--preset", "huge"))
+        T.main(_args(tiny_npz, tmp_path / "run", "--preset", "huge"))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'huge'" in err

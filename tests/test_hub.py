@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from test_train import _args, npz  # noqa: F401 (npz is a fixture)
+from datafiles import training_argv
 
 import dvpvae
 from dvpvae import export
@@ -18,9 +18,7 @@ FAST_FLAGS = dict(compile=False, cuda_graphs=False)
 FILES = ["README.md", "config.json", "model.safetensors"]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(cls=dvpvae.DVPVAE, **flags):
@@ -188,10 +186,10 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "dvpvae-tiny")) == FILES
 
 
-def test_export_cli_picks_the_best_checkpoint_and_the_ema(npz, tmp_path, capsys):  # noqa: F811
+def test_export_cli_picks_the_best_checkpoint_and_the_ema(tiny_npz, tmp_path, capsys):
     from dvpvae import train as T
     run = tmp_path / "run"
-    assert T.main(_args(npz, run, "--max-steps", "3", "--eval-every", "2")) == 0
+    assert T.main(training_argv(tiny_npz, run, "--max-steps", "3", "--eval-every", "2")) == 0
     mgr = CheckpointManager(str(run / "checkpoints"))
     best = mgr.best()
     assert best is not None and [s for s, _ in mgr.steps()] == [2, 3]

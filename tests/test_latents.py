@@ -15,12 +15,7 @@ from dvpvae.gpucheck import perturbed_model
 from dvpvae.model import Decoded, Latents
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

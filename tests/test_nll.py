@@ -12,9 +12,7 @@ from dvpvae.decoder import gaussian_log_density
 from dvpvae.diffusion import DiffusionPrior
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def log_mean_exp(a, dim=0):

@@ -23,14 +23,7 @@ needs_interpreter = pytest.mark.skipif(
     reason="needs triton with TRITON_INTERPRET=1 set before it is imported")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Loops of small ops: one thread avoids OpenMP barrier stalls on a shared machine and
-    does not change what is checked."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Training recipe pieces and the training CLI on a tiny preset and tiny generated data."""
-import json
 import math
 import os
 import signal
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-import datafiles
+from datafiles import metric_rows, training_argv
 import dvpvae
 from dvpvae import train as T
 from dvpvae.checkpoint import CheckpointManager, load_tensors, load_training_checkpoint
@@ -19,25 +18,7 @@ from dvpvae.optim import CosineSchedule, MaskedAdamax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return datafiles.tiny_training_npz(tmp_path_factory.mktemp("npz") / "d.npz")
-
-
-def _args(npz, out, *extra):
-    return ["--preset", "tiny", "--data", "npz", "--data-root", npz, "--val-fraction", "0.1",
-            "--out", str(out), "--threads", "1", "--num-samples", "4", "--log-every", "1",
-            "--warmup-epochs", "1", *extra]
-
-
-def _rows(out, kind="train"):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- recipe pieces
@@ -109,15 +90,15 @@ def test_every_config_field_has_a_flag():
 
 # ----------------------------------------------------------------------------- training runs
 
-def test_train_run_writes_everything(npz, tmp_path):
+def test_train_run_writes_everything(tiny_npz, tmp_path):
     out = tmp_path / "run"
-    assert T.main(_args(npz, out, "--max-steps", "5", "--eval-every", "4")) == 0
-    rows = _rows(out)
+    assert T.main(training_argv(tiny_npz, out, "--max-steps", "5", "--eval-every", "4")) == 0
+    rows = metric_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(r["loss"]) and r["it_s"] > 0 for r in rows)
     assert rows[0]["lr"] == pytest.approx(1e-2 / 4)  # warm-up over one epoch of 4 batches
     assert rows[0]["loss"] > rows[-1]["loss"]
-    val = _rows(out, "val")
+    val = metric_rows(out, "val")
     assert [r["step"] for r in val] == [4, 5]
     for f in ("run.json", "curves.png", "final/config.json", "final/model.safetensors",
               "samples/step-00000004.png", "samples/step-00000005.png"):
@@ -126,7 +107,7 @@ def test_train_run_writes_everything(npz, tmp_path):
     assert [s for s, _ in mgr.steps()] == [4, 5]
     # dct_scale comes from the training split and travels with the weights
     from dvpvae.data import first_images, load_dataset
-    d = load_dataset("npz", npz, val_fraction=0.1)
+    d = load_dataset("npz", tiny_npz, val_fraction=0.1)
     ref = dvpvae.DVPVAE.from_preset("tiny")
     dvpvae.set_dct_scale(ref, first_images(d.train, 512))
     weights, _ = load_tensors(str(out / "final" / "model.safetensors"))
@@ -134,31 +115,31 @@ def test_train_run_writes_everything(npz, tmp_path):
     assert float(ref.dct_scale.max()) > 1  # computed, not the initial placeholder
     # a second fresh run into the same folder would mix two runs
     with pytest.raises(SystemExit, match="--resume"):
-        T.main(_args(npz, out, "--max-steps", "2"))
+        T.main(training_argv(tiny_npz, out, "--max-steps", "2"))
 
 
 @pytest.mark.parametrize("model", ["reference", pytest.param("fast", marks=pytest.mark.slow)])
-def test_resume_continues_the_same_trajectory(npz, tmp_path, model):
+def test_resume_continues_the_same_trajectory(tiny_npz, tmp_path, model):
     steps = "7"  # crosses an epoch boundary (4 batches per epoch)
     common = ("--model", model, "--max-steps", steps, "--eval-every", "3")
     full = tmp_path / "full"
-    T.main(_args(npz, full, *common))
+    T.main(training_argv(tiny_npz, full, *common))
 
     part = tmp_path / "part"
-    trainer = T.Trainer(T.build_parser().parse_args(_args(npz, part, *common)))
+    trainer = T.Trainer(T.build_parser().parse_args(training_argv(tiny_npz, part, *common)))
     trainer.step_hook = lambda t: t.request_stop() if t.step == 5 else None
     assert trainer.run() == "requested"
     assert CheckpointManager(str(part / "checkpoints")).latest().endswith("step-00000005")
     # A new process: nothing chosen or cached in this one may carry over.
-    subprocess.run([sys.executable, "-m", "dvpvae.train", *_args(npz, part, *common, "--resume")],
+    subprocess.run([sys.executable, "-m", "dvpvae.train", *training_argv(tiny_npz, part, *common, "--resume")],
                    check=True, cwd=ROOT, capture_output=True)
 
-    a, b = _rows(full), _rows(part)
+    a, b = metric_rows(full), metric_rows(part)
     assert [r["step"] for r in b] == list(range(1, 8))
     for ra, rb in zip(a, b):
         for k in ("loss", "bpd", "grad_norm", "lr", "epoch"):
             assert ra[k] == rb[k], (ra["step"], k)
-    assert [r["val_loss"] for r in _rows(full, "val")] == [r["val_loss"] for r in _rows(part, "val")]
+    assert [r["val_loss"] for r in metric_rows(full, "val")] == [r["val_loss"] for r in metric_rows(part, "val")]
     wa, _ = load_tensors(str(full / "final" / "model.safetensors"))  # EMA: exact across resume too
     wb, _ = load_tensors(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -178,15 +159,15 @@ class _NanAt(torch.nn.Module):
         return out
 
 
-def test_nonfinite_loss_step_is_skipped_and_counted(npz, tmp_path):
-    tr = T.Trainer(T.build_parser().parse_args(_args(npz, tmp_path / "r", "--max-steps", "4",
+def test_nonfinite_loss_step_is_skipped_and_counted(tiny_npz, tmp_path):
+    tr = T.Trainer(T.build_parser().parse_args(training_argv(tiny_npz, tmp_path / "r", "--max-steps", "4",
                                                      "--eval-every", "100")))
     tr.ddp = _NanAt(tr, {1, 2})
     snaps = []
     tr.step_hook = lambda t: snaps.append(([p.detach().clone() for p in t.model.parameters()],
                                            [p.detach().clone() for p in t.ema.module.parameters()]))
     tr.run()
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert [r["skipped_nonfinite"] for r in rows] == [0, 1, 2, 2]
     assert math.isnan(rows[1]["loss"]) is False and rows[1]["loss"] == 0.0  # no applied step to average
     for i in (1, 2):  # steps 2 and 3 (0-based 1, 2) changed neither weights nor EMA
@@ -199,25 +180,25 @@ def test_nonfinite_loss_step_is_skipped_and_counted(npz, tmp_path):
         .state["counters"]["skipped_nonfinite"] == 2
 
 
-def test_grad_skip_threshold_skips_updates(npz, tmp_path):
-    tr = T.Trainer(T.build_parser().parse_args(_args(npz, tmp_path / "r", "--max-steps", "2",
+def test_grad_skip_threshold_skips_updates(tiny_npz, tmp_path):
+    tr = T.Trainer(T.build_parser().parse_args(training_argv(tiny_npz, tmp_path / "r", "--max-steps", "2",
                                                      "--grad-skip-thr", "1e-9")))
     start = [p.detach().clone() for p in tr.model.parameters()]
     tr.run()
-    assert _rows(tmp_path / "r")[-1]["skipped_grad_norm"] == 2
+    assert metric_rows(tmp_path / "r")[-1]["skipped_grad_norm"] == 2
     assert all(torch.equal(a, b) for a, b in zip(start, tr.model.parameters()))
 
 
-def test_sigterm_saves_a_checkpoint_first(npz, tmp_path):
+def test_sigterm_saves_a_checkpoint_first(tiny_npz, tmp_path):
     out = tmp_path / "sig"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dvpvae.train", *_args(npz, out, "--max-steps", "100000",
-                                                                         "--eval-every", "100000")],
+    argv = training_argv(tiny_npz, out, "--max-steps", "100000", "--eval-every", "100000")
+    proc = subprocess.Popen([sys.executable, "-m", "dvpvae.train", *argv],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and len(_rows(out)) >= 2:
+            if (out / "metrics.jsonl").exists() and len(metric_rows(out)) >= 2:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.2)
@@ -230,4 +211,4 @@ def test_sigterm_saves_a_checkpoint_first(npz, tmp_path):
     assert "stopping (SIGTERM)" in err
     ck = load_training_checkpoint(CheckpointManager(str(out / "checkpoints")).latest())
     assert ck.state["step"] >= 2
-    assert ck.state["step"] == _rows(out)[-1]["step"]
+    assert ck.state["step"] == metric_rows(out)[-1]["step"]

@@ -601,6 +601,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main,
                    desc=f"{self.preset}/{self.data_name}", dynamic_ncols=True)
         self._acc, acc_steps, t0, last_eval = None, 0, time.time(), -1
+        compiling = bool(getattr(self.model, "use_compile", False))
+        if compiling:  # the first step's silent minutes deserve a word
+            bar.set_postfix_str("compiling the training step (minutes with a cold cache, then cached on disk)")
         try:
             while self.step < self.total_steps and not self._should_stop():
                 for x in self.train_iter.iterate(self.epoch, self.batch_in_epoch):
@@ -610,6 +613,9 @@ class Trainer:
                     acc = self._acc = m if self._acc is None else {k: self._acc[k] + m[k] for k in m}
                     acc_steps += 1
                     bar.update(1)
+                    if compiling:
+                        bar.set_postfix_str("")
+                        compiling = False
                     if self.step % self.args.log_every == 0 or self.step == self.total_steps:
                         self._flush_metrics(acc, acc_steps, time.time() - t0, bar)
                         self._acc, acc_steps, t0 = None, 0, time.time()

@@ -73,7 +73,7 @@ import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
 from dvpvae import DVPVAE, FastDVPVAE, get_config, set_dct_scale  # noqa: E402
-from dvpvae.fast import PRECISIONS  # noqa: E402
+from dvpvae.config import PRECISIONS  # noqa: E402
 from dvpvae.ops import get_ops  # noqa: E402
 
 TASKS = ("train", "eval", "nll", "sample")

@@ -1,8 +1,18 @@
-"""Command-line checks shared by ``dvpvae.train`` and ``dvpvae.evaluate``."""
+"""Command-line options and checks shared by ``dvpvae.train`` and ``dvpvae.evaluate``."""
 from __future__ import annotations
 
 import argparse
 import os
+
+from dvpvae.config import PRECISIONS
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --precision, as train and evaluate take them."""
+    p.add_argument("--model", choices=("reference", "fast"), default="reference")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="compute precision of --model fast (bf16: bfloat16 convolutions and matmuls, "
+                        "float32 weights and densities; fast only where the CPU/GPU has bfloat16 units)")
 
 
 def check_common_args(args: argparse.Namespace, prog: str, positive: tuple[str, ...]):

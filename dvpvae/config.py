@@ -17,6 +17,9 @@ ACTIVATIONS = tuple(a for a in _KERNEL_ACTIVATIONS if a != "none")
 LIKELIHOODS = ("bernoulli", "logistic_mixture")
 
 
+# Compute precisions of FastDVPVAE (the reference model computes in float32 only).
+PRECISIONS = ("float32", "bf16")
+
 @dataclass
 class Config:
     """All hyperparameters of a DVP-VAE run. Field names drive the CLI overrides."""

@@ -42,7 +42,7 @@ import time
 import torch
 
 from dvpvae import plotting
-from dvpvae.cli import check_common_args
+from dvpvae.cli import add_model_options, check_common_args
 from dvpvae.checkpoint import CheckpointError, atomic_write, load_model, read_config, resolve
 from dvpvae.data import DATASETS, load_dataset, to_float
 from dvpvae.model import importance_nll
@@ -67,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: test_batch_size)")
     p.add_argument("--chunk-size", type=int, default=4096,
                    help="image-samples per forward pass of the importance sampler")
-    p.add_argument("--model", choices=("reference", "fast"), default="reference")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
-                   help="compute precision of --model fast (bf16: bfloat16 convolutions and matmuls, "
-                        "float32 weights and densities; fast only where the CPU/GPU has bfloat16 units)")
+    add_model_options(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)

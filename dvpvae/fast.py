@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from dvpvae.config import Config
+from dvpvae.config import PRECISIONS, Config
 from dvpvae.cuda_graphs import GraphSampler, prior_graphs
 from dvpvae.diffusion import check_steps
 from dvpvae.model import DVPVAE, DVPVAEOutput
@@ -35,7 +35,6 @@ from dvpvae.ops import REFERENCE, Bf16Ops, ReferenceOps, TritonOps, best_ops, ge
 # function of (size, rows, dtype, device), so tracing the builder gives the same constant.
 warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"torch\._dynamo.*")
 
-PRECISIONS = ("float32", "bf16")
 
 
 def native_bf16_reason(device: torch.device) -> str | None:

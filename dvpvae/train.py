@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dvpvae import plotting
-from dvpvae.cli import check_common_args
+from dvpvae.cli import add_model_options, check_common_args
 from dvpvae.checkpoint import (CheckpointError, CheckpointManager, TrainingCheckpoint, atomic_write,
                                build_model, clean_stale, load_into, load_training_checkpoint,
                                read_json)
@@ -109,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hflip", type=_parse_bool, default=None,
                    help="random horizontal flips of training images (default: on for cifar10, "
                         "as the research code)")
-    p.add_argument("--model", choices=("reference", "fast"), default="reference")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
-                   help="compute precision of --model fast (bf16: bfloat16 convolutions and matmuls, "
-                        "float32 weights and densities; fast only where the CPU/GPU has bfloat16 units)")
+    add_model_options(p)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (default: epochs x steps per epoch); "
                         "also the length of the LR schedule")

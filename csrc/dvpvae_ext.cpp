@@ -11,16 +11,19 @@
 TORCH_LIBRARY(dvpvae, m) {
   m.def("ddpm_sample_unet(Tensor z_T, Tensor noise, Tensor coef, Tensor films, Tensor[] weights, "
         "int num_res_blocks, int groups, float eps, float temperature) -> Tensor");
+  m.def("unet_eps(Tensor z, Tensor films, Tensor[] weights, int num_res_blocks, int groups, float eps) -> Tensor");
   m.def("conv_weight_grad(Tensor grad, Tensor input, int kernel_size) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
+  m.impl("unet_eps", &dvpvae::unet_eps_cpu);
   m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
+  m.impl("unet_eps", &dvpvae::unet_eps_meta);
   m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_meta);
 }
 

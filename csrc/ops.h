@@ -27,6 +27,14 @@ at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise,
                                  const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
                                  int64_t groups, double eps, double temperature);
 
+// eps_hat = UNet(z, t) of dvpvae.unet.UNet for z (N, in_ch, H, W), float32 CPU, with the
+// FiLM values of each row's t in `films` (N, blocks, 2, C) and the weights laid out as for
+// ddpm_sample_unet.
+at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
+                        int64_t num_res_blocks, int64_t groups, double eps);
+at::Tensor unet_eps_meta(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
+                         int64_t num_res_blocks, int64_t groups, double eps);
+
 // Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
 // 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
 // (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.

@@ -40,7 +40,6 @@ namespace {
 
 constexpr int kV = 16;  // channels per vector; UNet widths are multiples of 16 (GroupNorm(16, C))
 typedef float vec __attribute__((vector_size(kV * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(kV * sizeof(int32_t))));
 
 // Half a vec: without AVX-512 the convolution holds each 16-channel block as two of these,
 // which map onto 8-float registers.
@@ -54,30 +53,34 @@ DVPVAE_INLINE V load(const float* p) {
 }
 template <typename V>
 DVPVAE_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-DVPVAE_INLINE vec splat(float x) { return vec{} + x; }
+template <typename V = vec>
+DVPVAE_INLINE V splat(float x) { return V{} + x; }
 
 // e^x, Cephes' expf polynomial (~1 ulp): x = n ln2 + r with |r| <= ln2/2, 2^n from the
 // exponent bits. libm's expf does not vectorize, and SiLU / softmax need one per value.
-DVPVAE_INLINE vec vexp(vec x) {
-  x = x < -87.3f ? splat(-87.3f) : x;  // keeps 2^n a normal number
-  x = x > 88.3f ? splat(88.3f) : x;
-  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  vec r = x - n * 0.693359375f;
+template <typename V>
+DVPVAE_INLINE V vexp(V x) {
+  typedef int32_t IV __attribute__((vector_size(sizeof(V))));
+  x = x < -87.3f ? splat<V>(-87.3f) : x;  // keeps 2^n a normal number
+  x = x > 88.3f ? splat<V>(88.3f) : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  vec p = splat(1.9875691500e-4f);
+  V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const vec y = p * (r * r) + r + 1.0f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec two_n;
+  const V y = p * (r * r) + r + 1.0f;
+  const IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  V two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return y * two_n;
 }
 
-DVPVAE_INLINE vec vsilu(vec x) { return x / (1.0f + vexp(-x)); }
+template <typename V>
+DVPVAE_INLINE V vsilu(V x) { return x / (1.0f + vexp(-x)); }
 
 // NP consecutive output pixels of one row, all output channels: out[p] = res[p] + bias +
 // sum over taps and input channels of in[p + tap][ci] * w[tap][ci][:]. `in` points at the
@@ -154,18 +157,24 @@ DVPVAE_INLINE void conv_rows(const float* in, int ldi, int cin, const float* w, 
   }
 }
 
+// Whether the vector code runs 16-float vectors (AVX-512) or 8-float halves (AVX2 and
+// baseline): GCC splits wider-than-register vectors into poor code. Checked once.
+DVPVAE_INLINE bool wide_vectors() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+#else
+  return true;
+#endif
+}
+
 // The accumulator tile must fit the vector registers: with AVX-512 (32 registers of 16
 // floats) 8 pixels x 16 channels, otherwise 6 pixels x two vec8 halves (12 of AVX2's 16
-// registers of 8 floats). Every clone carries both; the CPU check is made once.
+// registers of 8 floats). Every clone carries both.
 template <int KS>
 DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
                              int H, int W, float* out, const float* res) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool wide = __builtin_cpu_supports("avx512f");
-#else
-  constexpr bool wide = true;
-#endif
-  if (wide)
+  if (wide_vectors())
     conv_rows<vec, KS, 8>(in, ldi, cin, w, bias, cout, H, W, out, res);
   else
     conv_rows<vec8, KS, 6>(in, ldi, cin, w, bias, cout, H, W, out, res);
@@ -185,29 +194,31 @@ DVPVAE_CLONES void conv1x1(const float* in, int cin, const float* w, const float
 // then optionally FiLM (x * scale1p + shift) and SiLU. Writes into the interior of a
 // zero-bordered (H+2) x (W+2) buffer when `pad`, else a plain H x W one. `scratch`
 // holds 3 * ch floats.
-DVPVAE_CLONES void group_norm_act(const float* x, int H, int W, int ch, int groups, const float* gamma,
-                                  const float* beta, float eps, const float* scale1p, const float* shift,
-                                  bool silu, bool pad, float* out, float* scratch) {
+template <typename V>
+DVPVAE_INLINE void group_norm_act_impl(const float* x, int H, int W, int ch, int groups, const float* gamma,
+                                       const float* beta, float eps, const float* scale1p, const float* shift,
+                                       bool silu, bool pad, float* out, float* scratch) {
+  constexpr int kL = sizeof(V) / sizeof(float);
   const int HW = H * W, cpg = ch / groups;
   float* sum = scratch;
   float* a = scratch + ch;
   float* b = scratch + 2 * ch;
   // Two passes (mean, then centred squares): per-channel sums over the pixels in float
   // vectors, combined per group in double.
-  for (int c = 0; c < ch; c += kV) store(sum + c, vec{});
+  for (int c = 0; c < ch; c += kL) store(sum + c, V{});
   for (int p = 0; p < HW; ++p)
-    for (int c = 0; c < ch; c += kV) store(sum + c, load(sum + c) + load(x + p * ch + c));
+    for (int c = 0; c < ch; c += kL) store(sum + c, load<V>(sum + c) + load<V>(x + p * ch + c));
   const double count = static_cast<double>(cpg) * HW;
   for (int g = 0; g < groups; ++g) {
     double s = 0;
     for (int c = g * cpg; c < (g + 1) * cpg; ++c) s += sum[c];
     for (int c = g * cpg; c < (g + 1) * cpg; ++c) b[c] = static_cast<float>(s / count);  // mean
   }
-  for (int c = 0; c < ch; c += kV) store(sum + c, vec{});
+  for (int c = 0; c < ch; c += kL) store(sum + c, V{});
   for (int p = 0; p < HW; ++p)
-    for (int c = 0; c < ch; c += kV) {
-      const vec d = load(x + p * ch + c) - load(b + c);
-      store(sum + c, load(sum + c) + d * d);
+    for (int c = 0; c < ch; c += kL) {
+      const V d = load<V>(x + p * ch + c) - load<V>(b + c);
+      store(sum + c, load<V>(sum + c) + d * d);
     }
   for (int g = 0; g < groups; ++g) {
     double s = 0;
@@ -224,12 +235,34 @@ DVPVAE_CLONES void group_norm_act(const float* x, int H, int W, int ch, int grou
     for (int xx = 0; xx < W; ++xx) {
       const float* xp = x + (y * W + xx) * ch;
       float* op = out + ((y + pad) * out_w + xx + pad) * ch;
-      for (int c = 0; c < ch; c += kV) {
-        vec v = load(xp + c) * load(a + c) + load(b + c);
-        if (scale1p) v = v * load(scale1p + c) + load(shift + c);
+      for (int c = 0; c < ch; c += kL) {
+        V v = load<V>(xp + c) * load<V>(a + c) + load<V>(b + c);
+        if (scale1p) v = v * load<V>(scale1p + c) + load<V>(shift + c);
         store(op + c, silu ? vsilu(v) : v);
       }
     }
+}
+
+DVPVAE_CLONES void group_norm_act(const float* x, int H, int W, int ch, int groups, const float* gamma,
+                                  const float* beta, float eps, const float* scale1p, const float* shift,
+                                  bool silu, bool pad, float* out, float* scratch) {
+  if (wide_vectors())
+    group_norm_act_impl<vec>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, pad, out, scratch);
+  else
+    group_norm_act_impl<vec8>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, pad, out, scratch);
+}
+
+// Row si (HWp floats) of the scores <- softmax(si / scale) over its first HW entries.
+template <typename V>
+DVPVAE_INLINE void softmax_row(float* si, int HW, int HWp, float scale) {
+  constexpr int kL = sizeof(V) / sizeof(float);
+  float m = -INFINITY;
+  for (int j = 0; j < HWp; j += kL) store(si + j, load<V>(si + j) / scale);
+  for (int j = 0; j < HW; ++j) m = std::max(m, si[j]);
+  float total = 0.0f;
+  for (int j = 0; j < HWp; j += kL) store(si + j, vexp(load<V>(si + j) - m));
+  for (int j = 0; j < HW; ++j) total += si[j];
+  for (int j = 0; j < HWp; j += kL) store(si + j, load<V>(si + j) / total);
 }
 
 // Single-head attention core: o[i] = sum_j softmax_j(q[i].k[j] / sqrt(C)) v[j], with q, k, v
@@ -245,14 +278,10 @@ DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* k
   conv_impl<1>(qkv, 3 * C, C, kT, nullptr, HWp, 1, HW, s, nullptr);
   const float scale = static_cast<float>(std::sqrt(static_cast<double>(C)));
   for (int i = 0; i < HW; ++i) {
-    float* si = s + i * HWp;
-    float m = -INFINITY;
-    for (int j = 0; j < HWp; j += kV) store(si + j, load(si + j) / scale);
-    for (int j = 0; j < HW; ++j) m = std::max(m, si[j]);
-    float total = 0.0f;
-    for (int j = 0; j < HWp; j += kV) store(si + j, vexp(load(si + j) - m));
-    for (int j = 0; j < HW; ++j) total += si[j];
-    for (int j = 0; j < HWp; j += kV) store(si + j, load(si + j) / total);
+    if (wide_vectors())
+      softmax_row<vec>(s + i * HWp, HW, HWp, scale);
+    else
+      softmax_row<vec8>(s + i * HWp, HW, HWp, scale);
   }
   // The padded columns j >= HW of s multiply nothing: the product stops at HW.
   conv_impl<1>(s, HWp, HW, v, nullptr, C, 1, HW, o, nullptr);
@@ -294,7 +323,7 @@ struct UNetW {
 // Reads `weights` in the order dvpvae/native_prior.py lays them out, checking each shape.
 class WeightReader {
  public:
-  WeightReader(at::TensorList w, UNetW& u) : w_(w), u_(u) {}
+  WeightReader(at::TensorList w, UNetW& u, const char* op) : w_(w), u_(u), op_(op) {}
 
   // A (n,) vector, read in place.
   const float* vector(int64_t n) { return next({n}).data_ptr<float>(); }
@@ -320,16 +349,16 @@ class WeightReader {
   }
 
   void finish() const {
-    TORCH_CHECK(pos_ == w_.size(), "dvpvae.ddpm_sample_unet: got ", w_.size(),
+    TORCH_CHECK(pos_ == w_.size(), op_, ": got ", w_.size(),
                 " weight tensors, the UNet with num_res_blocks = ", u_.nrb, " has ", pos_);
   }
 
  private:
   const at::Tensor& next(c10::IntArrayRef shape) {
-    TORCH_CHECK(pos_ < w_.size(), "dvpvae.ddpm_sample_unet: got ", w_.size(),
+    TORCH_CHECK(pos_ < w_.size(), op_, ": got ", w_.size(),
                 " weight tensors, too few for num_res_blocks = ", u_.nrb);
     const at::Tensor& t = w_[pos_];
-    TORCH_CHECK(t.sizes() == shape, "dvpvae.ddpm_sample_unet: weights[", pos_, "] must have shape ", shape,
+    TORCH_CHECK(t.sizes() == shape, op_, ": weights[", pos_, "] must have shape ", shape,
                 ", got ", t.sizes());
     ++pos_;
     return t;
@@ -337,6 +366,7 @@ class WeightReader {
 
   at::TensorList w_;
   UNetW& u_;
+  const char* op_;
   size_t pos_ = 0;
 };
 
@@ -441,52 +471,39 @@ void unet_forward(const UNetW& u, Workspace& ws, const float* films, const float
     for (int p = 0; p < HW; ++p) eps_hat[c * HW + p] = ws.eps16[p * u.cout_pad + c];
 }
 
-}  // namespace
-
-at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
-                                const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
-                                int64_t groups, double eps, double temperature) {
-  TORCH_CHECK(z_T.device().is_cpu(), "dvpvae.ddpm_sample_unet: z_T is on ", z_T.device());
-  TORCH_CHECK(z_T.dim() == 4 && z_T.size(0) >= 1 && z_T.size(2) >= 1 && z_T.size(3) >= 1,
-              "dvpvae.ddpm_sample_unet: z_T must be (N, C, H, W) with N >= 1, got shape ", z_T.sizes());
-  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols && coef.size(0) >= 1,
-              "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table with T >= 1, got shape ", coef.sizes());
-  const int64_t T = coef.size(0), N = z_T.size(0), in_ch = z_T.size(1);
-  std::vector<int64_t> noise_shape{T};
-  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
-  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), "dvpvae.ddpm_sample_unet: noise must have shape ",
-              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
-  for (const at::Tensor* t : {&z_T, &noise, &coef, &films})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "dvpvae.ddpm_sample_unet: z_T, noise, coef and films must be "
-                "float32, got ", z_T.scalar_type(), ", ", noise.scalar_type(), ", ", coef.scalar_type(), ", ",
-                films.scalar_type());
-  CHECK_DEVICE(noise, z_T.device());
-  CHECK_DEVICE(coef, z_T.device());
-  CHECK_DEVICE(films, z_T.device());
-  CHECK_CONTIGUOUS(z_T);
-  CHECK_CONTIGUOUS(noise);
-  CHECK_CONTIGUOUS(coef);
-  CHECK_CONTIGUOUS(films);
-  TORCH_CHECK(num_res_blocks >= 0, "dvpvae.ddpm_sample_unet: num_res_blocks must be >= 0, got ", num_res_blocks);
+// Checks what the op's arguments say about the UNet before its weights are read: the
+// weight tensors' type and layout, and the channels C (returned) against kV and `groups`.
+int64_t unet_channels(at::TensorList weights, int64_t num_res_blocks, int64_t groups, const char* op) {
+  TORCH_CHECK(num_res_blocks >= 0, op, ": num_res_blocks must be >= 0, got ", num_res_blocks);
   for (size_t j = 0; j < weights.size(); ++j) {
     TORCH_CHECK(weights[j].device().is_cpu() && weights[j].scalar_type() == at::kFloat &&
                     weights[j].is_contiguous(),
-                "dvpvae.ddpm_sample_unet: weights[", j, "] must be a contiguous float32 CPU tensor, got ",
+                op, ": weights[", j, "] must be a contiguous float32 CPU tensor, got ",
                 weights[j].scalar_type(), " on ", weights[j].device(),
                 weights[j].is_contiguous() ? "" : " (not contiguous)");
   }
   TORCH_CHECK(!weights.empty() && weights[0].dim() >= 1,
-              "dvpvae.ddpm_sample_unet: weights[0] must be the input convolution's weight (C, in_ch, 3, 3)");
+              op, ": weights[0] must be the input convolution's weight (C, in_ch, 3, 3)");
   const int64_t C = weights[0].size(0);
-  TORCH_CHECK(C >= kV && C % kV == 0, "dvpvae.ddpm_sample_unet: channels must be a multiple of ", kV,
-              ", got ", C);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "dvpvae.ddpm_sample_unet: channels ", C,
-              " not divisible into ", groups, " groups");
-  const int64_t nblocks = 2 * num_res_blocks + 3;  // down..., mid1, mid2, up...
-  TORCH_CHECK(films.sizes() == c10::IntArrayRef({T, nblocks, 2, C}),
-              "dvpvae.ddpm_sample_unet: films must have shape ", c10::IntArrayRef({T, nblocks, 2, C}),
-              " = (T, 2 num_res_blocks + 3, 2, C), got ", films.sizes());
+  TORCH_CHECK(C >= kV && C % kV == 0, op, ": channels must be a multiple of ", kV, ", got ", C);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, op, ": channels ", C, " not divisible into ", groups, " groups");
+  return C;
+}
 
+// Checks that `films` is (rows, 2 num_res_blocks + 3, 2, C); returns the floats per row.
+int64_t check_films(const at::Tensor& films, int64_t rows, int64_t num_res_blocks, int64_t C, const char* op,
+                    const char* rows_name) {
+  const std::vector<int64_t> shape{rows, 2 * num_res_blocks + 3, 2, C};
+  TORCH_CHECK(films.sizes() == c10::IntArrayRef(shape), op, ": films must have shape ", c10::IntArrayRef(shape),
+              " = (", rows_name, ", 2 num_res_blocks + 3, 2, C), got ", films.sizes());
+  return shape[1] * 2 * C;
+}
+
+// The UNet of `weights` (dvpvae/native_prior.py's layout, checked by unet_channels) for
+// inputs of in_ch channels; `op` names the caller in the errors.
+UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, int64_t groups, double eps,
+                const char* op) {
+  const int64_t C = weights[0].size(0);
   UNetW u;
   u.in_ch = static_cast<int>(in_ch);
   u.C = static_cast<int>(C);
@@ -494,7 +511,7 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
   u.groups = static_cast<int>(groups);
   u.eps = static_cast<float>(eps);
   u.cout_pad = static_cast<int>((in_ch + kV - 1) / kV * kV);
-  WeightReader r(weights, u);
+  WeightReader r(weights, u, op);
   u.in_w = r.conv({C, in_ch, 3, 3}, C);
   u.in_b = r.vector(C);
   for (int64_t j = 0; j < num_res_blocks; ++j) u.blocks.push_back(read_block(r, C, C));
@@ -512,6 +529,38 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
   u.out_w = r.conv({in_ch, C, 3, 3}, u.cout_pad);
   u.out_b = r.padded_vector(in_ch, u.cout_pad);
   r.finish();
+  return u;
+}
+
+}  // namespace
+
+at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
+                                const at::Tensor& films, at::TensorList weights, int64_t num_res_blocks,
+                                int64_t groups, double eps, double temperature) {
+  const char* op = "dvpvae.ddpm_sample_unet";
+  TORCH_CHECK(z_T.device().is_cpu(), op, ": z_T is on ", z_T.device());
+  TORCH_CHECK(z_T.dim() == 4 && z_T.size(0) >= 1 && z_T.size(2) >= 1 && z_T.size(3) >= 1,
+              op, ": z_T must be (N, C, H, W) with N >= 1, got shape ", z_T.sizes());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCols && coef.size(0) >= 1,
+              op, ": coef must be a (T, 5) table with T >= 1, got shape ", coef.sizes());
+  const int64_t T = coef.size(0), N = z_T.size(0), in_ch = z_T.size(1);
+  std::vector<int64_t> noise_shape{T};
+  noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
+  TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), op, ": noise must have shape ",
+              c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
+  for (const at::Tensor* t : {&z_T, &noise, &coef, &films})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": z_T, noise, coef and films must be float32, got ",
+                z_T.scalar_type(), ", ", noise.scalar_type(), ", ", coef.scalar_type(), ", ", films.scalar_type());
+  CHECK_DEVICE(noise, z_T.device());
+  CHECK_DEVICE(coef, z_T.device());
+  CHECK_DEVICE(films, z_T.device());
+  CHECK_CONTIGUOUS(z_T);
+  CHECK_CONTIGUOUS(noise);
+  CHECK_CONTIGUOUS(coef);
+  CHECK_CONTIGUOUS(films);
+  const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
+  const int64_t film_row = check_films(films, T, num_res_blocks, C, op, "T");
+  const UNetW u = read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
 
   const int H = static_cast<int>(z_T.size(2)), W = static_cast<int>(z_T.size(3));
   const int64_t D = in_ch * H * W;
@@ -531,7 +580,7 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
       std::memcpy(z, zT + s * D, D * sizeof(float));
       for (int64_t k = 0; k < T; ++k) {
         const int64_t i = T - 1 - k;  // row i: t = (i+1)/T -> s = i/T; noise and films row k
-        unet_forward(u, ws, film + k * nblocks * 2 * C, z, H, W, eps_hat.data());
+        unet_forward(u, ws, film + k * film_row, z, H, W, eps_hat.data());
         const float* row = rows + i * kNumCols;
         // The reference forms temperature * c_noise in float32 before the multiply.
         const float c_n = temp * row[kCNoise];
@@ -540,6 +589,35 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
           z[e] = ddpm_update(z[e], eps_hat[e], nk[e], row[kSigmaT], row[kInvAlphaT], row[kCZ], row[kCX], c_n);
       }
     }
+  });
+  return out;
+}
+
+at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
+                        int64_t num_res_blocks, int64_t groups, double eps) {
+  const char* op = "dvpvae.unet_eps";
+  TORCH_CHECK(z.device().is_cpu(), op, ": z is on ", z.device());
+  TORCH_CHECK(z.dim() == 4 && z.size(2) >= 1 && z.size(3) >= 1, op, ": z must be (N, C, H, W), got shape ",
+              z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat && films.scalar_type() == at::kFloat,
+              op, ": z and films must be float32, got ", z.scalar_type(), " and ", films.scalar_type());
+  CHECK_DEVICE(films, z.device());
+  CHECK_CONTIGUOUS(z);
+  CHECK_CONTIGUOUS(films);
+  const int64_t N = z.size(0), in_ch = z.size(1);
+  const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
+  const int64_t film_row = check_films(films, N, num_res_blocks, C, op, "N");
+  const UNetW u = read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
+  const int H = static_cast<int>(z.size(2)), W = static_cast<int>(z.size(3));
+  const int64_t D = in_ch * H * W;
+  at::Tensor out = at::empty_like(z);
+  const float* zi = z.const_data_ptr<float>();
+  const float* film = films.const_data_ptr<float>();
+  float* eo = out.mutable_data_ptr<float>();
+  // Grain 16: a few samples' forwards outweigh a thread's start-up and its workspace.
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    Workspace ws(u, H, W);
+    for (int64_t s = begin; s < end; ++s) unet_forward(u, ws, film + s * film_row, zi + s * D, H, W, eo + s * D);
   });
   return out;
 }
@@ -553,6 +631,12 @@ at::Tensor ddpm_sample_unet_meta(const at::Tensor& z_T, const at::Tensor& noise,
   CHECK_DEVICE(films, z_T.device());
   TORCH_CHECK(coef.dim() == 2 && coef.sym_size(1) == kNumCols, "dvpvae.ddpm_sample_unet: coef must be a (T, 5) table");
   return at::empty_like(z_T);
+}
+
+at::Tensor unet_eps_meta(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
+                         int64_t num_res_blocks, int64_t groups, double eps) {
+  CHECK_DEVICE(films, z.device());
+  return at::empty_like(z);
 }
 
 }  // namespace dvpvae

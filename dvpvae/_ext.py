@@ -4,6 +4,7 @@ Importing it registers the CPU ops ``torch.ops.dvpvae.*``:
 
   ddpm_sample_unet(z_T, noise, coef, films, weights, num_res_blocks, groups, eps, temperature)
       -> the prior's T-step sampling loop with a native float32 UNet (dvpvae.native_prior)
+  unet_eps(z, films, weights, num_res_blocks, groups, eps) -> one batched native UNet forward
   conv_weight_grad(grad, input, kernel_size) -> (weight grad (Co, Ci, k, k), bias grad (Co,)) of a
       stride-1 1x1 or 3x3 padding-1 convolution on channels-last float32 tensors (dvpvae.cpu_conv)
 

@@ -169,7 +169,7 @@ class DiffusionPrior(nn.Module):
         z, log_q = self.forward_chain(u, eps)
         t = (torch.arange(1, T + 1, dtype=u.dtype, device=u.device) / T).repeat_interleave(n)
         z_t = z[1:].reshape(T * n, *u.shape[1:])  # all T UNet calls in one batch, t-major
-        eps_hat = self.unet(z_t, t)
+        eps_hat = ops.unet_eps(self.unet, z_t, t)
         steps = eps_hat.view(T, *u.shape)
         coef = self.coefficients.to(u.dtype)
         c_noise = coef[:, 4]  # the table's last column: the step's noise scale

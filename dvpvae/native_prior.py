@@ -1,12 +1,12 @@
-"""The native C++ sampler of the diffusion prior: the whole ancestral loop (the prior's T
-steps or any other number) in one call of ``torch.ops.dvpvae.ddpm_sample_unet``
-(csrc/unet_cpu.cpp), which runs a float32 CPU forward of ``dvpvae.unet.UNet`` without
-returning to Python between steps.
+"""The native C++ forward of ``dvpvae.unet.UNet`` (csrc/unet_cpu.cpp, float32, CPU, no
+autograd), in two ops: ``torch.ops.dvpvae.ddpm_sample_unet`` runs the prior's whole
+ancestral loop (its T steps or any other number) without returning to Python between steps,
+and ``torch.ops.dvpvae.unet_eps`` is one batched forward (the NLL's trajectory terms).
 
-Python owns the UNet's layout: ``_weights`` lists the parameters in the order the op reads
-them, and the FiLM values of every step come from the UNet's own modules
-(``UNet.film_table``). The op reads the weights passed on each call, so it always samples
-with the current ones. The reference is ``DiffusionPrior``'s Python loop over its steps.
+Python owns the UNet's layout: ``_weights`` lists the parameters in the order the ops read
+them, and the FiLM values come from the UNet's own modules (``UNet.film_table``). The ops
+read the weights passed on each call, so they always compute with the current ones. The
+references are ``DiffusionPrior``'s Python loop over its steps and ``UNet.forward``.
 """
 from __future__ import annotations
 
@@ -39,21 +39,20 @@ def _weights(unet: UNet) -> list[torch.Tensor]:
     return [w.contiguous() for w in out]
 
 
-def native_unsupported_reason(prior) -> str | None:
-    """Why the native loop cannot sample ``prior``, or None when it can."""
+def native_unet_unsupported_reason(unet, z: torch.Tensor | None = None) -> str | None:
+    """Why the native forward cannot compute ``unet`` (on ``z``), or None when it can."""
     if not _ext.available():
         return _ext.missing_reason()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("dvpvae::ddpm_sample_unet", "CPU"):
-        return "the built dvpvae._C has no ddpm_sample_unet op (rebuild the extension)"
-    unet = prior.unet
+    for op in ("ddpm_sample_unet", "unet_eps"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dvpvae::{op}", "CPU"):
+            return f"the built dvpvae._C has no {op} op (rebuild the extension)"
     if type(unet) is not UNet:  # a subclass may change forward
         return f"the prior's UNet is a {type(unet).__qualname__}, the native forward is dvpvae.unet.UNet's"
-    coef = prior.coefficients
-    if coef.device.type != "cpu" or coef.dtype != torch.float32:
-        return f"the native loop runs float32 on the CPU; the coefficient table is {coef.dtype} on {coef.device}"
+    if z is not None and (z.device.type != "cpu" or z.dtype != torch.float32):
+        return f"the native forward runs float32 on the CPU; its input is {z.dtype} on {z.device}"
     for name, p in unet.named_parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
-            return f"the native loop runs float32 on the CPU; unet.{name} is {p.dtype} on {p.device}"
+            return f"the native forward runs float32 on the CPU; unet.{name} is {p.dtype} on {p.device}"
     norms = _norms(unet)
     if not all(isinstance(n, nn.GroupNorm) and n.num_groups == GROUPS and n.affine for n in norms):
         return f"the native forward needs affine GroupNorms with {GROUPS} groups"
@@ -62,6 +61,14 @@ def native_unsupported_reason(prior) -> str | None:
     if unet.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in unet.modules()):
         return "the native forward runs in eval mode; the UNet is in training mode with dropout > 0"
     return None
+
+
+def native_unsupported_reason(prior) -> str | None:
+    """Why the native loop cannot sample ``prior``, or None when it can."""
+    coef = prior.coefficients
+    if coef.device.type != "cpu" or coef.dtype != torch.float32:
+        return f"the native loop runs float32 on the CPU; the coefficient table is {coef.dtype} on {coef.device}"
+    return native_unet_unsupported_reason(prior.unet)
 
 
 @torch.no_grad()
@@ -79,3 +86,13 @@ def sample_native(prior, z_T: torch.Tensor, eps: torch.Tensor, temperature: floa
     return torch.ops.dvpvae.ddpm_sample_unet(
         z_T.contiguous(), eps.contiguous(), prior.step_table(S).contiguous(), films, _weights(unet),
         len(unet.down), GROUPS, unet.out_norm.eps, float(temperature))
+
+
+def unet_eps_native(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``unet(z, t)`` for z (N, C, s, s) and t (N,) by the native forward (no autograd; the
+    UNet as in eval mode). Same numbers up to float32 round-off."""
+    reason = native_unet_unsupported_reason(unet, z)
+    if reason is not None:
+        raise RuntimeError(f"the native UNet forward does not serve this UNet: {reason}")
+    return torch.ops.dvpvae.unet_eps(z.contiguous(), unet.film_table(t.to(z.dtype)).contiguous(), _weights(unet),
+                                     len(unet.down), GROUPS, unet.out_norm.eps)

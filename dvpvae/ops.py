@@ -29,7 +29,8 @@ from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref
                                             idct_pseudoinput_ref)
 from dvpvae.kernels.ddpm_step import ddpm_step, ddpm_step_ref
 from dvpvae.kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
-from dvpvae.native_prior import native_unsupported_reason, sample_native
+from dvpvae.native_prior import native_unet_unsupported_reason, native_unsupported_reason, sample_native, \
+    unet_eps_native
 
 PROVIDERS = ("reference", "cpu", "triton")
 
@@ -87,6 +88,10 @@ class ReferenceOps:
         """The prior's weighted denoising error (``DiffusionPrior.weighted_mse``)."""
         return prior.weighted_mse(u, t, eps, keep)
 
+    def unet_eps(self, unet, z, t):
+        """The prior's noise prediction ``unet(z, t)`` outside training (the NLL's trajectory)."""
+        return unet(z, t)
+
     ddpm_step = staticmethod(ddpm_step_ref)  # one ancestral step of the prior
 
     def sample_prior(self, prior, n: int, temperature: float, noise, steps: int | None = None) -> torch.Tensor:
@@ -127,6 +132,14 @@ def _compiled_unet_mse(prior_class: type):
     return torch.compile(prior_class.weighted_mse, dynamic=False)
 
 
+@torch.compiler.disable
+def _unet_eps_native_or_module(unet, z, t):
+    # An opaque call inside compiled passes: the native op where it serves, else the module.
+    if native_unet_unsupported_reason(unet, z) is None:
+        return unet_eps_native(unet, z, t)
+    return unet(z, t)
+
+
 class CpuOps(_FastLayers):
     """Channels-last convolutions whose weight and bias gradients come from the extension
     (``extension=True``, where its kernel covers the shape) or oneDNN, and the native C++
@@ -145,6 +158,12 @@ class CpuOps(_FastLayers):
 
     def stem(self, x, conv):
         return self.block_layout(fast_layers.pointwise_conv(x, conv))
+
+    def unet_eps(self, unet, z, t):
+        # The native forward has no autograd and runs float32: with gradients or autocast, the module.
+        if not self.extension or torch.is_grad_enabled() or torch.is_autocast_enabled(z.device.type):
+            return unet(z, t)
+        return _unet_eps_native_or_module(unet, z, t)
 
     def sample_prior(self, prior, n, temperature, noise, steps=None):
         if not self.extension or native_unsupported_reason(prior) is not None:

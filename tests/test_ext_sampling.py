@@ -1,5 +1,6 @@
-"""The native C++ prior sampler (csrc/unet_cpu.cpp, dvpvae/native_prior.py) against the
-Python loop over ``DiffusionPrior.step``, and the UNet's FiLM table it is fed with.
+"""The native C++ UNet forward (csrc/unet_cpu.cpp, dvpvae/native_prior.py): the prior
+sampler against the Python loop over ``DiffusionPrior.step``, the batched forward
+``unet_eps`` against ``UNet.forward``, and the UNet's FiLM table both are fed with.
 
 Tolerances. The native forward sums in other orders than oneDNN/ATen (register-blocked
 convolutions, fused GroupNorm/FiLM/SiLU), so each UNet call rounds differently in float32.
@@ -11,6 +12,8 @@ three-way: err_native <= 2 err_ref32 + 1e-5 against the float64 loop.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,9 @@ import torch.nn.functional as F
 from dvpvae import _ext, get_config
 from dvpvae import native_prior
 from dvpvae.diffusion import DiffusionPrior
-from dvpvae.native_prior import native_unsupported_reason, sample_native
+from dvpvae.native_prior import native_unet_unsupported_reason, native_unsupported_reason, sample_native, \
+    unet_eps_native
+from dvpvae.ops import get_ops
 from dvpvae.unet import GROUPS, UNet
 
 PRESETS = ("mnist", "omniglot", "cifar10", "tiny")
@@ -264,7 +269,110 @@ def test_extension_status():
         assert "pip install --no-build-isolation -e ." in _ext.missing_reason()
 
 
+# --------------------------------------------------------------------------- one forward
+def rows(prior, n: int, seed: int):
+    """n inputs z and their times t, one t per row as in the NLL's trajectory batch."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + prior.shape, generator=g), torch.rand(n, generator=g)
+
+
+@needs_ext
+@pytest.mark.parametrize("preset", PRESETS)
+def test_unet_eps_matches_forward(priors, one_thread, preset):
+    prior = priors[preset]
+    z, t = rows(prior, 37, seed=2)  # 37: the op's 16-row thread grain does not divide it
+    with torch.no_grad():
+        ref = prior.unet(z, t)
+        ref64 = copy.deepcopy(prior.unet).double()(z.double(), t.double())
+    out = unet_eps_native(prior.unet, z, t)
+    assert out.shape == z.shape and out.dtype == torch.float32
+    assert ref.abs().max() > 0.1
+    err_native = (out.double() - ref64).abs().max().item()
+    err_ref = (ref.double() - ref64).abs().max().item()
+    assert err_native <= 2 * err_ref + 1e-5, (err_native, err_ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("in_ch,size,channels,num_res_blocks", [(1, 1, 16, 0), (2, 3, 48, 1), (4, 17, 16, 0)])
+def test_unet_eps_other_architectures(one_thread, in_ch, size, channels, num_res_blocks):
+    prior = odd_prior(in_ch, size, channels, num_res_blocks, T=2)
+    z, t = rows(prior, 5, seed=3)
+    with torch.no_grad():
+        ref = prior.unet(z, t)
+        ref64 = copy.deepcopy(prior.unet).double()(z.double(), t.double())
+    out = unet_eps_native(prior.unet, z, t)
+    err_native = (out.double() - ref64).abs().max().item()
+    err_ref = (ref.double() - ref64).abs().max().item()
+    assert err_native <= 2 * err_ref + 1e-5, (err_native, err_ref)
+
+
+@needs_ext
+def test_unet_eps_independent_of_thread_count(priors):
+    prior = priors["mnist"]
+    z, t = rows(prior, 50, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = unet_eps_native(prior.unet, z, t)
+        torch.set_num_threads(2)
+        two = unet_eps_native(prior.unet, z, t)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_ext
+def test_cpu_provider_unet_eps(priors, one_thread):
+    # Without gradients the cpu provider runs the native forward, also inside compiled code;
+    # with gradients or with the extension off it runs the module, so autograd still works.
+    prior, cpu = priors["tiny"], get_ops("cpu")
+    z, t = rows(prior, 6, seed=5)
+    with torch.no_grad():
+        native = unet_eps_native(prior.unet, z, t)
+        assert torch.equal(cpu.unet_eps(prior.unet, z, t), native)
+        compiled = torch.compile(lambda z, t: cpu.unet_eps(prior.unet, z, t) * 2, backend="aot_eager")
+        assert torch.equal(compiled(z, t), 2 * native)
+        torch.testing.assert_close(get_ops("cpu", extension=False).unet_eps(prior.unet, z, t), native,
+                                   rtol=0, atol=1e-5)
+    out = cpu.unet_eps(prior.unet, z, t)
+    assert out.requires_grad
+    out.sum().backward()
+    assert prior.unet.input_conv.weight.grad is not None
+    prior.unet.zero_grad(set_to_none=True)
+    z64 = z.double()
+    with torch.no_grad():
+        assert "its input is torch.float64" in native_unet_unsupported_reason(prior.unet, z64)
+        with pytest.raises(RuntimeError, match="does not serve this UNet: .*its input is torch.float64"):
+            unet_eps_native(prior.unet, z64, t)
+
+
 # --------------------------------------------------------------------------- op
+@needs_ext
+def test_unet_eps_bad_args(priors):
+    prior = priors["mnist"]  # channels 16, num_res_blocks 2
+    z, t = rows(prior, 4, seed=0)
+    with torch.no_grad():
+        films = prior.unet.film_table(t)
+    weights = [w.detach() for w in native_prior._weights(prior.unet)]
+    op = torch.ops.dvpvae.unet_eps
+    bad = [
+        ((z[0], films), r"z must be \(N, C, H, W\)"),
+        ((z.double(), films), "z and films must be float32"),
+        ((z, films[1:]), r"films must have shape \[4, 7, 2, 16\] = \(N, 2 num_res_blocks \+ 3, 2, C\), got \[3"),
+        ((z.transpose(2, 3), films), "z must be contiguous"),
+        ((torch.randn(4, 3, 7, 7), films), r"dvpvae.unet_eps: weights\[0\] must have shape \[16, 3, 3, 3\]"),
+    ]
+    for (zz, ff), message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            op(zz, ff, weights, 2, GROUPS, 1e-5)
+    with pytest.raises(RuntimeError, match="dvpvae.unet_eps: got 73 weight tensors, too few"):
+        op(z, films, weights[:-1], 2, GROUPS, 1e-5)
+    args = [z, films, weights, 2, GROUPS, prior.unet.out_norm.eps]
+    torch.library.opcheck(op.default, args)
+    compiled = torch.compile(lambda z: op(z, *args[1:]).tanh(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z), op(*args).tanh())
+
+
 @needs_ext
 def test_op_bad_args(priors):
     prior = priors["mnist"]  # channels 16, num_res_blocks 2

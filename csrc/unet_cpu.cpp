@@ -532,6 +532,16 @@ UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, i
   return u;
 }
 
+// The checked UNet of an op's arguments, with `films` checked to hold `rows` rows (named
+// `rows_name` in the error) and *film_row set to the floats per row.
+UNetW checked_unet(at::TensorList weights, const at::Tensor& films, int64_t rows, const char* rows_name,
+                   int64_t in_ch, int64_t num_res_blocks, int64_t groups, double eps, const char* op,
+                   int64_t* film_row) {
+  const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
+  *film_row = check_films(films, rows, num_res_blocks, C, op, rows_name);
+  return read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
+}
+
 }  // namespace
 
 at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, const at::Tensor& coef,
@@ -558,9 +568,8 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
   CHECK_CONTIGUOUS(noise);
   CHECK_CONTIGUOUS(coef);
   CHECK_CONTIGUOUS(films);
-  const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
-  const int64_t film_row = check_films(films, T, num_res_blocks, C, op, "T");
-  const UNetW u = read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
+  int64_t film_row = 0;
+  const UNetW u = checked_unet(weights, films, T, "T", in_ch, num_res_blocks, groups, eps, op, &film_row);
 
   const int H = static_cast<int>(z_T.size(2)), W = static_cast<int>(z_T.size(3));
   const int64_t D = in_ch * H * W;
@@ -605,9 +614,8 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
   CHECK_CONTIGUOUS(z);
   CHECK_CONTIGUOUS(films);
   const int64_t N = z.size(0), in_ch = z.size(1);
-  const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
-  const int64_t film_row = check_films(films, N, num_res_blocks, C, op, "N");
-  const UNetW u = read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
+  int64_t film_row = 0;
+  const UNetW u = checked_unet(weights, films, N, "N", in_ch, num_res_blocks, groups, eps, op, &film_row);
   const int H = static_cast<int>(z.size(2)), W = static_cast<int>(z.size(3));
   const int64_t D = in_ch * H * W;
   at::Tensor out = at::empty_like(z);

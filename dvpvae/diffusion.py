@@ -90,11 +90,13 @@ class DiffusionPrior(nn.Module):
         return (self.unet.num_res_blocks_total, n, self.unet.channels, self.size, self.size)
 
     def weighted_mse(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                     keep: torch.Tensor | None = None) -> torch.Tensor:
-        """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2 per element, t of shape (N,)."""
+                     keep: torch.Tensor | None = None, ops: ReferenceOps = REFERENCE) -> torch.Tensor:
+        """0.5 gamma'(t) ||eps - eps_hat(z_t, t)||^2 per element, t of shape (N,); without
+        dropout masks ``keep`` eps_hat comes from ``ops.unet_eps``."""
         g = self.gamma(t)[:, None, None, None]
         z_t = torch.sigmoid(-g).sqrt() * u + torch.sigmoid(g).sqrt() * eps
-        return self.weighted_error(eps, self.unet(z_t, t, keep))
+        eps_hat = self.unet(z_t, t, keep) if keep is not None else ops.unet_eps(self.unet, z_t, t)
+        return self.weighted_error(eps, eps_hat)
 
     def weighted_error(self, eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
         """0.5 gamma'(t) ||eps - eps_hat||^2 per element (N, D)."""

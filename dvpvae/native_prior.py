@@ -1,7 +1,8 @@
 """The native C++ forward of ``dvpvae.unet.UNet`` (csrc/unet_cpu.cpp, float32, CPU, no
 autograd), in two ops: ``torch.ops.dvpvae.ddpm_sample_unet`` runs the prior's whole
 ancestral loop (its T steps or any other number) without returning to Python between steps,
-and ``torch.ops.dvpvae.unet_eps`` is one batched forward (the NLL's trajectory terms).
+and ``torch.ops.dvpvae.unet_eps`` is one batched forward (the UNet calls of the diffusion
+bound in evaluation and in the NLL's trajectory terms).
 
 Python owns the UNet's layout: ``_weights`` lists the parameters in the order the ops read
 them, and the FiLM values come from the UNet's own modules (``UNet.film_table``). The ops

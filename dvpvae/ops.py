@@ -5,7 +5,8 @@ of modules serves every implementation:
 
 * ``reference``: plain PyTorch, the oracle every other provider is tested against;
 * ``cpu``: channels-last convolutions with split gradients (``dvpvae.cpu_conv``), exact
-  cheaper forms of three layers (``dvpvae.fast_layers``) and the C++ prior sampler;
+  cheaper forms of three layers (``dvpvae.fast_layers``), the C++ prior sampler and the
+  native UNet forward of the no-gradient diffusion bounds;
 * ``triton``: the fused kernels of ``dvpvae.kernels`` (CUDA tensors, or CPU tensors in the
   Triton interpreter) with the same layer forms.
 
@@ -86,10 +87,11 @@ class ReferenceOps:
     # ------------------------------------------------------------ diffusion prior
     def unet_mse(self, prior, u, t, eps, keep):
         """The prior's weighted denoising error (``DiffusionPrior.weighted_mse``)."""
-        return prior.weighted_mse(u, t, eps, keep)
+        return prior.weighted_mse(u, t, eps, keep, self)
 
     def unet_eps(self, unet, z, t):
-        """The prior's noise prediction ``unet(z, t)`` outside training (the NLL's trajectory)."""
+        """The prior's noise prediction ``unet(z, t)`` without dropout masks (the diffusion
+        bound and the NLL's trajectory)."""
         return unet(z, t)
 
     ddpm_step = staticmethod(ddpm_step_ref)  # one ancestral step of the prior
@@ -118,13 +120,13 @@ class _FastLayers(ReferenceOps):
         # Compiled in one graph with the ladder, inductor drops the gradient of an unrelated
         # path (the top block's ResNet); a graph of its own computes it correctly.
         if torch.compiler.is_compiling():
-            return _unet_mse_own_graph(prior, u, t, eps, keep)
-        return prior.weighted_mse(u, t, eps, keep)
+            return _unet_mse_own_graph(prior, u, t, eps, keep, self)
+        return prior.weighted_mse(u, t, eps, keep, self)
 
 
 @torch.compiler.disable
-def _unet_mse_own_graph(prior, u, t, eps, keep):
-    return _compiled_unet_mse(type(prior))(prior, u, t, eps, keep)
+def _unet_mse_own_graph(prior, u, t, eps, keep, ops):
+    return _compiled_unet_mse(type(prior))(prior, u, t, eps, keep, ops)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +145,7 @@ def _unet_eps_native_or_module(unet, z, t):
 class CpuOps(_FastLayers):
     """Channels-last convolutions whose weight and bias gradients come from the extension
     (``extension=True``, where its kernel covers the shape) or oneDNN, and the native C++
-    prior sampler where it serves the prior."""
+    UNet (the prior sampler, and the no-gradient UNet calls) where it serves the prior."""
 
     name = "cpu"
 

@@ -318,6 +318,9 @@ struct UNetW {
   const float *in_w, *in_b, *attn_gn_w, *attn_gn_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
   const float *out_gn_w, *out_gn_b, *out_w, *out_b;
   std::vector<BlockW> blocks;  // down..., mid1, mid2, up...
+
+  // Floats of one row of the films table: [1 + scale, shift] of every time block.
+  int64_t film_floats() const { return static_cast<int64_t>(blocks.size()) * 2 * C; }
 };
 
 // Reads `weights` in the order dvpvae/native_prior.py lays them out, checking each shape.
@@ -490,15 +493,6 @@ int64_t unet_channels(at::TensorList weights, int64_t num_res_blocks, int64_t gr
   return C;
 }
 
-// Checks that `films` is (rows, 2 num_res_blocks + 3, 2, C); returns the floats per row.
-int64_t check_films(const at::Tensor& films, int64_t rows, int64_t num_res_blocks, int64_t C, const char* op,
-                    const char* rows_name) {
-  const std::vector<int64_t> shape{rows, 2 * num_res_blocks + 3, 2, C};
-  TORCH_CHECK(films.sizes() == c10::IntArrayRef(shape), op, ": films must have shape ", c10::IntArrayRef(shape),
-              " = (", rows_name, ", 2 num_res_blocks + 3, 2, C), got ", films.sizes());
-  return shape[1] * 2 * C;
-}
-
 // The UNet of `weights` (dvpvae/native_prior.py's layout, checked by unet_channels) for
 // inputs of in_ch channels; `op` names the caller in the errors.
 UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, int64_t groups, double eps,
@@ -532,13 +526,18 @@ UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, i
   return u;
 }
 
-// The checked UNet of an op's arguments, with `films` checked to hold `rows` rows (named
-// `rows_name` in the error) and *film_row set to the floats per row.
+// The UNet of an op's arguments, checked, and its `films` checked: a contiguous float32
+// (rows, 2 num_res_blocks + 3, 2, C) table on `device` (`rows_name` names rows in the error).
 UNetW checked_unet(at::TensorList weights, const at::Tensor& films, int64_t rows, const char* rows_name,
-                   int64_t in_ch, int64_t num_res_blocks, int64_t groups, double eps, const char* op,
-                   int64_t* film_row) {
+                   c10::Device device, int64_t in_ch, int64_t num_res_blocks, int64_t groups, double eps,
+                   const char* op) {
   const int64_t C = unet_channels(weights, num_res_blocks, groups, op);
-  *film_row = check_films(films, rows, num_res_blocks, C, op, rows_name);
+  TORCH_CHECK(films.scalar_type() == at::kFloat, op, ": films must be float32, got ", films.scalar_type());
+  CHECK_DEVICE(films, device);
+  CHECK_CONTIGUOUS(films);
+  const std::vector<int64_t> shape{rows, 2 * num_res_blocks + 3, 2, C};
+  TORCH_CHECK(films.sizes() == c10::IntArrayRef(shape), op, ": films must have shape ", c10::IntArrayRef(shape),
+              " = (", rows_name, ", 2 num_res_blocks + 3, 2, C), got ", films.sizes());
   return read_unet(weights, in_ch, num_res_blocks, groups, eps, op);
 }
 
@@ -558,18 +557,15 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
   noise_shape.insert(noise_shape.end(), z_T.sizes().begin(), z_T.sizes().end());
   TORCH_CHECK(noise.sizes() == c10::IntArrayRef(noise_shape), op, ": noise must have shape ",
               c10::IntArrayRef(noise_shape), " = (T,) + z_T.shape, got ", noise.sizes());
-  for (const at::Tensor* t : {&z_T, &noise, &coef, &films})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": z_T, noise, coef and films must be float32, got ",
-                z_T.scalar_type(), ", ", noise.scalar_type(), ", ", coef.scalar_type(), ", ", films.scalar_type());
+  for (const at::Tensor* t : {&z_T, &noise, &coef})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": z_T, noise and coef must be float32, got ",
+                z_T.scalar_type(), ", ", noise.scalar_type(), ", ", coef.scalar_type());
   CHECK_DEVICE(noise, z_T.device());
   CHECK_DEVICE(coef, z_T.device());
-  CHECK_DEVICE(films, z_T.device());
   CHECK_CONTIGUOUS(z_T);
   CHECK_CONTIGUOUS(noise);
   CHECK_CONTIGUOUS(coef);
-  CHECK_CONTIGUOUS(films);
-  int64_t film_row = 0;
-  const UNetW u = checked_unet(weights, films, T, "T", in_ch, num_res_blocks, groups, eps, op, &film_row);
+  const UNetW u = checked_unet(weights, films, T, "T", z_T.device(), in_ch, num_res_blocks, groups, eps, op);
 
   const int H = static_cast<int>(z_T.size(2)), W = static_cast<int>(z_T.size(3));
   const int64_t D = in_ch * H * W;
@@ -589,7 +585,7 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
       std::memcpy(z, zT + s * D, D * sizeof(float));
       for (int64_t k = 0; k < T; ++k) {
         const int64_t i = T - 1 - k;  // row i: t = (i+1)/T -> s = i/T; noise and films row k
-        unet_forward(u, ws, film + k * film_row, z, H, W, eps_hat.data());
+        unet_forward(u, ws, film + k * u.film_floats(), z, H, W, eps_hat.data());
         const float* row = rows + i * kNumCols;
         // The reference forms temperature * c_noise in float32 before the multiply.
         const float c_n = temp * row[kCNoise];
@@ -608,14 +604,10 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
   TORCH_CHECK(z.device().is_cpu(), op, ": z is on ", z.device());
   TORCH_CHECK(z.dim() == 4 && z.size(2) >= 1 && z.size(3) >= 1, op, ": z must be (N, C, H, W), got shape ",
               z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat && films.scalar_type() == at::kFloat,
-              op, ": z and films must be float32, got ", z.scalar_type(), " and ", films.scalar_type());
-  CHECK_DEVICE(films, z.device());
+  TORCH_CHECK(z.scalar_type() == at::kFloat, op, ": z must be float32, got ", z.scalar_type());
   CHECK_CONTIGUOUS(z);
-  CHECK_CONTIGUOUS(films);
   const int64_t N = z.size(0), in_ch = z.size(1);
-  int64_t film_row = 0;
-  const UNetW u = checked_unet(weights, films, N, "N", in_ch, num_res_blocks, groups, eps, op, &film_row);
+  const UNetW u = checked_unet(weights, films, N, "N", z.device(), in_ch, num_res_blocks, groups, eps, op);
   const int H = static_cast<int>(z.size(2)), W = static_cast<int>(z.size(3));
   const int64_t D = in_ch * H * W;
   at::Tensor out = at::empty_like(z);
@@ -625,7 +617,8 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
   // Grain 16: a few samples' forwards outweigh a thread's start-up and its workspace.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     Workspace ws(u, H, W);
-    for (int64_t s = begin; s < end; ++s) unet_forward(u, ws, film + s * film_row, zi + s * D, H, W, eo + s * D);
+    for (int64_t s = begin; s < end; ++s)
+      unet_forward(u, ws, film + s * u.film_floats(), zi + s * D, H, W, eo + s * D);
   });
   return out;
 }

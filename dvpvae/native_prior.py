@@ -95,5 +95,15 @@ def unet_eps_native(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     reason = native_unet_unsupported_reason(unet, z)
     if reason is not None:
         raise RuntimeError(f"the native UNet forward does not serve this UNet: {reason}")
+    return _unet_eps(unet, z, t)
+
+
+def unet_eps_native_or_module(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``unet(z, t)``: by the native forward where it serves (``unet_eps_native``), else by
+    the module."""
+    return _unet_eps(unet, z, t) if native_unet_unsupported_reason(unet, z) is None else unet(z, t)
+
+
+def _unet_eps(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.ops.dvpvae.unet_eps(z.contiguous(), unet.film_table(t.to(z.dtype)).contiguous(), _weights(unet),
                                      len(unet.down), GROUPS, unet.out_norm.eps)

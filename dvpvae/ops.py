@@ -30,8 +30,7 @@ from dvpvae.kernels.dct_pseudoinput import (dct_pseudoinput, dct_pseudoinput_ref
                                             idct_pseudoinput_ref)
 from dvpvae.kernels.ddpm_step import ddpm_step, ddpm_step_ref
 from dvpvae.kernels.reparam_kl import reparam_kl, reparam_kl_ref, reparam_sample, reparam_sample_ref
-from dvpvae.native_prior import native_unet_unsupported_reason, native_unsupported_reason, sample_native, \
-    unet_eps_native
+from dvpvae.native_prior import native_unsupported_reason, sample_native, unet_eps_native_or_module
 
 PROVIDERS = ("reference", "cpu", "triton")
 
@@ -134,12 +133,8 @@ def _compiled_unet_mse(prior_class: type):
     return torch.compile(prior_class.weighted_mse, dynamic=False)
 
 
-@torch.compiler.disable
-def _unet_eps_native_or_module(unet, z, t):
-    # An opaque call inside compiled passes: the native op where it serves, else the module.
-    if native_unet_unsupported_reason(unet, z) is None:
-        return unet_eps_native(unet, z, t)
-    return unet(z, t)
+# An opaque call inside compiled passes: the native op where it serves, else the module.
+_unet_eps_native_or_module = torch.compiler.disable(unet_eps_native_or_module)
 
 
 class CpuOps(_FastLayers):

@@ -345,15 +345,14 @@ def test_cpu_provider_unet_eps(priors, one_thread):
 def test_cpu_provider_bounds_use_native_forward(monkeypatch, one_thread):
     # The evaluation bound (T UNet calls per image) and the NLL's trajectories run the native
     # forward; the training step, which needs gradients, runs the module.
-    import dvpvae.ops
-
     calls = []
+    native_call = native_prior._unet_eps
 
     def counted(unet, z, t):
         calls.append(z.shape[0])
-        return unet_eps_native(unet, z, t)
+        return native_call(unet, z, t)
 
-    monkeypatch.setattr(dvpvae.ops, "unet_eps_native", counted)
+    monkeypatch.setattr(native_prior, "_unet_eps", counted)
     torch.manual_seed(0)
     model = DVPVAE("tiny", ops="cpu")
     x = torch.rand(3, 1, 28, 28).round()
@@ -380,7 +379,9 @@ def test_unet_eps_bad_args(priors):
     op = torch.ops.dvpvae.unet_eps
     bad = [
         ((z[0], films), r"z must be \(N, C, H, W\)"),
-        ((z.double(), films), "z and films must be float32"),
+        ((z.double(), films), "z must be float32"),
+        ((z, films.double()), "films must be float32"),
+        ((z, films.transpose(0, 1).contiguous().transpose(0, 1)), "films must be contiguous"),
         ((z, films[1:]), r"films must have shape \[4, 7, 2, 16\] = \(N, 2 num_res_blocks \+ 3, 2, C\), got \[3"),
         ((z.transpose(2, 3), films), "z must be contiguous"),
         ((torch.randn(4, 3, 7, 7), films), r"dvpvae.unet_eps: weights\[0\] must have shape \[16, 3, 3, 3\]"),

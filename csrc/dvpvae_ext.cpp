@@ -13,18 +13,21 @@ TORCH_LIBRARY(dvpvae, m) {
         "int num_res_blocks, int groups, float eps, float temperature) -> Tensor");
   m.def("unet_eps(Tensor z, Tensor films, Tensor[] weights, int num_res_blocks, int groups, float eps) -> Tensor");
   m.def("conv_weight_grad(Tensor grad, Tensor input, int kernel_size) -> (Tensor, Tensor)");
+  m.def("conv3x3_winograd(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
   m.impl("unet_eps", &dvpvae::unet_eps_cpu);
   m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_cpu);
+  m.impl("conv3x3_winograd", &dvpvae::conv3x3_winograd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
   m.impl("unet_eps", &dvpvae::unet_eps_meta);
   m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_meta);
+  m.impl("conv3x3_winograd", &dvpvae::conv3x3_winograd_meta);
 }
 
 // A Python module init so the library imports as `dvpvae._C`; the static initialisers

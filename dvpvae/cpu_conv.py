@@ -1,12 +1,14 @@
 """The ResNet blocks' convolutions for the CPU provider: channels-last, one call per gradient.
 
-``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. Its
-forward and input gradient come from oneDNN; its weight and bias gradients from the
-extension's kernel (``csrc/conv_wgrad_cpu.cpp``) on AVX2 CPUs wherever that kernel covers
-the shape (there it beats oneDNN's weight gradient plus a channel sum; on AVX-512 oneDNN is
-faster), else from oneDNN. The choice is a rule on shape, dtype and ISA, so every process
-computes the same numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as
-one node, and ``needs_exact_strides`` keeps inductor from handing them other strides.
+``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX2
+CPUs the extension's kernels serve wherever they cover the shape: a 3x3 forward and input
+gradient by Winograd F(2x2, 3x3) (``csrc/conv_winograd_cpu.cpp``, 4 multiplies per output
+instead of 9) and the weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than
+oneDNN's weight gradient plus a channel sum). Everything else, and everything on AVX-512
+CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a rule on shape, dtype and
+ISA, so every process computes the same numbers. Both directions are ``torch.library``
+custom ops: compiled graphs call each as one node, and ``needs_exact_strides`` keeps
+inductor from handing them other strides.
 """
 from __future__ import annotations
 
@@ -35,6 +37,37 @@ def _conv_fake(x, weight, *_):
 
 def _backward_fake(grad, x, weight, *_):
     return channels_last(torch.empty_like(x)), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _extension_isa() -> bool:
+    """An AVX2-class CPU (the ISA the extension's convolution kernels beat oneDNN on) and the
+    extension built."""
+    from dvpvae import _ext
+
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and _ext.available()
+
+
+# ---------------------------------------------------------------- 3x3 forward and input gradient
+def winograd_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the extension's Winograd kernel computes ``F.conv2d(x, weight, padding=1)`` here:
+    a float32 CPU 3x3 convolution with in and out channels % 8 on an AVX2-class CPU."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.shape[-2:] == (3, 3) and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+            and _extension_isa())
+
+
+def conv_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    use_extension: bool = True) -> torch.Tensor:
+    """Input gradient (channels-last) of ``F.conv2d(x, weight, padding=k // 2)`` for a 1x1 or
+    3x3 ``weight``: from the extension's Winograd kernel where ``use_extension`` and
+    ``winograd_covers``, else from oneDNN."""
+    if weight.shape[-1] == 3:
+        # A stride-1 'same' 3x3 convolution's input gradient is grad convolved with the
+        # flipped kernel, in and out channels swapped.
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        if use_extension and winograd_covers(grad, flipped):
+            return torch.ops.dvpvae.conv3x3_winograd(channels_last(grad), flipped, None)
+    return channels_last(_conv_backward(grad, x, weight, [True, False, False])[0])
 
 
 # ---------------------------------------------------------------- weight and bias gradients
@@ -69,8 +102,9 @@ def conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``F.conv2d(x, weight, bias, padding=k // 2)`` for a (out, in, k, k) weight with k in
     (1, 3); channels-last output.
 
-    The backward takes the input gradient from oneDNN and the weight and bias gradients
-    from ``conv_weight_grad(..., use_extension)``.
+    A covered 3x3 forward runs the extension's Winograd kernel (``winograd_covers``); the
+    backward takes the input gradient from ``conv_input_grad(..., use_extension)`` and the
+    weight and bias gradients from ``conv_weight_grad(..., use_extension)``.
     """
     if weight.dim() != 4 or weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_cl: weight must be (out, in, 1, 1) or (out, in, 3, 3), got {tuple(weight.shape)}")
@@ -80,6 +114,8 @@ def conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @torch.library.custom_op("dvpvae::conv_cl", mutates_args=(), tags=_TAGS)
 def _conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              use_extension: bool) -> torch.Tensor:
+    if use_extension and winograd_covers(x, weight):
+        return torch.ops.dvpvae.conv3x3_winograd(channels_last(x), weight, bias)
     # A (N, 1, H, W) input is channels-last and NCHW at once; oneDNN then returns NCHW.
     return channels_last(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))
 
@@ -90,8 +126,7 @@ def conv_cl_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """(grad_x, grad_weight, grad_bias) of ``conv_cl`` for channels-last grad and x; grad_x is
     zeros unless ``need_input_grad``."""
     grad_w, grad_b = conv_weight_grad(grad, x, weight, use_extension)
-    grad_x = (channels_last(_conv_backward(grad, x, weight, [True, False, False])[0]) if need_input_grad
-              else torch.zeros_like(x))
+    grad_x = conv_input_grad(grad, x, weight, use_extension) if need_input_grad else torch.zeros_like(x)
     return grad_x, grad_w.contiguous(), grad_b
 
 

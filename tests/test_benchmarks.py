@@ -218,19 +218,21 @@ def test_peak_memory_sees_an_allocation(harness):
     assert m.mb > 32
 
 
-def test_conv_grads_reports_both_providers_with_small_errors(harness, tmp_path):
+def test_convs_reports_every_pass_of_both_providers_with_small_errors(harness, tmp_path):
     from dvpvae import _ext
 
     if not _ext.available() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("needs the built C++ extension on an AVX2 CPU")
-    path = tmp_path / "conv_grads.json"
+    path = tmp_path / "convs.json"
     argv = ["--preset", "tiny", "--batch", "2", "--sizes", "5", "3", "--repeats", "1", "--warmup", "0",
             "--json", str(path)]
-    assert _load_benchmark("conv_grads").main(argv) == 0
+    assert _load_benchmark("convs").main(argv) == 0
     rep = json.loads(path.read_text())
     assert rep["run"]["threads"] == torch.get_num_threads()
-    cases = [(r["provider"], r["kernel_size"], r["size"]) for r in rep["results"]]
-    assert sorted(cases) == sorted((p, k, s) for p in ("onednn", "extension") for k in (1, 3) for s in (5, 3))
+    cases = [(r["pass"], r["provider"], r["kernel_size"], r["size"]) for r in rep["results"]]
+    passes = [("forward", 3), ("input_grad", 3), ("weight_grad", 3), ("weight_grad", 1)]
+    assert sorted(cases) == sorted((name, p, k, s) for name, k in passes for p in ("onednn", "extension")
+                                   for s in (5, 3))
     for r in rep["results"]:
         assert r["channels"] == 16 and r["batch"] == 2
         for key in ("ms_median", "ms_min", "ms_max", "gflops", "speedup_vs_onednn"):

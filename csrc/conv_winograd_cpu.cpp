@@ -1,0 +1,279 @@
+// A stride-1 3x3 convolution with zero-padding 1 on channels-last float32 tensors by
+// Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is
+//
+//   Y = A^T [ (G g G^T) . (B^T d B) ] A
+//
+// for the tile's 4x4 input patch d (rows 2ty-1 .. 2ty+2, columns 2tx-1 .. 2tx+2) and each
+// 3x3 filter g, where . is the elementwise product summed over input channels. That sum is
+// 16 independent (tiles x C) @ (C x K) products, 4 multiplies per output pixel and channel
+// pair instead of the direct form's 9. The transforms only add and subtract (G halves), so
+// the result matches the direct convolution to float32 round-off.
+//
+// Work items are blocks of kTileBlock tiles (image-major, then tile rows, then tile
+// columns). Each thread transforms a block's patches into a buffer that stays in L2,
+// multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
+// accumulators) and writes the block's outputs, so the transformed data never reaches DRAM.
+#include "ops.h"
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DVPVAE_HAVE_AVX2_KERNEL 1
+#define DVPVAE_AVX2 __attribute__((target("avx2,fma")))
+#define DVPVAE_INLINE DVPVAE_AVX2 inline __attribute__((always_inline))
+#else
+#define DVPVAE_HAVE_AVX2_KERNEL 0
+#endif
+
+namespace dvpvae {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#if DVPVAE_HAVE_AVX2_KERNEL
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+constexpr int kLanes = 8;        // floats per AVX2 vector
+constexpr int kRows = 6;         // tiles per register tile
+constexpr int kTileBlock = 48;   // tiles per work item (a multiple of kRows)
+constexpr int kPoints = 16;      // 4x4 transformed points per tile
+// Padding of the scratch buffers' per-point stride: a stride of a multiple of 4 KB would map
+// a tile's 16 points to the same few L1 sets.
+constexpr int kStridePad = 16;
+
+// U[e, c, k] = (G g[k, c] G^T)[e] with G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+// computed in double.
+std::vector<float> transform_filters(const at::Tensor& weight) {
+  const at::Tensor w = weight.to(at::kDouble).contiguous();
+  const int64_t K = w.size(0), C = w.size(1);
+  const double* g = w.data_ptr<double>();
+  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  std::vector<float> U(kPoints * C * K);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) {
+      const double* f = g + (k * C + c) * 9;
+      double Gg[4][3];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 3; ++j) Gg[i][j] = G[i][0] * f[j] + G[i][1] * f[3 + j] + G[i][2] * f[6 + j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          U[((i * 4 + j) * C + c) * K + k] =
+              static_cast<float>(Gg[i][0] * G[j][0] + Gg[i][1] * G[j][1] + Gg[i][2] * G[j][2]);
+    }
+  return U;
+}
+
+#if DVPVAE_HAVE_AVX2_KERNEL
+struct Shape {
+  int64_t N, H, W, C, K, TH, TW;
+};
+
+// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of the tile (n, ty, tx), with
+// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of B^T d is formed
+// from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
+// which would not fit the 16 vector registers.
+// d[j] = x[n, y, x0 + j, c : c + 8] for the patch row y, zero in the padding.
+DVPVAE_INLINE void load_row(const float* __restrict base, const Shape& s, int64_t y, int64_t x0, bool interior,
+                            __m256 (&d)[4]) {
+  if (interior) {
+    const float* p = base + (y * s.W + x0) * s.C;
+    for (int j = 0; j < 4; ++j) d[j] = _mm256_loadu_ps(p + j * s.C);
+    return;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t xx = x0 + j;
+    d[j] = (y >= 0 && y < s.H && xx >= 0 && xx < s.W) ? _mm256_loadu_ps(base + (y * s.W + xx) * s.C)
+                                                      : _mm256_setzero_ps();
+  }
+}
+
+DVPVAE_INLINE void input_tile(const float* __restrict x, float* __restrict V, const Shape& s, int64_t n,
+                              int64_t ty, int64_t tx, int64_t r, int64_t c, int64_t ldv) {
+  const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
+  const float* base = x + n * s.H * s.W * s.C + c;
+  const bool interior = y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W;
+  // Row i of B^T d is sign_a * d[ia] + sign_b * d[ib].
+  static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
+  static constexpr bool add[4] = {false, true, false, false};
+  float* v = V + r * s.C + c;
+  for (int i = 0; i < 4; ++i) {
+    __m256 a[4], b[4], t[4];
+    load_row(base, s, y0 + ia[i], x0, interior, a);
+    load_row(base, s, y0 + ib[i], x0, interior, b);
+    for (int j = 0; j < 4; ++j) t[j] = add[i] ? _mm256_add_ps(a[j], b[j]) : _mm256_sub_ps(a[j], b[j]);
+    _mm256_storeu_ps(v + (i * 4 + 0) * ldv, _mm256_sub_ps(t[0], t[2]));
+    _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
+    _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
+    _mm256_storeu_ps(v + (i * 4 + 3) * ldv, _mm256_sub_ps(t[1], t[3]));
+  }
+}
+
+// M[r, k0 : k0 + 8 NV] = V[r, :] @ U[:, k0 : k0 + 8 NV] for kRows rows r (one point e).
+// Named accumulators: GCC then keeps all of them in registers.
+template <int NV>
+DVPVAE_AVX2 void gemm_tile(const float* __restrict V, const float* __restrict U, float* __restrict M, int64_t C,
+                           int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+#pragma GCC unroll 4
+  for (int64_t c = 0; c < C; ++c) {
+    const __m256 u0 = _mm256_loadu_ps(U + c * K);
+    const __m256 u1 = NV == 2 ? _mm256_loadu_ps(U + c * K + kLanes) : u0;
+    __m256 v = _mm256_broadcast_ss(V + c);
+    a0 = _mm256_fmadd_ps(v, u0, a0);
+    if (NV == 2) b0 = _mm256_fmadd_ps(v, u1, b0);
+    v = _mm256_broadcast_ss(V + C + c);
+    a1 = _mm256_fmadd_ps(v, u0, a1);
+    if (NV == 2) b1 = _mm256_fmadd_ps(v, u1, b1);
+    v = _mm256_broadcast_ss(V + 2 * C + c);
+    a2 = _mm256_fmadd_ps(v, u0, a2);
+    if (NV == 2) b2 = _mm256_fmadd_ps(v, u1, b2);
+    v = _mm256_broadcast_ss(V + 3 * C + c);
+    a3 = _mm256_fmadd_ps(v, u0, a3);
+    if (NV == 2) b3 = _mm256_fmadd_ps(v, u1, b3);
+    v = _mm256_broadcast_ss(V + 4 * C + c);
+    a4 = _mm256_fmadd_ps(v, u0, a4);
+    if (NV == 2) b4 = _mm256_fmadd_ps(v, u1, b4);
+    v = _mm256_broadcast_ss(V + 5 * C + c);
+    a5 = _mm256_fmadd_ps(v, u0, a5);
+    if (NV == 2) b5 = _mm256_fmadd_ps(v, u1, b5);
+  }
+  _mm256_storeu_ps(M, a0), _mm256_storeu_ps(M + K, a1), _mm256_storeu_ps(M + 2 * K, a2);
+  _mm256_storeu_ps(M + 3 * K, a3), _mm256_storeu_ps(M + 4 * K, a4), _mm256_storeu_ps(M + 5 * K, a5);
+  if (NV == 2) {
+    M += kLanes;
+    _mm256_storeu_ps(M, b0), _mm256_storeu_ps(M + K, b1), _mm256_storeu_ps(M + 2 * K, b2);
+    _mm256_storeu_ps(M + 3 * K, b3), _mm256_storeu_ps(M + 4 * K, b4), _mm256_storeu_ps(M + 5 * K, b5);
+  }
+}
+
+// out[n, 2ty + i, 2tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m, with
+// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]; outputs past the image edge (odd H or W) are dropped.
+DVPVAE_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
+                               const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
+                               int64_t ldm) {
+  const float* m = M + r * s.K + k;
+  __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
+  for (int j = 0; j < 4; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(m + j * ldm), p1 = _mm256_loadu_ps(m + (4 + j) * ldm);
+    const __m256 p2 = _mm256_loadu_ps(m + (8 + j) * ldm), p3 = _mm256_loadu_ps(m + (12 + j) * ldm);
+    q[0][j] = _mm256_add_ps(_mm256_add_ps(p0, p1), p2);
+    q[1][j] = _mm256_sub_ps(_mm256_sub_ps(p1, p2), p3);
+  }
+  const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
+  float* o = out + n * s.H * s.W * s.K + k;
+  for (int i = 0; i < 2; ++i) {
+    const int64_t y = 2 * ty + i;
+    if (y >= s.H) break;
+    const __m256 y0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(q[i][0], q[i][1]), q[i][2]), b);
+    _mm256_storeu_ps(o + (y * s.W + 2 * tx) * s.K, y0);
+    if (2 * tx + 1 < s.W) {
+      const __m256 y1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(q[i][1], q[i][2]), q[i][3]), b);
+      _mm256_storeu_ps(o + (y * s.W + 2 * tx + 1) * s.K, y1);
+    }
+  }
+}
+
+// Tile coordinates (n, ty, tx) walked in order without a division per tile.
+struct TileWalk {
+  int64_t n, ty, tx;
+  TileWalk(const Shape& s, int64_t t) : n(t / (s.TH * s.TW)), ty(t % (s.TH * s.TW) / s.TW), tx(t % s.TW) {}
+  void next(const Shape& s) {
+    if (++tx < s.TW) return;
+    tx = 0;
+    if (++ty < s.TH) return;
+    ty = 0;
+    ++n;
+  }
+};
+
+// The tiles [t0, t0 + count) of the whole batch, count <= kTileBlock; V and M are scratch.
+DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
+                            float* __restrict out, float* __restrict V, float* __restrict M, const Shape& s,
+                            int64_t t0, int64_t count) {
+  const int64_t ldv = kTileBlock * s.C + kStridePad, ldm = kTileBlock * s.K + kStridePad;
+  const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
+  TileWalk in(s, t0);
+  for (int64_t r = 0; r < count; ++r, in.next(s))
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(x, V, s, in.n, in.ty, in.tx, r, c, ldv);
+  for (int e = 0; e < kPoints; ++e)
+    for (int64_t r = count; r < rows; ++r) std::fill_n(V + e * ldv + r * s.C, s.C, 0.f);
+  for (int e = 0; e < kPoints; ++e) {
+    const float* Ve = V + e * ldv;
+    const float* Ue = U + e * s.C * s.K;
+    float* Me = M + e * ldm;
+    for (int64_t r = 0; r < rows; r += kRows) {
+      int64_t k = 0;
+      for (; k + 2 * kLanes <= s.K; k += 2 * kLanes) gemm_tile<2>(Ve + r * s.C, Ue + k, Me + r * s.K + k, s.C, s.K);
+      if (k < s.K) gemm_tile<1>(Ve + r * s.C, Ue + k, Me + r * s.K + k, s.C, s.K);
+    }
+  }
+  TileWalk o(s, t0);
+  for (int64_t r = 0; r < count; ++r, o.next(s))
+    for (int64_t k = 0; k < s.K; k += kLanes) output_tile(M, bias, out, s, o.n, o.ty, o.tx, r, k, ldm);
+}
+#endif
+
+}  // namespace
+
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(input.dim() == 4, "dvpvae: conv3x3_winograd: input must be 4-D (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == 3 && weight.size(3) == 3,
+              "dvpvae: conv3x3_winograd: weight must be (out, ", input.size(1), ", 3, 3), got ", weight.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "dvpvae: conv3x3_winograd: input and weight must be float32, got ", input.scalar_type(), " and ",
+              weight.scalar_type());
+  CHECK_DEVICE(weight, input.device());
+  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "dvpvae: conv3x3_winograd: input must be channels-last contiguous");
+  const int64_t K = weight.size(0);
+  TORCH_CHECK(input.size(1) % kLanes == 0 && K % kLanes == 0, "dvpvae: conv3x3_winograd needs in and out "
+              "channels % ", kLanes, " == 0, got ", input.size(1), " and ", K);
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat,
+                "dvpvae: conv3x3_winograd: bias must be float32 (", K, "), got ", bias->sizes(), " ",
+                bias->scalar_type());
+    CHECK_DEVICE(*bias, input.device());
+    bias_c = bias->contiguous();
+    b = bias_c.data_ptr<float>();
+  }
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor out = at::empty({N, K, H, W}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+#if DVPVAE_HAVE_AVX2_KERNEL
+  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
+  const std::vector<float> U = transform_filters(weight);
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
+  const float* x = input.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> V(kPoints * (kTileBlock * C + kStridePad)), M(kPoints * (kTileBlock * K + kStridePad));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kTileBlock;
+      tile_block(x, U.data(), b, o, V.data(), M.data(), s, t0, std::min<int64_t>(kTileBlock, tiles - t0));
+    }
+  });
+#endif
+  return out;
+}
+
+at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias) {
+  return at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace dvpvae

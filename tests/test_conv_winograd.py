@@ -1,0 +1,108 @@
+"""The extension's Winograd F(2x2, 3x3) convolution and the cpu provider's use of it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dvpvae import _ext
+from dvpvae.cpu_conv import conv_cl, winograd_covers
+
+CL = torch.channels_last
+HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 CPU")
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _operands(n, c, k, h, w, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(k, c, 3, 3, generator=g)
+    b = torch.randn(k, generator=g) if bias else None
+    return x, weight, b
+
+
+def _assert_float32_accurate(got, x, weight, b):
+    """Within float32 round-off of the float64 convolution, on the scale of sum |x| |w| + |b|."""
+    b64 = None if b is None else b.double()
+    want = F.conv2d(x.double(), weight.double(), b64, padding=1)
+    scale = F.conv2d(x.double().abs(), weight.double().abs(), None if b is None else b64.abs(), padding=1)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=CL)
+    assert ((got.double() - want).abs() <= 2e-6 * scale + 1e-7).all()
+
+
+# Odd sizes (half tiles at the edges), 1x1 images, tile counts that are not a multiple of the
+# kernel's 6-row register tile or 48-tile block, out channels not a multiple of 16.
+SHAPES = [(2, 32, 32, 14, 14), (3, 16, 16, 7, 7), (1, 8, 8, 1, 1), (2, 8, 24, 5, 9), (5, 24, 8, 2, 3),
+          (1, 16, 40, 28, 28), (7, 8, 16, 3, 1), (250, 8, 8, 1, 2)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,c,k,h,w", SHAPES)
+def test_winograd_matches_float64(n, c, k, h, w, bias):
+    x, weight, b = _operands(n, c, k, h, w, bias)
+    _assert_float32_accurate(torch.ops.dvpvae.conv3x3_winograd(x, weight, b), x, weight, b)
+
+
+@needs_kernel
+def test_winograd_does_not_depend_on_thread_count():
+    x, weight, b = _operands(6, 16, 16, 9, 11, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.dvpvae.conv3x3_winograd(x, weight, b)
+        torch.set_num_threads(2)
+        two = torch.ops.dvpvae.conv3x3_winograd(x, weight, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+@pytest.mark.parametrize("make,message", [
+    (lambda x, w, b: (x.double(), w.double(), b.double()), "float32"),
+    (lambda x, w, b: (x.contiguous(), w, b), "channels-last"),
+    (lambda x, w, b: (x[:, :12].contiguous(memory_format=CL), w[:, :12], b), "channels % 8"),
+    (lambda x, w, b: (x, torch.cat([w, w[:4]]), None), "channels % 8"),
+    (lambda x, w, b: (x, w[:, :, :2], b), r"weight must be \(out, 16, 3, 3\)"),
+    (lambda x, w, b: (x, w, b[:4]), r"bias must be float32 \(8\)"),
+    (lambda x, w, b: (x[0], w, b), "4-D"),
+])
+def test_winograd_rejects_bad_arguments(make, message):
+    x, weight, b = _operands(2, 16, 8, 5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dvpvae.conv3x3_winograd(*make(x, weight, b))
+
+
+@needs_kernel
+def test_winograd_passes_opcheck():
+    x, weight, b = _operands(2, 8, 16, 5, 6)
+    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, b))
+    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, None))
+
+
+@needs_kernel
+def test_cpu_provider_convolution_uses_winograd_by_rule():
+    """On AVX2 CPUs a covered 3x3 conv_cl computes the Winograd kernel's numbers in the forward
+    and in the input gradient (the flipped kernel's convolution of the output gradient), and
+    oneDNN's with the extension off; on AVX-512 CPUs oneDNN's in both cases."""
+    x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
+    grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
+    x.requires_grad_()
+    assert winograd_covers(x, weight) == AVX2
+    assert not winograd_covers(x.double(), weight.double())
+    assert not winograd_covers(x[:, :12], weight[:, :12])
+    assert not winograd_covers(x, weight[:4])
+    assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
+    out = conv_cl(x, weight, b, True)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    onednn = conv_cl(x, weight, b, False)
+    (onednn_grad_x,) = torch.autograd.grad(onednn, x, grad)
+    if AVX2:
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b))
+        assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None))
+    else:
+        assert torch.equal(out, onednn) and torch.equal(grad_x, onednn_grad_x)
+    _assert_float32_accurate(out.detach(), x.detach(), weight, b)
+    _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None)

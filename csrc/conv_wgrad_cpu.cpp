@@ -14,6 +14,7 @@
 // outside the image are skipped, so no padded copy is needed. Work items are (image, row
 // chunk) pairs; each thread sums into its own buffer and the buffers are added at the end,
 // so the result does not depend on scheduling (only on the thread count).
+#include "avx2.h"
 #include "ops.h"
 
 #include <ATen/Functions.h>
@@ -23,36 +24,16 @@
 #include <cstdint>
 #include <tuple>
 
-// The kernels are AVX2/FMA code behind a target attribute (the rest of the extension is
-// built for the baseline ISA), used only after a run-time check of the CPU.
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DVPVAE_HAVE_AVX2_KERNEL 1
-#define DVPVAE_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define DVPVAE_HAVE_AVX2_KERNEL 0
-#endif
-
 namespace dvpvae {
 namespace {
-
-bool cpu_has_avx2_fma() {
-#if DVPVAE_HAVE_AVX2_KERNEL
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 constexpr int kOutBlock = 4;  // output channels per register tile
 constexpr int kLanes = 8;     // input channels per AVX2 vector
 
 #if DVPVAE_HAVE_AVX2_KERNEL
-#define DVPVAE_INLINE DVPVAE_AVX2 inline __attribute__((always_inline))
-
 // a_o += grad[o] * xv for the kOutBlock output channels at gp.
-DVPVAE_INLINE void fma_out_block(const float* __restrict gp, __m256 xv, __m256& a0, __m256& a1, __m256& a2,
-                                 __m256& a3) {
+DVPVAE_AVX2_INLINE void fma_out_block(const float* __restrict gp, __m256 xv, __m256& a0, __m256& a1, __m256& a2,
+                                      __m256& a3) {
   a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp), xv, a0);
   a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 1), xv, a1);
   a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 2), xv, a2);
@@ -60,15 +41,17 @@ DVPVAE_INLINE void fma_out_block(const float* __restrict gp, __m256 xv, __m256& 
 }
 
 // al/am/ar += grad[0] * xl/xm/xr: one output channel, the three taps of a kernel row.
-DVPVAE_INLINE void fma_taps(const float* __restrict gp, __m256 xl, __m256 xm, __m256 xr, __m256& al, __m256& am,
-                            __m256& ar) {
+DVPVAE_AVX2_INLINE void fma_taps(const float* __restrict gp, __m256 xl, __m256 xm, __m256 xr, __m256& al, __m256& am,
+                                 __m256& ar) {
   const __m256 b = _mm256_broadcast_ss(gp);
   al = _mm256_fmadd_ps(b, xl, al);
   am = _mm256_fmadd_ps(b, xm, am);
   ar = _mm256_fmadd_ps(b, xr, ar);
 }
 
-DVPVAE_INLINE void add_to(float* __restrict d, __m256 a) { _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a)); }
+DVPVAE_AVX2_INLINE void add_to(float* __restrict d, __m256 a) {
+  _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a));
+}
 
 // out[3 ky + kx, o0 : o0 + 4, i0 : i0 + 8] += products of grad rows [y0, y1) with the input rows
 // shifted by ky - 1, for the three taps kx of kernel row ky. Named accumulators (not arrays):

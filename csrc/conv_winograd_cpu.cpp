@@ -13,6 +13,7 @@
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
 // multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
 // accumulators) and writes the block's outputs, so the transformed data never reaches DRAM.
+#include "avx2.h"
 #include "ops.h"
 
 #include <ATen/Functions.h>
@@ -22,25 +23,8 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DVPVAE_HAVE_AVX2_KERNEL 1
-#define DVPVAE_AVX2 __attribute__((target("avx2,fma")))
-#define DVPVAE_INLINE DVPVAE_AVX2 inline __attribute__((always_inline))
-#else
-#define DVPVAE_HAVE_AVX2_KERNEL 0
-#endif
-
 namespace dvpvae {
 namespace {
-
-bool cpu_has_avx2_fma() {
-#if DVPVAE_HAVE_AVX2_KERNEL
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 constexpr int kLanes = 8;        // floats per AVX2 vector
 constexpr int kRows = 6;         // tiles per register tile
@@ -74,7 +58,7 @@ std::vector<float> transform_filters(const at::Tensor& weight) {
 
 #if DVPVAE_HAVE_AVX2_KERNEL
 struct Shape {
-  int64_t N, H, W, C, K, TH, TW;
+  int64_t H, W, C, K, TH, TW;  // image, channels in and out, tiles per column and row
 };
 
 // V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of the tile (n, ty, tx), with
@@ -82,8 +66,8 @@ struct Shape {
 // from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
 // which would not fit the 16 vector registers.
 // d[j] = x[n, y, x0 + j, c : c + 8] for the patch row y, zero in the padding.
-DVPVAE_INLINE void load_row(const float* __restrict base, const Shape& s, int64_t y, int64_t x0, bool interior,
-                            __m256 (&d)[4]) {
+DVPVAE_AVX2_INLINE void load_row(const float* __restrict base, const Shape& s, int64_t y, int64_t x0, bool interior,
+                                 __m256 (&d)[4]) {
   if (interior) {
     const float* p = base + (y * s.W + x0) * s.C;
     for (int j = 0; j < 4; ++j) d[j] = _mm256_loadu_ps(p + j * s.C);
@@ -96,8 +80,8 @@ DVPVAE_INLINE void load_row(const float* __restrict base, const Shape& s, int64_
   }
 }
 
-DVPVAE_INLINE void input_tile(const float* __restrict x, float* __restrict V, const Shape& s, int64_t n,
-                              int64_t ty, int64_t tx, int64_t r, int64_t c, int64_t ldv) {
+DVPVAE_AVX2_INLINE void input_tile(const float* __restrict x, float* __restrict V, const Shape& s, int64_t n,
+                                   int64_t ty, int64_t tx, int64_t r, int64_t c, int64_t ldv) {
   const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
   const float* base = x + n * s.H * s.W * s.C + c;
   const bool interior = y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W;
@@ -158,9 +142,9 @@ DVPVAE_AVX2 void gemm_tile(const float* __restrict V, const float* __restrict U,
 
 // out[n, 2ty + i, 2tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m, with
 // A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]; outputs past the image edge (odd H or W) are dropped.
-DVPVAE_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
-                               const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
-                               int64_t ldm) {
+DVPVAE_AVX2_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
+                                    const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
+                                    int64_t ldm) {
   const float* m = M + r * s.K + k;
   __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
   for (int j = 0; j < 4; ++j) {
@@ -254,7 +238,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   at::Tensor out = at::empty({N, K, H, W}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if DVPVAE_HAVE_AVX2_KERNEL
-  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
+  const Shape s{H, W, C, K, (H + 1) / 2, (W + 1) / 2};
   const std::vector<float> U = transform_filters(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
   const float* x = input.data_ptr<float>();

@@ -118,10 +118,11 @@ def test_state_dict_and_optimizer_are_interchangeable():
 @pytest.mark.parametrize("preset", ["mnist", pytest.param("omniglot", marks=pytest.mark.slow),
                                     pytest.param("cifar10", marks=pytest.mark.slow)])
 def test_compiled_presets_match_reference(preset):
+    # The training step's graphs; the eval-mode graphs are checked on tiny
+    # (test_compiled_forward_matches_reference), each preset's eval mode eagerly.
     ref, x = perturbed(preset)
     fast = FastDVPVAE.from_reference(ref)
     compare_forward(ref, fast, x[:2], True, factor=REORDER_FACTOR)
-    compare_forward(ref, fast, x[:2], False, factor=REORDER_FACTOR)
 
 
 @pytest.mark.parametrize("device,cuda_graphs,grad,expected", [

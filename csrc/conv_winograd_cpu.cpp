@@ -61,10 +61,6 @@ struct Shape {
   int64_t H, W, C, K, TH, TW;  // image, channels in and out, tiles per column and row
 };
 
-// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of the tile (n, ty, tx), with
-// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of B^T d is formed
-// from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
-// which would not fit the 16 vector registers.
 // d[j] = x[n, y, x0 + j, c : c + 8] for the patch row y, zero in the padding.
 DVPVAE_AVX2_INLINE void load_row(const float* __restrict base, const Shape& s, int64_t y, int64_t x0, bool interior,
                                  __m256 (&d)[4]) {
@@ -80,12 +76,16 @@ DVPVAE_AVX2_INLINE void load_row(const float* __restrict base, const Shape& s, i
   }
 }
 
+// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of the tile (n, ty, tx), with
+// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of B^T d is formed
+// from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
+// which would not fit the 16 vector registers.
 DVPVAE_AVX2_INLINE void input_tile(const float* __restrict x, float* __restrict V, const Shape& s, int64_t n,
                                    int64_t ty, int64_t tx, int64_t r, int64_t c, int64_t ldv) {
   const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
   const float* base = x + n * s.H * s.W * s.C + c;
   const bool interior = y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W;
-  // Row i of B^T d is sign_a * d[ia] + sign_b * d[ib].
+  // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
   static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
   static constexpr bool add[4] = {false, true, false, false};
   float* v = V + r * s.C + c;
@@ -108,7 +108,6 @@ DVPVAE_AVX2 void gemm_tile(const float* __restrict V, const float* __restrict U,
                            int64_t K) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-#pragma GCC unroll 4
   for (int64_t c = 0; c < C; ++c) {
     const __m256 u0 = _mm256_loadu_ps(U + c * K);
     const __m256 u1 = NV == 2 ? _mm256_loadu_ps(U + c * K + kLanes) : u0;

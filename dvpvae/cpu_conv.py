@@ -5,10 +5,10 @@ CPUs the extension's kernels serve wherever they cover the shape: a 3x3 forward 
 gradient by Winograd F(2x2, 3x3) (``csrc/conv_winograd_cpu.cpp``, 4 multiplies per output
 instead of 9) and the weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than
 oneDNN's weight gradient plus a channel sum). Everything else, and everything on AVX-512
-CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a rule on shape, dtype and
-ISA, so every process computes the same numbers. Both directions are ``torch.library``
-custom ops: compiled graphs call each as one node, and ``needs_exact_strides`` keeps
-inductor from handing them other strides.
+CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a
+rule on shape, dtype and ISA (``_extension_isa``), so every process computes the same
+numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as one
+node, and ``needs_exact_strides`` keeps inductor from handing them other strides.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     AVX-512), else from oneDNN."""
     if weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_weight_grad: weight must be 1x1 or 3x3, got shape {tuple(weight.shape)}")
-    if use_extension and torch.backends.cpu.get_cpu_capability() == "AVX2" and extension_covers(grad, x):
+    if use_extension and _extension_isa() and extension_covers(grad, x):
         return torch.ops.dvpvae.conv_weight_grad(grad, x, weight.shape[-1])
     # The bias gradient as ATen's channel sum: inductor would otherwise fuse the sums of
     # many layers into one strided reduction that is slower than a sum per gradient.

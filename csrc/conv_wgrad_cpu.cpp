@@ -5,15 +5,12 @@
 //   dW[o, i, ky, kx] = sum_{n, y, x} grad[n, y, x, o] * input[n, y + ky - p, x + kx - p, i]
 //   db[o]            = sum_{n, y, x} grad[n, y, x, o]
 //
-// For each tap the sum is a (Co x pixels) @ (pixels x Ci) product whose pixel index runs
-// along image rows. One sweep over a chunk of rows small enough for L1 accumulates a
-// register tile of 4 output channels x 8 input channels for the three taps of one kernel
-// row (12 AVX2 accumulators: 12 FMAs per 3 vector loads and 4 broadcasts, 12 independent
-// FMA chains); a 1x1 kernel uses 4 output x 16 input channels instead. The first and last
-// pixel of each row skip the taps that fall on the zero padding, and kernel rows that fall
-// outside the image are skipped, so no padded copy is needed. Work items are (image, row
-// chunk) pairs; each thread sums into its own buffer and the buffers are added at the end,
-// so the result does not depend on scheduling (only on the thread count).
+// A 3x3 kernel's gradients come from Winograd F(2x2, 3x3) (conv_winograd_cpu.cpp). For a 1x1
+// kernel the sum is a (Co x pixels) @ (pixels x Ci) product: one sweep over a chunk of rows
+// small enough for L1 accumulates a register tile of 4 output x 16 input channels. Work
+// items are (image, row chunk) pairs; each thread sums into its own buffer and the buffers
+// are added at the end, so the result does not depend on scheduling (only on the thread
+// count).
 #include "avx2.h"
 #include "ops.h"
 
@@ -40,60 +37,8 @@ DVPVAE_AVX2_INLINE void fma_out_block(const float* __restrict gp, __m256 xv, __m
   a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(gp + 3), xv, a3);
 }
 
-// al/am/ar += grad[0] * xl/xm/xr: one output channel, the three taps of a kernel row.
-DVPVAE_AVX2_INLINE void fma_taps(const float* __restrict gp, __m256 xl, __m256 xm, __m256 xr, __m256& al, __m256& am,
-                                 __m256& ar) {
-  const __m256 b = _mm256_broadcast_ss(gp);
-  al = _mm256_fmadd_ps(b, xl, al);
-  am = _mm256_fmadd_ps(b, xm, am);
-  ar = _mm256_fmadd_ps(b, xr, ar);
-}
-
 DVPVAE_AVX2_INLINE void add_to(float* __restrict d, __m256 a) {
   _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a));
-}
-
-// out[3 ky + kx, o0 : o0 + 4, i0 : i0 + 8] += products of grad rows [y0, y1) with the input rows
-// shifted by ky - 1, for the three taps kx of kernel row ky. Named accumulators (not arrays):
-// GCC then keeps all 12 in registers.
-DVPVAE_AVX2 void kernel_row_tile3(const float* __restrict g, const float* __restrict x, float* __restrict out,
-                                  int64_t y0, int64_t y1, int64_t H, int64_t W, int64_t Co, int64_t Ci, int ky,
-                                  int64_t o0, int64_t i0) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;  // tap kx = 0 (input pixel to the left)
-  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;                  // kx = 1
-  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;                  // kx = 2 (input pixel to the right)
-  for (int64_t y = y0; y < y1; ++y) {
-    const int64_t yy = y + ky - 1;
-    if (yy < 0 || yy >= H) continue;
-    const float* gp = g + y * W * Co + o0;
-    const float* xp = x + yy * W * Ci + i0;
-    // Output pixel c reads input pixels c - 1 (kx = 0), c (kx = 1) and c + 1 (kx = 2); those
-    // outside the row are the zero padding and are skipped at the two ends.
-    fma_out_block(gp, _mm256_loadu_ps(xp), a10, a11, a12, a13);
-    if (W > 1) fma_out_block(gp, _mm256_loadu_ps(xp + Ci), a20, a21, a22, a23);
-    for (int64_t c = 1; c < W - 1; ++c) {
-      // One broadcast per output channel feeds all three taps: 16 live registers, no spills.
-      const float* gc = gp + c * Co;
-      const float* xc = xp + c * Ci;
-      const __m256 xl = _mm256_loadu_ps(xc - Ci), xm = _mm256_loadu_ps(xc), xr = _mm256_loadu_ps(xc + Ci);
-      fma_taps(gc, xl, xm, xr, a00, a10, a20);
-      fma_taps(gc + 1, xl, xm, xr, a01, a11, a21);
-      fma_taps(gc + 2, xl, xm, xr, a02, a12, a22);
-      fma_taps(gc + 3, xl, xm, xr, a03, a13, a23);
-    }
-    if (W > 1) {
-      const float* gc = gp + (W - 1) * Co;
-      const float* xc = xp + (W - 1) * Ci;
-      fma_out_block(gc, _mm256_loadu_ps(xc - Ci), a00, a01, a02, a03);
-      fma_out_block(gc, _mm256_loadu_ps(xc), a10, a11, a12, a13);
-    }
-  }
-  float* d = out + (3 * ky * Co + o0) * Ci + i0;
-  const int64_t tap = Co * Ci;
-  add_to(d, a00), add_to(d + Ci, a01), add_to(d + 2 * Ci, a02), add_to(d + 3 * Ci, a03);
-  add_to(d + tap, a10), add_to(d + tap + Ci, a11), add_to(d + tap + 2 * Ci, a12), add_to(d + tap + 3 * Ci, a13);
-  d += 2 * tap;
-  add_to(d, a20), add_to(d + Ci, a21), add_to(d + 2 * Ci, a22), add_to(d + 3 * Ci, a23);
 }
 
 // out[o0 : o0 + 4, i0 : i0 + 8V] += products of grad rows [y0, y1) with the same input rows (1x1).
@@ -129,25 +74,19 @@ DVPVAE_AVX2 void channel_sums(const float* __restrict g, float* __restrict bias,
     for (int64_t p = p0; p < p1; ++p) bias[o] += g[p * Co + o];
 }
 
-// Accumulate the work items [w0, w1) (image-major, then row chunk) into out (K*K, Co, Ci)
-// and bias (Co).
+// Accumulate the work items [w0, w1) (image-major, then row chunk) into out (Co, Ci) and
+// bias (Co).
 DVPVAE_AVX2 void wgrad_items(const float* __restrict g, const float* __restrict x, float* __restrict out,
                              float* __restrict bias, int64_t w0, int64_t w1, int64_t chunks, int64_t rows,
-                             int64_t H, int64_t W, int64_t Co, int64_t Ci, int64_t K) {
+                             int64_t H, int64_t W, int64_t Co, int64_t Ci) {
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t n = w / chunks, y0 = (w % chunks) * rows, y1 = std::min(H, y0 + rows);
     const float* gn = g + n * H * W * Co;
     const float* xn = x + n * H * W * Ci;
     for (int64_t o0 = 0; o0 < Co; o0 += kOutBlock) {
-      if (K == 1) {
-        int64_t i0 = 0;
-        for (; i0 + 2 * kLanes <= Ci; i0 += 2 * kLanes) kernel_tile1<2>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
-        if (i0 < Ci) kernel_tile1<1>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
-        continue;
-      }
-      for (int ky = 0; ky < 3; ++ky)
-        for (int64_t i0 = 0; i0 < Ci; i0 += kLanes)
-          kernel_row_tile3(gn, xn, out, y0, y1, H, W, Co, Ci, ky, o0, i0);
+      int64_t i0 = 0;
+      for (; i0 + 2 * kLanes <= Ci; i0 += 2 * kLanes) kernel_tile1<2>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
+      if (i0 < Ci) kernel_tile1<1>(gn, xn, out, y0, y1, W, Co, Ci, o0, i0);
     }
     channel_sums(gn, bias, y0 * W, y1 * W, Co);
   }
@@ -171,17 +110,19 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, 
   TORCH_CHECK(grad.size(0) == N && grad.size(2) == H && grad.size(3) == W,
               "dvpvae: conv_weight_grad: grad ", grad.sizes(), " does not match input ", input.sizes(),
               " (stride 1, 'same' padding: same N, H, W)");
-  TORCH_CHECK(Co % kOutBlock == 0 && Ci % kLanes == 0, "dvpvae: conv_weight_grad needs out channels % ",
-              kOutBlock, " == 0 and in channels % ", kLanes, " == 0, got ", Co, " and ", Ci);
   const auto cl = at::MemoryFormat::ChannelsLast;
   TORCH_CHECK(grad.is_contiguous(cl) && input.is_contiguous(cl),
               "dvpvae: conv_weight_grad: grad and input must be channels-last contiguous");
-  const int64_t K = kernel_size, taps = K * K;
+  const int64_t out_multiple = kernel_size == 3 ? kLanes : kOutBlock;
+  TORCH_CHECK(Co % out_multiple == 0 && Ci % kLanes == 0, "dvpvae: conv_weight_grad with kernel_size ", kernel_size,
+              " needs out channels % ", out_multiple, " == 0 and in channels % ", kLanes, " == 0, got ", Co, " and ",
+              Ci);
+  if (kernel_size == 3) return winograd_weight_grad(grad, input);
   const int64_t rows = std::clamp<int64_t>(64 / std::max<int64_t>(W, 1), 1, std::max<int64_t>(H, 1));
   const int64_t chunks = (H + rows - 1) / rows, items = N * chunks;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  // Per thread: (K*K, Co, Ci) weight partials, then Co bias partials.
-  const int64_t per_thread = taps * Co * Ci + Co;
+  // Per thread: (Co, Ci) weight partials, then Co bias partials.
+  const int64_t per_thread = Co * Ci + Co;
   at::Tensor partial = at::zeros({threads, per_thread}, input.options().memory_format(at::MemoryFormat::Contiguous));
   const float* g = grad.data_ptr<float>();
   const float* x = input.data_ptr<float>();
@@ -190,16 +131,13 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, 
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* buf = out + t * per_thread;
-      wgrad_items(g, x, buf, buf + taps * Co * Ci, items * t / threads, items * (t + 1) / threads, chunks, rows,
-                  H, W, Co, Ci, K);
+      wgrad_items(g, x, buf, buf + Co * Ci, items * t / threads, items * (t + 1) / threads, chunks, rows, H, W, Co,
+                  Ci);
     }
   });
 #endif
   const at::Tensor total = partial.sum(0);
-  // (K*K, Co, Ci) -> (Co, Ci, K, K)
-  at::Tensor weight_grad = total.narrow(0, 0, taps * Co * Ci).view({taps, Co, Ci}).permute({1, 2, 0})
-                               .reshape({Co, Ci, K, K}).contiguous();
-  return {weight_grad, total.narrow(0, taps * Co * Ci, Co).clone()};
+  return {total.narrow(0, 0, Co * Ci).view({Co, Ci, 1, 1}).clone(), total.narrow(0, Co * Ci, Co).clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,

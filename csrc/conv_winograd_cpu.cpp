@@ -9,6 +9,8 @@
 // pair instead of the direct form's 9. The transforms only add and subtract (G halves), so
 // the result matches the direct convolution to float32 round-off.
 //
+// The weight gradient uses the same transforms (see winograd_weight_grad's kernels below).
+//
 // Work items are blocks of kTileBlock tiles (image-major, then tile rows, then tile
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
 // multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
@@ -21,26 +23,30 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace dvpvae {
 namespace {
 
-constexpr int kLanes = 8;        // floats per AVX2 vector
-constexpr int kRows = 6;         // tiles per register tile
-constexpr int kTileBlock = 48;   // tiles per work item (a multiple of kRows)
-constexpr int kPoints = 16;      // 4x4 transformed points per tile
+constexpr int kLanes = 8;         // floats per AVX2 vector
+constexpr int kRows = 6;          // tiles per register tile
+constexpr int kTileBlock = 48;    // tiles per work item (a multiple of kRows)
+constexpr int kPoints = 16;       // 4x4 transformed points per tile
+constexpr int kAhead = 4;         // tiles between a prefetch and the tile's transform
+constexpr int kFlushBlocks = 16;  // weight gradient: blocks summed in float32 before a double sum
 // Padding of the scratch buffers' per-point stride: a stride of a multiple of 4 KB would map
 // a tile's 16 points to the same few L1 sets.
 constexpr int kStridePad = 16;
 
-// U[e, c, k] = (G g[k, c] G^T)[e] with G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-// computed in double.
+// The filter transform of F(2x2, 3x3).
+constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+
+// U[e, c, k] = (G g[k, c] G^T)[e], computed in double.
 std::vector<float> transform_filters(const at::Tensor& weight) {
   const at::Tensor w = weight.to(at::kDouble).contiguous();
   const int64_t K = w.size(0), C = w.size(1);
   const double* g = w.data_ptr<double>();
-  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   std::vector<float> U(kPoints * C * K);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t c = 0; c < C; ++c) {
@@ -56,44 +62,56 @@ std::vector<float> transform_filters(const at::Tensor& weight) {
   return U;
 }
 
-#if DVPVAE_HAVE_AVX2_KERNEL
 struct Shape {
-  int64_t H, W, C, K, TH, TW;  // image, channels in and out, tiles per column and row
+  int64_t N, H, W, C, K, TH, TW;  // batch, image, channels in and out, tiles per column and row
 };
 
-// d[j] = x[n, y, x0 + j, c : c + 8] for the patch row y, zero in the padding.
-DVPVAE_AVX2_INLINE void load_row(const float* __restrict base, const Shape& s, int64_t y, int64_t x0, bool interior,
-                                 __m256 (&d)[4]) {
-  if (interior) {
-    const float* p = base + (y * s.W + x0) * s.C;
-    for (int j = 0; j < 4; ++j) d[j] = _mm256_loadu_ps(p + j * s.C);
-    return;
-  }
-  for (int j = 0; j < 4; ++j) {
-    const int64_t xx = x0 + j;
-    d[j] = (y >= 0 && y < s.H && xx >= 0 && xx < s.W) ? _mm256_loadu_ps(base + (y * s.W + xx) * s.C)
-                                                      : _mm256_setzero_ps();
-  }
+#if DVPVAE_HAVE_AVX2_KERNEL
+// A tile's 4x4 input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
+struct Patch {
+  const float* p;
+  int64_t rs;
+};
+
+// The patch of tile (n, ty, tx): in x for an interior tile, else copied with its zero padding
+// into `pad` (16 C floats), so that the transform below never tests bounds.
+DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
+                                     float* __restrict pad) {
+  const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
+  const float* img = x + n * s.H * s.W * s.C;
+  if (y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W) return {img + (y0 * s.W + x0) * s.C, s.W * s.C};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t y = y0 + i, xx = x0 + j;
+      float* d = pad + (i * 4 + j) * s.C;
+      const bool inside = y >= 0 && y < s.H && xx >= 0 && xx < s.W;
+      const float* src = img + (y * s.W + xx) * s.C;
+      for (int64_t c = 0; c < s.C; c += kLanes)
+        _mm256_storeu_ps(d + c, inside ? _mm256_loadu_ps(src + c) : _mm256_setzero_ps());
+    }
+  return {pad, 4 * s.C};
 }
 
-// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of the tile (n, ty, tx), with
+// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d, with
 // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of B^T d is formed
 // from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
 // which would not fit the 16 vector registers.
-DVPVAE_AVX2_INLINE void input_tile(const float* __restrict x, float* __restrict V, const Shape& s, int64_t n,
-                                   int64_t ty, int64_t tx, int64_t r, int64_t c, int64_t ldv) {
-  const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
-  const float* base = x + n * s.H * s.W * s.C + c;
-  const bool interior = y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W;
+DVPVAE_AVX2_INLINE void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
+                                   int64_t ldv) {
   // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
   static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
   static constexpr bool add[4] = {false, true, false, false};
-  float* v = V + r * s.C + c;
+  float* v = V + r * C + c;
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    __m256 a[4], b[4], t[4];
-    load_row(base, s, y0 + ia[i], x0, interior, a);
-    load_row(base, s, y0 + ib[i], x0, interior, b);
-    for (int j = 0; j < 4; ++j) t[j] = add[i] ? _mm256_add_ps(a[j], b[j]) : _mm256_sub_ps(a[j], b[j]);
+    const float* pa = d.p + ia[i] * d.rs + c;
+    const float* pb = d.p + ib[i] * d.rs + c;
+    __m256 t[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 a = _mm256_loadu_ps(pa + j * C), b = _mm256_loadu_ps(pb + j * C);
+      t[j] = add[i] ? _mm256_add_ps(a, b) : _mm256_sub_ps(a, b);
+    }
     _mm256_storeu_ps(v + (i * 4 + 0) * ldv, _mm256_sub_ps(t[0], t[2]));
     _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
     _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
@@ -179,15 +197,36 @@ struct TileWalk {
   }
 };
 
-// The tiles [t0, t0 + count) of the whole batch, count <= kTileBlock; V and M are scratch.
+// Prefetches the input patch of the tile at `w` and, with g, its output-gradient tile. Called
+// kAhead tiles early: each tile row starts new short streams (a few cache lines per image
+// row) that the hardware prefetchers pick up too late.
+DVPVAE_AVX2_INLINE void prefetch_tile(const float* x, const float* g, const Shape& s, const TileWalk& w) {
+  if (w.n >= s.N) return;
+  const int64_t y0 = 2 * w.ty - 1, x0 = std::max<int64_t>(2 * w.tx - 1, 0), x1 = std::min<int64_t>(2 * w.tx + 3, s.W);
+  for (int64_t y = std::max<int64_t>(y0, 0); y < std::min<int64_t>(y0 + 4, s.H); ++y) {
+    const char* row = reinterpret_cast<const char*>(x + ((w.n * s.H + y) * s.W + x0) * s.C);
+    for (int64_t b = 0; b < (x1 - x0) * s.C * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  }
+  if (g == nullptr) return;
+  const int64_t gx1 = std::min<int64_t>(2 * w.tx + 2, s.W);
+  for (int64_t y = 2 * w.ty; y < std::min<int64_t>(2 * w.ty + 2, s.H); ++y) {
+    const char* row = reinterpret_cast<const char*>(g + ((w.n * s.H + y) * s.W + 2 * w.tx) * s.K);
+    for (int64_t b = 0; b < (gx1 - 2 * w.tx) * s.K * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  }
+}
+
+// The tiles [t0, t0 + count) of the whole batch, count <= kTileBlock; V, M and pad are scratch.
 DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
-                            float* __restrict out, float* __restrict V, float* __restrict M, const Shape& s,
-                            int64_t t0, int64_t count) {
+                            float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
+                            const Shape& s, int64_t t0, int64_t count) {
   const int64_t ldv = kTileBlock * s.C + kStridePad, ldm = kTileBlock * s.K + kStridePad;
   const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
-  TileWalk in(s, t0);
-  for (int64_t r = 0; r < count; ++r, in.next(s))
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(x, V, s, in.n, in.ty, in.tx, r, c, ldv);
+  TileWalk in(s, t0), ahead(s, t0 + kAhead);
+  for (int64_t r = 0; r < count; ++r, in.next(s), ahead.next(s)) {
+    prefetch_tile(x, nullptr, s, ahead);
+    const Patch d = input_patch(x, s, in.n, in.ty, in.tx, pad);
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(d, V, r, c, s.C, ldv);
+  }
   for (int e = 0; e < kPoints; ++e)
     for (int64_t r = count; r < rows; ++r) std::fill_n(V + e * ldv + r * s.C, s.C, 0.f);
   for (int e = 0; e < kPoints; ++e) {
@@ -203,6 +242,103 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s))
     for (int64_t k = 0; k < s.K; k += kLanes) output_tile(M, bias, out, s, o.n, o.ty, o.tx, r, k, ldm);
+}
+
+// ---------------------------------------------------------------- weight and bias gradients
+// dW = G^T [ sum over tiles of (A dY A^T) . (B^T d B) ] G for each (out, in) channel pair, where
+// dY is a tile's 2x2 output gradient and d its 4x4 input patch: the weight gradient of the
+// form above (its trilinear sum over dY, g and d differentiated in g). The tile sum is 16
+// (K x tiles) @ (tiles x C) products; db is the sum of the (1, 1) point of A dY A^T, which is
+// the tile's sum of dY.
+
+// D[e, r, k : k + 8] = (A q A^T)[e] for the 8 channels at k of the output-gradient tile
+// (n, ty, tx), zero past the image edge; rows of A q are q0, q0 + q1, q0 - q1, -q1.
+DVPVAE_AVX2_INLINE void grad_tile(const float* __restrict g, float* __restrict D, const Shape& s, int64_t n,
+                                  int64_t ty, int64_t tx, int64_t r, int64_t k, int64_t ldd) {
+  const float* base = g + n * s.H * s.W * s.K + k;
+  __m256 q[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t y = 2 * ty + i, xx = 2 * tx + j;
+      q[i][j] = (y < s.H && xx < s.W) ? _mm256_loadu_ps(base + (y * s.W + xx) * s.K) : _mm256_setzero_ps();
+    }
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 p[4][2] = {{q[0][0], q[0][1]},
+                          {_mm256_add_ps(q[0][0], q[1][0]), _mm256_add_ps(q[0][1], q[1][1])},
+                          {_mm256_sub_ps(q[0][0], q[1][0]), _mm256_sub_ps(q[0][1], q[1][1])},
+                          {_mm256_sub_ps(zero, q[1][0]), _mm256_sub_ps(zero, q[1][1])}};
+  float* d = D + r * s.K + k;
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + (i * 4 + 0) * ldd, p[i][0]);
+    _mm256_storeu_ps(d + (i * 4 + 1) * ldd, _mm256_add_ps(p[i][0], p[i][1]));
+    _mm256_storeu_ps(d + (i * 4 + 2) * ldd, _mm256_sub_ps(p[i][0], p[i][1]));
+    _mm256_storeu_ps(d + (i * 4 + 3) * ldd, _mm256_sub_ps(zero, p[i][1]));
+  }
+}
+
+// S[k0 + i, c0 : c0 + 8 NV] += sum_r D[r, k0 + i] * V[r, c0 : c0 + 8 NV] for R rows i (one point
+// e), over `count` tiles r; D, V and S point at (k0, c0).
+template <int R, int NV>
+DVPVAE_AVX2 void wgrad_tile(const float* __restrict D, const float* __restrict V, float* __restrict S,
+                            int64_t count, int64_t K, int64_t C) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_loadu_ps(S + i * C + v * kLanes);
+  for (int64_t r = 0; r < count; ++r) {
+    __m256 x[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(V + r * C + v * kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 b = _mm256_broadcast_ss(D + r * K + i);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(b, x[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(S + i * C + v * kLanes, acc[i][v]);
+}
+
+// S[k0 : k0 + R, :] of one point: register tiles of R rows over the C columns.
+template <int R>
+DVPVAE_AVX2 void wgrad_rows(const float* __restrict D, const float* __restrict V, float* __restrict S,
+                            int64_t count, int64_t K, int64_t C) {
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= C; c += 2 * kLanes) wgrad_tile<R, 2>(D, V + c, S + c, count, K, C);
+  if (c < C) wgrad_tile<R, 1>(D, V + c, S + c, count, K, C);
+}
+
+// Accumulates the tiles [t0, t0 + count) into S (16, K, C) and bias (K); V, D and pad are scratch.
+DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
+                             float* __restrict D, float* __restrict pad, float* __restrict S, float* __restrict bias,
+                             const Shape& s, int64_t t0, int64_t count) {
+  const int64_t ldv = kTileBlock * s.C + kStridePad, ldd = kTileBlock * s.K + kStridePad;
+  TileWalk w(s, t0), ahead(s, t0 + kAhead);
+  for (int64_t r = 0; r < count; ++r, w.next(s), ahead.next(s)) {
+    prefetch_tile(x, g, s, ahead);
+    const Patch d = input_patch(x, s, w.n, w.ty, w.tx, pad);
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(d, V, r, c, s.C, ldv);
+    for (int64_t k = 0; k < s.K; k += kLanes) grad_tile(g, D, s, w.n, w.ty, w.tx, r, k, ldd);
+  }
+  for (int e = 0; e < kPoints; ++e) {
+    const float* De = D + e * ldd;
+    const float* Ve = V + e * ldv;
+    float* Se = S + e * s.K * s.C;
+    int64_t k = 0;
+    for (; k + kRows <= s.K; k += kRows) wgrad_rows<kRows>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
+    if (s.K - k == 4) wgrad_rows<4>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
+    if (s.K - k == 2) wgrad_rows<2>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
+  }
+  const float* D5 = D + 5 * ldd;  // the (1, 1) point: each tile's sum of dY
+  for (int64_t k = 0; k < s.K; k += kLanes) {
+    __m256 sum = _mm256_loadu_ps(bias + k);
+    for (int64_t r = 0; r < count; ++r) sum = _mm256_add_ps(sum, _mm256_loadu_ps(D5 + r * s.K + k));
+    _mm256_storeu_ps(bias + k, sum);
+  }
 }
 #endif
 
@@ -237,20 +373,72 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   at::Tensor out = at::empty({N, K, H, W}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if DVPVAE_HAVE_AVX2_KERNEL
-  const Shape s{H, W, C, K, (H + 1) / 2, (W + 1) / 2};
+  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
   const std::vector<float> U = transform_filters(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
   const float* x = input.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> V(kPoints * (kTileBlock * C + kStridePad)), M(kPoints * (kTileBlock * K + kStridePad));
+    std::vector<float> pad(kPoints * C);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kTileBlock;
-      tile_block(x, U.data(), b, o, V.data(), M.data(), s, t0, std::min<int64_t>(kTileBlock, tiles - t0));
+      tile_block(x, U.data(), b, o, V.data(), M.data(), pad.data(), s, t0,
+                 std::min<int64_t>(kTileBlock, tiles - t0));
     }
   });
 #endif
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
+  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  // Per thread: the 16 points' (K, C) sums, then K bias sums. Each thread sums kFlushBlocks
+  // blocks in float32 and adds that to its double sums, so rounding does not grow with N.
+  const int64_t per_thread = kPoints * K * C + K;
+  at::Tensor partial = at::zeros({threads, per_thread}, input.options().dtype(at::kDouble)
+                                                            .memory_format(at::MemoryFormat::Contiguous));
+#if DVPVAE_HAVE_AVX2_KERNEL
+  const float* x = input.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  double* sums = partial.data_ptr<double>();
+  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
+    std::vector<float> V(kPoints * (kTileBlock * C + kStridePad)), D(kPoints * (kTileBlock * K + kStridePad));
+    std::vector<float> pad(kPoints * C);
+    std::vector<float> S(per_thread);
+    for (int64_t th = th0; th < th1; ++th) {
+      const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
+      for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
+        std::fill(S.begin(), S.end(), 0.f);
+        for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
+          const int64_t t0 = blk * kTileBlock;
+          wgrad_block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kPoints * K * C, s, t0,
+                      std::min<int64_t>(kTileBlock, tiles - t0));
+        }
+        double* out = sums + th * per_thread;
+        for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
+      }
+    }
+  });
+#endif
+  // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double.
+  const at::Tensor total = partial.sum(0);
+  const double* S = total.data_ptr<double>();
+  at::Tensor weight_grad = at::empty({K, C, 3, 3}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  float* dw = weight_grad.data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int u = 0; u < 3; ++u)
+        for (int v = 0; v < 3; ++v) {
+          double acc = 0;
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) acc += G[i][u] * S[((i * 4 + j) * K + k) * C + c] * G[j][v];
+          dw[((k * C + c) * 3 + u) * 3 + v] = static_cast<float>(acc);
+        }
+  return {weight_grad, total.narrow(0, kPoints * K * C, K).to(at::kFloat)};
 }
 
 at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,

@@ -37,7 +37,7 @@ at::Tensor unet_eps_meta(const at::Tensor& z, const at::Tensor& films, at::Tenso
 
 // Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
 // 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
-// (N, Ci, H, W); Co % 4 == 0, Ci % 8 == 0.
+// (N, Ci, H, W); Ci % 8 == 0, Co % 4 == 0 (1x1) or Co % 8 == 0 (3x3, by winograd_weight_grad).
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                         int64_t kernel_size);
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
@@ -50,5 +50,10 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
                                 const c10::optional<at::Tensor>& bias);
 at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias);
+
+// Weight (K, C, 3, 3) and bias (K) gradients of that convolution by the same transforms
+// (conv_weight_grad_cpu's kernel_size 3, which checks the arguments): channels-last float32
+// grad (N, K, H, W) and input (N, C, H, W); C % 8 == 0, K % 8 == 0.
+std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input);
 
 }  // namespace dvpvae

@@ -1,10 +1,11 @@
 """The ResNet blocks' convolutions for the CPU provider: channels-last, one call per gradient.
 
 ``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX2
-CPUs the extension's kernels serve wherever they cover the shape: a 3x3 forward and input
-gradient by Winograd F(2x2, 3x3) (``csrc/conv_winograd_cpu.cpp``, 4 multiplies per output
-instead of 9) and the weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than
-oneDNN's weight gradient plus a channel sum). Everything else, and everything on AVX-512
+CPUs the extension's kernels serve wherever they cover the shape: a 3x3 convolution's
+forward, input gradient and weight gradient by Winograd F(2x2, 3x3)
+(``csrc/conv_winograd_cpu.cpp``, 4 multiplies per output instead of 9) and a 1x1
+convolution's weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's
+weight gradient plus a channel sum). Everything else, and everything on AVX-512
 CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a
 rule on shape, dtype and ISA (``_extension_isa``), so every process computes the same
 numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as one
@@ -71,13 +72,15 @@ def conv_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 # ---------------------------------------------------------------- weight and bias gradients
-def extension_covers(grad: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the extension's weight-gradient kernel can serve these tensors (float32 CPU,
-    out channels % 4, in channels % 8, an AVX2 or AVX-512 CPU, extension built)."""
+def extension_covers(grad: torch.Tensor, x: torch.Tensor, kernel_size: int) -> bool:
+    """Whether the extension's weight-gradient kernels can serve these tensors (float32 CPU, in
+    channels % 8, out channels % 4 for a 1x1 kernel or % 8 for a 3x3 one, an AVX2 or AVX-512
+    CPU, extension built)."""
     from dvpvae import _ext
 
+    out_multiple = 8 if kernel_size == 3 else 4
     return (x.device.type == "cpu" and x.dtype == grad.dtype == torch.float32
-            and grad.shape[1] % 4 == 0 and x.shape[1] % 8 == 0
+            and grad.shape[1] % out_multiple == 0 and x.shape[1] % 8 == 0
             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and _ext.available())
 
 
@@ -89,7 +92,7 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     AVX-512), else from oneDNN."""
     if weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_weight_grad: weight must be 1x1 or 3x3, got shape {tuple(weight.shape)}")
-    if use_extension and _extension_isa() and extension_covers(grad, x):
+    if use_extension and _extension_isa() and extension_covers(grad, x, weight.shape[-1]):
         return torch.ops.dvpvae.conv_weight_grad(grad, x, weight.shape[-1])
     # The bias gradient as ATen's channel sum: inductor would otherwise fuse the sums of
     # many layers into one strided reduction that is slower than a sum per gradient.

@@ -29,8 +29,8 @@ SHAPES = [(3, 32, 32, 7, 7), (2, 32, 32, 14, 14), (2, 40, 8, 5, 6), (1, 8, 4, 1,
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("n,ci,co,h,w", SHAPES)
+# A 3x3 weight gradient (Winograd) needs out channels % 8.
+@pytest.mark.parametrize("n,ci,co,h,w,k", [s + (k,) for k in (1, 3) for s in SHAPES if k == 1 or s[2] % 8 == 0])
 def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
     grad, x = _pair(n, ci, co, h, w)
     got_w, got_b = torch.ops.dvpvae.conv_weight_grad(grad, x, k)
@@ -47,7 +47,7 @@ def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
     (lambda g, x: (g.double(), x.double()), "float32"),
     (lambda g, x: (g.contiguous(), x.contiguous()), "channels-last"),
     (lambda g, x: (g, x[:, :12].contiguous(memory_format=CL)), "in channels % 8"),
-    (lambda g, x: (g[:, :6].contiguous(memory_format=CL), x), "out channels % 4"),
+    (lambda g, x: (g[:, :4].contiguous(memory_format=CL), x), "out channels % 8"),
     (lambda g, x: (g[:1], x), "does not match"),
     (lambda g, x: (g[0], x[0]), "4-D"),
 ])
@@ -55,6 +55,13 @@ def test_extension_weight_grad_rejects_bad_arguments(make, message):
     grad, x = _pair(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.dvpvae.conv_weight_grad(*make(grad, x), 3)
+
+
+@needs_kernel
+def test_extension_1x1_weight_grad_needs_out_channels_multiple_of_4():
+    grad, x = _pair(2, 16, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="out channels % 4"):
+        torch.ops.dvpvae.conv_weight_grad(grad[:, :6].contiguous(memory_format=CL), x, 1)
 
 
 @needs_kernel
@@ -97,10 +104,11 @@ def test_conv_cl_float64_is_exact_through_onednn():
 def test_weight_grad_kernel_choice_is_a_rule_on_shape_and_dtype(k):
     grad, x = _pair(2, 16, 8, 9, 9, seed=3)
     w = torch.zeros(8, 16, k, k)
-    assert extension_covers(grad, x)
-    assert not extension_covers(grad.double(), x.double())
-    assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL))  # in channels % 8
-    assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x)  # out channels % 4
+    assert extension_covers(grad, x, k)
+    assert not extension_covers(grad.double(), x.double(), k)
+    assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL), k)  # in channels % 8
+    assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x, k)  # out channels % 4
+    assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1)  # 3x3: % 8
     got = conv_weight_grad(grad, x, w, use_extension=True)
     onednn = conv_weight_grad(grad, x, w, use_extension=False)
     # AVX2: the extension's numbers, exactly; AVX-512: oneDNN's (faster there)

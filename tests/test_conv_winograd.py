@@ -88,21 +88,47 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
     oneDNN's with the extension off; on AVX-512 CPUs oneDNN's in both cases."""
     x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
     grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
-    x.requires_grad_()
+    x.requires_grad_(), weight.requires_grad_()
     assert winograd_covers(x, weight) == AVX2
     assert not winograd_covers(x.double(), weight.double())
     assert not winograd_covers(x[:, :12], weight[:, :12])
     assert not winograd_covers(x, weight[:4])
     assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
     out = conv_cl(x, weight, b, True)
-    (grad_x,) = torch.autograd.grad(out, x, grad)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
     onednn = conv_cl(x, weight, b, False)
-    (onednn_grad_x,) = torch.autograd.grad(onednn, x, grad)
+    onednn_grads = torch.autograd.grad(onednn, (x, weight), grad)
+    weight = weight.detach()
     if AVX2:
         flipped = weight.flip(2, 3).transpose(0, 1)
         assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b))
         assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None))
+        assert torch.equal(grad_w, torch.ops.dvpvae.conv_weight_grad(grad, x.detach(), 3)[0])
     else:
-        assert torch.equal(out, onednn) and torch.equal(grad_x, onednn_grad_x)
+        assert torch.equal(out, onednn) and torch.equal(grad_x, onednn_grads[0])
     _assert_float32_accurate(out.detach(), x.detach(), weight, b)
     _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None)
+    _assert_weight_grads_accurate((grad_w, grad.sum((0, 2, 3))), grad, x.detach())
+
+
+def _assert_weight_grads_accurate(got, grad, x):
+    """(weight, bias) gradients within float32 round-off of float64, on the scale of the sums
+    of |grad| |x| and of |grad|."""
+    shape = (grad.shape[1], x.shape[1], 3, 3)
+    want_w = torch.nn.grad.conv2d_weight(x.double(), shape, grad.double(), padding=1)
+    scale_w = torch.nn.grad.conv2d_weight(x.double().abs(), shape, grad.double().abs(), padding=1)
+    want_b, scale_b = grad.double().sum((0, 2, 3)), grad.double().abs().sum((0, 2, 3))
+    for g, want, scale in ((got[0], want_w, scale_w), (got[1], want_b, scale_b)):
+        assert g.shape == want.shape and g.dtype == torch.float32
+        assert ((g.double() - want).abs() <= 2e-6 * scale + 1e-7).all()
+
+
+@needs_kernel
+# SHAPES with out channels % 8 (the weight gradient's rule), and 66 blocks of 48 tiles (the
+# kernel's float32 sums go to double every 16 blocks).
+@pytest.mark.parametrize("n,c,k,h,w", [s for s in SHAPES if s[2] % 8 == 0] + [(64, 32, 32, 14, 14)])
+def test_winograd_weight_grad_matches_float64(n, c, k, h, w):
+    gen = torch.Generator().manual_seed(h * 31 + w)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
+    grad = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=CL)
+    _assert_weight_grads_accurate(torch.ops.dvpvae.conv_weight_grad(grad, x, 3), grad, x)

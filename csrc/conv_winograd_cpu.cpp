@@ -30,7 +30,7 @@ namespace dvpvae {
 namespace {
 
 constexpr int kLanes = 8;         // floats per AVX2 vector
-constexpr int kRows = 6;          // tiles per register tile
+constexpr int kRows = 6;          // rows per register tile
 constexpr int kTileBlock = 48;    // tiles per work item (a multiple of kRows)
 constexpr int kPoints = 16;       // 4x4 transformed points per tile
 constexpr int kAhead = 4;         // tiles between a prefetch and the tile's transform
@@ -119,42 +119,43 @@ DVPVAE_AVX2_INLINE void input_tile(const Patch& d, float* __restrict V, int64_t 
   }
 }
 
-// M[r, k0 : k0 + 8 NV] = V[r, :] @ U[:, k0 : k0 + 8 NV] for kRows rows r (one point e).
-// Named accumulators: GCC then keeps all of them in registers.
-template <int NV>
-DVPVAE_AVX2 void gemm_tile(const float* __restrict V, const float* __restrict U, float* __restrict M, int64_t C,
-                           int64_t K) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-  for (int64_t c = 0; c < C; ++c) {
-    const __m256 u0 = _mm256_loadu_ps(U + c * K);
-    const __m256 u1 = NV == 2 ? _mm256_loadu_ps(U + c * K + kLanes) : u0;
-    __m256 v = _mm256_broadcast_ss(V + c);
-    a0 = _mm256_fmadd_ps(v, u0, a0);
-    if (NV == 2) b0 = _mm256_fmadd_ps(v, u1, b0);
-    v = _mm256_broadcast_ss(V + C + c);
-    a1 = _mm256_fmadd_ps(v, u0, a1);
-    if (NV == 2) b1 = _mm256_fmadd_ps(v, u1, b1);
-    v = _mm256_broadcast_ss(V + 2 * C + c);
-    a2 = _mm256_fmadd_ps(v, u0, a2);
-    if (NV == 2) b2 = _mm256_fmadd_ps(v, u1, b2);
-    v = _mm256_broadcast_ss(V + 3 * C + c);
-    a3 = _mm256_fmadd_ps(v, u0, a3);
-    if (NV == 2) b3 = _mm256_fmadd_ps(v, u1, b3);
-    v = _mm256_broadcast_ss(V + 4 * C + c);
-    a4 = _mm256_fmadd_ps(v, u0, a4);
-    if (NV == 2) b4 = _mm256_fmadd_ps(v, u1, b4);
-    v = _mm256_broadcast_ss(V + 5 * C + c);
-    a5 = _mm256_fmadd_ps(v, u0, a5);
-    if (NV == 2) b5 = _mm256_fmadd_ps(v, u1, b5);
+// out[i, 0 : 8 NV] = (Accumulate ? out[i, 0 : 8 NV] : 0) + sum_j a[i ai + j aj] b[j bj, 0 : 8 NV]
+// for R rows i (out rows ldo apart) and `depth` terms j: an R x 8 NV register tile of a product
+// whose left operand is broadcast, the inner loop of both the forward and the weight gradient.
+template <int R, int NV, bool Accumulate>
+DVPVAE_AVX2_INLINE void register_tile(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
+                                      int64_t bj, float* __restrict out, int64_t ldo, int64_t depth) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = Accumulate ? _mm256_loadu_ps(out + i * ldo + v * kLanes) : _mm256_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j, a += aj, b += bj) {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * ai);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+    }
   }
-  _mm256_storeu_ps(M, a0), _mm256_storeu_ps(M + K, a1), _mm256_storeu_ps(M + 2 * K, a2);
-  _mm256_storeu_ps(M + 3 * K, a3), _mm256_storeu_ps(M + 4 * K, a4), _mm256_storeu_ps(M + 5 * K, a5);
-  if (NV == 2) {
-    M += kLanes;
-    _mm256_storeu_ps(M, b0), _mm256_storeu_ps(M + K, b1), _mm256_storeu_ps(M + 2 * K, b2);
-    _mm256_storeu_ps(M + 3 * K, b3), _mm256_storeu_ps(M + 4 * K, b4), _mm256_storeu_ps(M + 5 * K, b5);
-  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + i * ldo + v * kLanes, acc[i][v]);
+}
+
+// register_tile over the `cols` columns of out and b: 16 at a time, then 8.
+template <int R, bool Accumulate>
+DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
+                                       int64_t bj, float* __restrict out, int64_t ldo, int64_t depth, int64_t cols) {
+  int64_t n = 0;
+  for (; n + 2 * kLanes <= cols; n += 2 * kLanes)
+    register_tile<R, 2, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
+  if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
 }
 
 // out[n, 2ty + i, 2tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m, with
@@ -233,11 +234,9 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
     const float* Ve = V + e * ldv;
     const float* Ue = U + e * s.C * s.K;
     float* Me = M + e * ldm;
-    for (int64_t r = 0; r < rows; r += kRows) {
-      int64_t k = 0;
-      for (; k + 2 * kLanes <= s.K; k += 2 * kLanes) gemm_tile<2>(Ve + r * s.C, Ue + k, Me + r * s.K + k, s.C, s.K);
-      if (k < s.K) gemm_tile<1>(Ve + r * s.C, Ue + k, Me + r * s.K + k, s.C, s.K);
-    }
+    // M[r, :] = V[r, :] @ U for kRows rows r at a time.
+    for (int64_t r = 0; r < rows; r += kRows)
+      register_tiles<kRows, false>(Ve + r * s.C, s.C, 1, Ue, s.K, Me + r * s.K, s.K, s.C, s.K);
   }
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s))
@@ -276,42 +275,6 @@ DVPVAE_AVX2_INLINE void grad_tile(const float* __restrict g, float* __restrict D
   }
 }
 
-// S[k0 + i, c0 : c0 + 8 NV] += sum_r D[r, k0 + i] * V[r, c0 : c0 + 8 NV] for R rows i (one point
-// e), over `count` tiles r; D, V and S point at (k0, c0).
-template <int R, int NV>
-DVPVAE_AVX2 void wgrad_tile(const float* __restrict D, const float* __restrict V, float* __restrict S,
-                            int64_t count, int64_t K, int64_t C) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_loadu_ps(S + i * C + v * kLanes);
-  for (int64_t r = 0; r < count; ++r) {
-    __m256 x[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(V + r * C + v * kLanes);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const __m256 b = _mm256_broadcast_ss(D + r * K + i);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(b, x[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(S + i * C + v * kLanes, acc[i][v]);
-}
-
-// S[k0 : k0 + R, :] of one point: register tiles of R rows over the C columns.
-template <int R>
-DVPVAE_AVX2 void wgrad_rows(const float* __restrict D, const float* __restrict V, float* __restrict S,
-                            int64_t count, int64_t K, int64_t C) {
-  int64_t c = 0;
-  for (; c + 2 * kLanes <= C; c += 2 * kLanes) wgrad_tile<R, 2>(D, V + c, S + c, count, K, C);
-  if (c < C) wgrad_tile<R, 1>(D, V + c, S + c, count, K, C);
-}
-
 // Accumulates the tiles [t0, t0 + count) into S (16, K, C) and bias (K); V, D and pad are scratch.
 DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
                              float* __restrict D, float* __restrict pad, float* __restrict S, float* __restrict bias,
@@ -328,10 +291,12 @@ DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict 
     const float* De = D + e * ldd;
     const float* Ve = V + e * ldv;
     float* Se = S + e * s.K * s.C;
+    // S[k, :] += sum over the tiles r of D[r, k] V[r, :], kRows (then 4 or 2) rows k at a time.
     int64_t k = 0;
-    for (; k + kRows <= s.K; k += kRows) wgrad_rows<kRows>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
-    if (s.K - k == 4) wgrad_rows<4>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
-    if (s.K - k == 2) wgrad_rows<2>(De + k, Ve, Se + k * s.C, count, s.K, s.C);
+    for (; k + kRows <= s.K; k += kRows)
+      register_tiles<kRows, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
+    if (s.K - k == 4) register_tiles<4, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
+    if (s.K - k == 2) register_tiles<2, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
   }
   const float* D5 = D + 5 * ldd;  // the (1, 1) point: each tile's sum of dY
   for (int64_t k = 0; k < s.K; k += kLanes) {

@@ -83,32 +83,35 @@ def test_winograd_passes_opcheck():
 
 @needs_kernel
 def test_cpu_provider_convolution_uses_winograd_by_rule():
-    """On AVX2 CPUs a covered 3x3 conv_cl computes the Winograd kernel's numbers in the forward
-    and in the input gradient (the flipped kernel's convolution of the output gradient), and
-    oneDNN's with the extension off; on AVX-512 CPUs oneDNN's in both cases."""
+    """On AVX2 CPUs a covered 3x3 conv_cl computes the Winograd kernels' numbers in the forward,
+    the input gradient (the flipped kernel's convolution of the output gradient) and the weight
+    and bias gradients, and oneDNN's with the extension off; on AVX-512 CPUs oneDNN's in both
+    cases."""
     x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
     grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
-    x.requires_grad_(), weight.requires_grad_()
+    x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
     assert winograd_covers(x, weight) == AVX2
     assert not winograd_covers(x.double(), weight.double())
     assert not winograd_covers(x[:, :12], weight[:, :12])
     assert not winograd_covers(x, weight[:4])
     assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
     out = conv_cl(x, weight, b, True)
-    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
+    grad_x, grad_w, grad_b = torch.autograd.grad(out, (x, weight, b), grad)
     onednn = conv_cl(x, weight, b, False)
-    onednn_grads = torch.autograd.grad(onednn, (x, weight), grad)
-    weight = weight.detach()
+    onednn_grads = torch.autograd.grad(onednn, (x, weight, b), grad)
+    weight, b = weight.detach(), b.detach()
     if AVX2:
         flipped = weight.flip(2, 3).transpose(0, 1)
         assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b))
         assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None))
-        assert torch.equal(grad_w, torch.ops.dvpvae.conv_weight_grad(grad, x.detach(), 3)[0])
+        kernel_grads = torch.ops.dvpvae.conv_weight_grad(grad, x.detach(), 3)
+        assert torch.equal(grad_w, kernel_grads[0]) and torch.equal(grad_b, kernel_grads[1])
     else:
-        assert torch.equal(out, onednn) and torch.equal(grad_x, onednn_grads[0])
+        assert torch.equal(out, onednn)
+        assert all(torch.equal(g, o) for g, o in zip((grad_x, grad_w, grad_b), onednn_grads))
     _assert_float32_accurate(out.detach(), x.detach(), weight, b)
     _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None)
-    _assert_weight_grads_accurate((grad_w, grad.sum((0, 2, 3))), grad, x.detach())
+    _assert_weight_grads_accurate((grad_w, grad_b), grad, x.detach())
 
 
 def _assert_weight_grads_accurate(got, grad, x):

@@ -378,20 +378,29 @@ def time_calls(fn, device, inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def matmul_peak_gflops(device="cpu", n: int = 1024, repeats: int = 10) -> float:
-    """Measured fp32 square-GEMM rate (best of ``repeats``) with the current thread count.
+# Square GEMM sizes for the measured peak: the library's best rate moves with the size
+# (blocking, threading), so the roofline is the best over several.
+PEAK_SIZES = (512, 1024, 2048)
+
+
+def matmul_rates(device="cpu", sizes=PEAK_SIZES, repeats: int = 10) -> dict[int, float]:
+    """Measured fp32 square-GEMM rate in GFLOP/s per size (best of ``repeats``) with the
+    current thread count; the peak is the largest.
 
     The best rather than the median: this is a roofline, the most the machine delivered,
     and other processes on a shared machine only ever lower it.
     """
     device = torch.device(device)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    best = min(time_calls(lambda: a @ b, device) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+    rates = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        best = min(time_calls(lambda: a @ b, device) for _ in range(repeats))
+        rates[n] = 2 * n ** 3 / best / 1e9
+    return rates
 
 
 # ------------------------------------------------------------------ memory

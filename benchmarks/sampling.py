@@ -27,7 +27,7 @@ import torch
 
 import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
-from _harness import (add_run_options, cpu_name, matmul_peak_gflops, save_report,  # noqa: E402
+from _harness import (add_run_options, cpu_name, matmul_rates, save_report,  # noqa: E402
                       start_extension_run, timeit_interleaved)
 from dvpvae import Noise, get_config  # noqa: E402
 from dvpvae.diffusion import DiffusionPrior  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if reason is not None:
         print(f"the native sampler does not serve this prior: {reason}", file=sys.stderr)
         return 2
-    peak = matmul_peak_gflops()
+    peak = max(matmul_rates().values())
     print(f"preset={args.preset} T={prior.T} shape={tuple(prior.shape)} threads={torch.get_num_threads()} "
           f"cpu={cpu_name()!r} torch={torch.__version__}; fp32 GEMM peak ~{peak:.0f} GFLOP/s")
 

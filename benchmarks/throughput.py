@@ -39,8 +39,8 @@ Roofline. ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs (convolu
 matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not counted)
 of each task once on the reference model; every provider computes the same function, so
 achieved GFLOP/s = those FLOPs / its median (for a provider that skips work, an effective
-rate: the reference's work per second). Two peaks: a measured fp32 square matmul with the
-same thread count, and on CPU the ISA's theoretical fp32 FMA peak, cores x GHz x FMA lanes
+rate: the reference's work per second). Two peaks: the best rate of fp32 square matmuls
+(``--peak-sizes``) with the same thread count, and on CPU the ISA's theoretical fp32 FMA peak, cores x GHz x FMA lanes
 x 2 (``_harness.fma_peak``: lanes from the ISA, the clock from cpufreq / lscpu /
 /proc/cpuinfo; the JSON's ``fma_peak`` records the inputs and assumptions).
 ``--no-flops`` skips the counts and both peaks.
@@ -522,9 +522,11 @@ def run(args) -> dict:
     data = {"train": x[:args.batch], "eval": x[:args.batch], "nll": x[:args.nll_batch]}
 
     report = dict(benchmark="throughput", **H.machine_info(device))
-    peak = H.matmul_peak_gflops(device, n=args.peak_n) if args.flops else None
+    rates = H.matmul_rates(device, args.peak_sizes) if args.flops else {}
+    peak_n = max(rates, key=rates.get, default=None)
+    peak = rates.get(peak_n)
     fma = H.fma_peak(torch.get_num_threads()) if args.flops and device.type == "cpu" else None
-    report.update(matmul_peak_gflops=peak, matmul_peak_n=args.peak_n, fma_peak=fma,
+    report.update(matmul_peak_gflops=peak, matmul_peak_n=peak_n, matmul_rates=rates, fma_peak=fma,
                   config=dict(preset=args.preset, batch=args.batch, tasks=tasks, repeats=args.repeats,
                               warmup=args.warmup, k=args.k, nll_batch=args.nll_batch,
                               sample_n=args.sample_n, providers=list(providers), seed=args.seed,
@@ -588,7 +590,8 @@ def print_table(rep: dict) -> None:
               f"included): medians include waiting for the CPU and the min/max spread shows it; the min "
               f"is the closer estimate of uncontended speed (JSON: speedup_vs_DVPVAE_of_min)")
     if rep["matmul_peak_gflops"]:
-        print(f"measured fp32 matmul peak ({rep['matmul_peak_n']}^3): {rep['matmul_peak_gflops']:.1f} GFLOP/s")
+        rates = ", ".join(f"{n}^3 {g:.1f}" for n, g in rep["matmul_rates"].items())
+        print(f"measured fp32 matmul peak: {rep['matmul_peak_gflops']:.1f} GFLOP/s (best of {rates})")
     fma = rep.get("fma_peak")
     if fma:
         print(f"theoretical fp32 FMA peak ({fma['isa']}): {fma['cores']} cores x {fma['ghz']:.2f} GHz x "
@@ -621,6 +624,17 @@ def print_table(rep: dict) -> None:
           "measured matmul peak, %FMA of the ISA's theoretical FMA peak.")
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """A comma list of positive matmul sizes."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive sizes, got {text!r}")
+    return sizes
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -650,7 +664,9 @@ def parse_args(argv=None):
                         "matmuls under autocast, float32 densities)")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP counts and the matmul peak")
-    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul for the peak")
+    p.add_argument("--peak-sizes", type=_sizes, default=H.PEAK_SIZES, metavar="N,N,...",
+                   help="square matmul sizes for the measured peak, the best rate of them "
+                        f"(default {','.join(map(str, H.PEAK_SIZES))})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help=H.JSON_HELP)
     args = p.parse_args(argv)

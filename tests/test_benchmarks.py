@@ -46,7 +46,7 @@ def harness():
 
 
 TINY = ["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "1", "--k", "2",
-        "--nll-batch", "2", "--sample-n", "2", "--peak-n", "256"]
+        "--nll-batch", "2", "--sample-n", "2", "--peak-sizes", "128,256"]
 
 
 def _positive_finite(v) -> bool:
@@ -58,7 +58,10 @@ def _check_report(rep, models, flops=True):
         assert key in rep, key
     assert rep["threads"] == torch.get_num_threads()
     if flops:
-        assert _positive_finite(rep["matmul_peak_gflops"])
+        # The measured peak is the best of the sizes' rates (JSON keys are strings).
+        rates = {int(n): g for n, g in rep["matmul_rates"].items()}
+        assert sorted(rates) == [128, 256] and all(_positive_finite(g) for g in rates.values())
+        assert rep["matmul_peak_gflops"] == max(rates.values()) == rates[rep["matmul_peak_n"]]
         assert rep["flops"]["train"] > rep["flops"]["eval"] > 0  # backward adds work
         assert all(rep["flops"][t] > 0 for t in TASKS)
     rows = [(r["model"], r["task"]) for r in rep["results"]]
@@ -153,6 +156,14 @@ def test_flops_are_counted_with_the_reference_provider(throughput):
     # The sample count holds the prior's T UNet passes (one more pass per step adds FLOPs).
     longer = DVPVAE(cfg, diffusion_steps=cfg.diffusion_steps + 1).eval()
     assert throughput.task_flops(longer, cfg, "sample", data, args) > counts["sample"]
+
+
+def test_bad_peak_sizes_are_an_error(throughput, capsys):
+    for text in ("0", "512,x", "", "256,-1"):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(["--peak-sizes", text])
+        assert "expected a comma list of positive sizes" in capsys.readouterr().err
+    assert throughput.parse_args(["--peak-sizes", "64,128"]).peak_sizes == (64, 128)
 
 
 def test_unknown_fast_flag_is_an_error(throughput):

@@ -50,7 +50,8 @@ class MaskedAdamax(torch.optim.Optimizer):
             u = [s["exp_inf"] for s in states]
             # A skipped step may carry NaN/inf gradients: zero them so that the masked
             # arithmetic below never multiplies 0 by NaN.
-            grads = [torch.where(ok > 0, p.grad, 0.0) for p in params]
+            keep = ok > 0
+            grads = [torch.where(keep, p.grad, 0.0) for p in params]
             if group["weight_decay"] != 0:
                 torch._foreach_add_(grads, torch._foreach_mul(params, group["weight_decay"]))
                 torch._foreach_mul_(grads, ok)
@@ -64,11 +65,13 @@ class MaskedAdamax(torch.optim.Optimizer):
             torch._foreach_add_(absg, group["eps"] * ok)
             torch._foreach_maximum_(u, absg)
             torch._foreach_add_(steps, ok)
-            for p, st, mi, ui in zip(params, steps, m, u):
-                # clr is 0 on a skipped step; clamp(step, 1) avoids 0/0 before the first
-                # applied step and the +(1-ok) keeps the denominator of a fresh state > 0.
-                clr = ok * group["lr"] / (1.0 - b1 ** st.clamp(min=1.0))
-                p.sub_(clr * mi / (ui + (1.0 - ok)))
+            # p <- p - clr * exp_avg / (exp_inf + 1 - ok) with each parameter's own step count.
+            # clr is 0 on a skipped step; clamp(step, 1) avoids 0/0 before the first applied
+            # step and the + (1 - ok) keeps the denominator of a fresh state > 0.
+            clr = ok * group["lr"] / (1.0 - b1 ** torch.stack(steps).clamp(min=1.0))
+            update = torch._foreach_mul(m, clr.unbind())
+            torch._foreach_div_(update, torch._foreach_add(u, 1.0 - ok))
+            torch._foreach_sub_(params, update)
         return None
 
 

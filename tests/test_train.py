@@ -48,6 +48,24 @@ def test_masked_adamax_matches_torch_adamax_and_skips_exactly():
     assert float(o_mine.state[mine[0]]["step"]) == 6
 
 
+def test_masked_adamax_keeps_each_parameter_step_count():
+    # A parameter without a gradient is not updated and its bias correction lags behind.
+    torch.manual_seed(1)
+    ref = [torch.randn(4, 2, requires_grad=True), torch.randn(3, requires_grad=True)]
+    mine = [p.detach().clone().requires_grad_() for p in ref]
+    o_ref = torch.optim.Adamax(ref, lr=1e-2, weight_decay=1e-3)
+    o_mine = MaskedAdamax(mine, lr=1e-2, weight_decay=1e-3)
+    for i in range(5):
+        for j, (p, q) in enumerate(zip(ref, mine)):
+            g = None if (j == 1 and i % 2) else torch.randn_like(p)
+            p.grad, q.grad = g, (None if g is None else g.clone())
+        o_ref.step()
+        o_mine.step(torch.tensor(True))
+    assert [float(o_mine.state[p]["step"]) for p in mine] == [5, 3]
+    for p, q in zip(ref, mine):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
 def test_skip_before_first_step_keeps_fresh_state_finite():
     p = torch.zeros(3, requires_grad=True)
     opt = MaskedAdamax([p], lr=0.1)

@@ -491,14 +491,22 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation split: loss (bits/dim, with beta), nelbo (nats) and bpd of the EMA model,
         which picks the best checkpoint, and ``val_nelbo_raw`` of the trained weights."""
-        loss_nats, nelbo, n = self._val_sums(self.ema.module)
-        _, nelbo_raw, _ = self._val_sums(self.model)
+        from tqdm import tqdm
+
+        # Two passes over the split, each compiling its model's evaluation pass on first use.
+        with tqdm(total=2 * len(self.val_iter), desc="validating", unit="batch", leave=False,
+                  disable=not self.is_main, dynamic_ncols=True) as bar:
+            bar.set_postfix_str("EMA weights")
+            loss_nats, nelbo, n = self._val_sums(self.ema.module, bar.update)
+            bar.set_postfix_str("trained weights")
+            _, nelbo_raw, _ = self._val_sums(self.model, bar.update)
         bpn = self.model.bits_per_nat
         return {"val_loss": loss_nats / n * bpn, "val_nelbo": nelbo / n, "val_bpd": nelbo / n * bpn,
                 "val_nelbo_raw": nelbo_raw / n}
 
-    def _val_sums(self, model: torch.nn.Module) -> list[float]:
-        """[sum of beta-weighted losses, sum of -ELBO, image count] over the validation split."""
+    def _val_sums(self, model: torch.nn.Module, progress=None) -> list[float]:
+        """[sum of beta-weighted losses, sum of -ELBO, image count] over the validation split;
+        ``progress(1)`` after each batch."""
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -510,6 +518,8 @@ class Trainer:
                 per_ex = out.rec + self.config.beta * out.kl.sum(-1)
                 sums += torch.stack([per_ex.sum().double(), -out.elbo.sum().double(),
                                      torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)])
+                if progress is not None:
+                    progress(1)
         model.train(was_training)
         if self.world > 1:
             dist.all_reduce(sums)

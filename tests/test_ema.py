@@ -108,3 +108,16 @@ def test_validation_reports_raw_and_ema(tiny_npz, tmp_path):
     assert all(math.isfinite(val[k]) for k in ("val_loss", "val_nelbo", "val_bpd", "val_nelbo_raw"))
     assert val["val_nelbo"] != val["val_nelbo_raw"]
     assert val["val_nelbo"] == pytest.approx(val["val_bpd"] / tr.model.bits_per_nat)
+
+
+def test_validation_shows_progress_per_batch(tiny_npz, tmp_path, capsys):
+    tr = T.Trainer(T.build_parser().parse_args(training_argv(tiny_npz, tmp_path / "r", "--max-steps", "1",
+                                                     "--test-batch-size", "2")))
+    calls = []
+    tr._val_sums(tr.model, calls.append)
+    assert len(tr.val_iter) > 1 and calls == [1] * len(tr.val_iter)
+    capsys.readouterr()
+    tr.validate()
+    err = capsys.readouterr().err
+    assert "validating" in err and "EMA weights" in err
+

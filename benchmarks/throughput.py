@@ -40,9 +40,10 @@ matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not
 of each task once on the reference model; every provider computes the same function, so
 achieved GFLOP/s = those FLOPs / its median (for a provider that skips work, an effective
 rate: the reference's work per second). Two peaks: the best rate of fp32 square matmuls
-(``--peak-sizes``) with the same thread count, and on CPU the ISA's theoretical fp32 FMA peak, cores x GHz x FMA lanes
-x 2 (``_harness.fma_peak``: lanes from the ISA, the clock from cpufreq / lscpu /
-/proc/cpuinfo; the JSON's ``fma_peak`` records the inputs and assumptions).
+(``--peak-sizes``) with the same thread count, and on CPU the ISA's theoretical fp32 FMA
+peak, cores x GHz x FMA lanes x 2 (``_harness.fma_peak``: lanes from the ISA, the clock
+from cpufreq / lscpu / /proc/cpuinfo; the JSON's ``fma_peak`` records the inputs and
+assumptions).
 ``--no-flops`` skips the counts and both peaks.
 
 Output: the table on stdout, and the report as JSON in ``benchmarks/results/throughput.json``

@@ -4,8 +4,9 @@ For each pass, kernel size (1x1, 3x3 with padding 1) and resolution of a preset'
 blocks (channels-last float32, the shapes of the training step), two providers:
   onednn     the pass from oneDNN (``use_extension=False`` in ``dvpvae.cpu_conv``)
   extension  the pass as the cpu provider computes it with the extension
-             (``use_extension=True``): Winograd F(2x2, 3x3) for the 3x3 forward, input
-             gradient and weight and bias gradients (csrc/conv_winograd_cpu.cpp), the 1x1
+             (``use_extension=True``): Winograd for the 3x3 forward and input gradient
+             (F(4x4, 3x3) or F(2x2, 3x3), ``winograd_tile``) and weight and bias
+             gradients (F(2x2, 3x3); csrc/conv_winograd_cpu.cpp), the 1x1
              weight and bias gradients at once (csrc/conv_wgrad_cpu.cpp), where the CPU and
              channel counts are ones they cover
 Passes: forward and input_grad (3x3 only: a 1x1 convolution is oneDNN's in both providers)

@@ -1,20 +1,24 @@
 // A stride-1 3x3 convolution with zero-padding 1 on channels-last float32 tensors by
-// Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is
+// Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray, 2016), m = 2 or 4: each m x m
+// output tile is
 //
 //   Y = A^T [ (G g G^T) . (B^T d B) ] A
 //
-// for the tile's 4x4 input patch d (rows 2ty-1 .. 2ty+2, columns 2tx-1 .. 2tx+2) and each
-// 3x3 filter g, where . is the elementwise product summed over input channels. That sum is
-// 16 independent (tiles x C) @ (C x K) products, 4 multiplies per output pixel and channel
-// pair instead of the direct form's 9. The transforms only add and subtract (G halves), so
-// the result matches the direct convolution to float32 round-off.
+// for the tile's (m + 2)^2 input patch d (rows m ty - 1 .., columns m tx - 1 ..) and each 3x3
+// filter g, where . is the elementwise product summed over input channels. That sum is
+// (m + 2)^2 independent (tiles x C) @ (C x K) products: 4 multiplies per output pixel and
+// channel pair for m = 2, 2.25 for m = 4, instead of the direct form's 9. F(2x2, 3x3)'s
+// transforms only add and subtract, so it matches the direct convolution to float32 round-off;
+// F(4x4, 3x3)'s transforms scale by up to 8 (and G by 1/24), which costs a few times more
+// rounding (the tests bound both).
 //
-// The weight gradient uses the same transforms (see winograd_weight_grad's kernels below).
+// The weight gradient uses F(2x2, 3x3) (see winograd_weight_grad's kernels below).
 //
-// Work items are blocks of kTileBlock tiles (image-major, then tile rows, then tile
+// Work items are blocks of Tiling<m>::kBlock tiles (image-major, then tile rows, then tile
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
 // multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
 // accumulators) and writes the block's outputs, so the transformed data never reaches DRAM.
+
 #include "avx2.h"
 #include "ops.h"
 
@@ -31,32 +35,45 @@ namespace {
 
 constexpr int kLanes = 8;         // floats per AVX2 vector
 constexpr int kRows = 6;          // rows per register tile
-constexpr int kTileBlock = 48;    // tiles per work item (a multiple of kRows)
-constexpr int kPoints = 16;       // 4x4 transformed points per tile
 constexpr int kAhead = 4;         // tiles between a prefetch and the tile's transform
 constexpr int kFlushBlocks = 16;  // weight gradient: blocks summed in float32 before a double sum
 // Padding of the scratch buffers' per-point stride: a stride of a multiple of 4 KB would map
-// a tile's 16 points to the same few L1 sets.
+// a tile's points to the same few L1 sets.
 constexpr int kStridePad = 16;
 
-// The filter transform of F(2x2, 3x3).
-constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+// F(m x m, 3x3) for output tiles of side Mt (2 or 4): an (Mt + 2)^2 input patch per tile, as
+// many transformed points, and kBlock tiles per work item so that a block's transformed input
+// and products (kPoints x kBlock x channels each) stay in L2.
+template <int Mt>
+struct Tiling {
+  static constexpr int kPatch = Mt + 2;
+  static constexpr int kPoints = kPatch * kPatch;
+  static constexpr int kBlock = Mt == 2 ? 48 : 24;  // a multiple of kRows
+};
+
+// The filter transforms G (kPatch x 3) of F(2x2, 3x3) and F(4x4, 3x3).
+constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double G4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                             {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 
 // U[e, c, k] = (G g[k, c] G^T)[e], computed in double.
+template <int Mt>
 std::vector<float> transform_filters(const at::Tensor& weight) {
+  constexpr int P = Tiling<Mt>::kPatch;
+  const double(*G)[3] = Mt == 2 ? G2 : G4;
   const at::Tensor w = weight.to(at::kDouble).contiguous();
   const int64_t K = w.size(0), C = w.size(1);
   const double* g = w.data_ptr<double>();
-  std::vector<float> U(kPoints * C * K);
+  std::vector<float> U(P * P * C * K);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t c = 0; c < C; ++c) {
       const double* f = g + (k * C + c) * 9;
-      double Gg[4][3];
-      for (int i = 0; i < 4; ++i)
+      double Gg[P][3];
+      for (int i = 0; i < P; ++i)
         for (int j = 0; j < 3; ++j) Gg[i][j] = G[i][0] * f[j] + G[i][1] * f[3 + j] + G[i][2] * f[6 + j];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
-          U[((i * 4 + j) * C + c) * K + k] =
+      for (int i = 0; i < P; ++i)
+        for (int j = 0; j < P; ++j)
+          U[((i * P + j) * C + c) * K + k] =
               static_cast<float>(Gg[i][0] * G[j][0] + Gg[i][1] * G[j][1] + Gg[i][2] * G[j][2]);
     }
   return U;
@@ -67,37 +84,43 @@ struct Shape {
 };
 
 #if DVPVAE_HAVE_AVX2_KERNEL
-// A tile's 4x4 input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
+// A tile's input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
 struct Patch {
   const float* p;
   int64_t rs;
 };
 
 // The patch of tile (n, ty, tx): in x for an interior tile, else copied with its zero padding
-// into `pad` (16 C floats), so that the transform below never tests bounds.
+// into `pad` (kPoints C floats), so that the transforms below never test bounds.
+template <int Mt>
 DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
                                      float* __restrict pad) {
-  const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
+  constexpr int P = Tiling<Mt>::kPatch;
+  const int64_t y0 = Mt * ty - 1, x0 = Mt * tx - 1;
   const float* img = x + n * s.H * s.W * s.C;
-  if (y0 >= 0 && x0 >= 0 && y0 + 3 < s.H && x0 + 3 < s.W) return {img + (y0 * s.W + x0) * s.C, s.W * s.C};
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
+  if (y0 >= 0 && x0 >= 0 && y0 + P <= s.H && x0 + P <= s.W) return {img + (y0 * s.W + x0) * s.C, s.W * s.C};
+  for (int i = 0; i < P; ++i)
+    for (int j = 0; j < P; ++j) {
       const int64_t y = y0 + i, xx = x0 + j;
-      float* d = pad + (i * 4 + j) * s.C;
+      float* d = pad + (i * P + j) * s.C;
       const bool inside = y >= 0 && y < s.H && xx >= 0 && xx < s.W;
       const float* src = img + (y * s.W + xx) * s.C;
       for (int64_t c = 0; c < s.C; c += kLanes)
         _mm256_storeu_ps(d + c, inside ? _mm256_loadu_ps(src + c) : _mm256_setzero_ps());
     }
-  return {pad, 4 * s.C};
+  return {pad, P * s.C};
 }
 
-// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d, with
-// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of B^T d is formed
-// from two patch rows loaded again for it (L1 hits) rather than from all 16 loads held live,
-// which would not fit the 16 vector registers.
-DVPVAE_AVX2_INLINE void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
-                                   int64_t ldv) {
+// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d.
+template <int Mt>
+void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C, int64_t ldv);
+
+// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of
+// B^T d is formed from two patch rows loaded again for it (L1 hits) rather than from all 16
+// loads held live, which would not fit the 16 vector registers.
+template <>
+DVPVAE_AVX2_INLINE void input_tile<2>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
+                                      int64_t ldv) {
   // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
   static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
   static constexpr bool add[4] = {false, true, false, false};
@@ -116,6 +139,41 @@ DVPVAE_AVX2_INLINE void input_tile(const Patch& d, float* __restrict V, int64_t 
     _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
     _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
     _mm256_storeu_ps(v + (i * 4 + 3) * ldv, _mm256_sub_ps(t[1], t[3]));
+  }
+}
+
+// r = B^T d for six vectors d, the 1-D input transform of F(4x4, 3x3) with
+// B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+//        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
+DVPVAE_AVX2_INLINE void input_transform6(const __m256 (&d)[6], __m256 (&r)[6]) {
+  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
+  r[0] = _mm256_fnmadd_ps(five, d[2], _mm256_fmadd_ps(four, d[0], d[4]));
+  const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
+  r[1] = _mm256_add_ps(a, b);
+  r[2] = _mm256_sub_ps(a, b);
+  const __m256 e = _mm256_sub_ps(d[4], d[2]), f = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
+  r[3] = _mm256_add_ps(e, f);
+  r[4] = _mm256_sub_ps(e, f);
+  r[5] = _mm256_fnmadd_ps(five, d[3], _mm256_fmadd_ps(four, d[1], d[5]));
+}
+
+// F(4x4, 3x3): B^T applied down the patch's columns into an L1 buffer, then along its rows.
+template <>
+DVPVAE_AVX2_INLINE void input_tile<4>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
+                                      int64_t ldv) {
+  alignas(32) float t[6][6][kLanes];  // B^T d
+  for (int j = 0; j < 6; ++j) {
+    __m256 col[6], out[6];
+    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(d.p + i * d.rs + j * C + c);
+    input_transform6(col, out);
+    for (int i = 0; i < 6; ++i) _mm256_store_ps(t[i][j], out[i]);
+  }
+  float* v = V + r * C + c;
+  for (int i = 0; i < 6; ++i) {
+    __m256 row[6], out[6];
+    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
+    input_transform6(row, out);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(v + (i * 6 + j) * ldv, out[j]);
   }
 }
 
@@ -158,11 +216,17 @@ DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, in
   if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
 }
 
-// out[n, 2ty + i, 2tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m, with
-// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]; outputs past the image edge (odd H or W) are dropped.
-DVPVAE_AVX2_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
-                                    const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
-                                    int64_t ldm) {
+// out[n, Mt ty + i, Mt tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m;
+// outputs past the image edge are dropped.
+template <int Mt>
+void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out, const Shape& s,
+                 int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k, int64_t ldm);
+
+// F(2x2, 3x3): A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+template <>
+DVPVAE_AVX2_INLINE void output_tile<2>(const float* __restrict M, const float* __restrict bias,
+                                       float* __restrict out, const Shape& s, int64_t n, int64_t ty, int64_t tx,
+                                       int64_t r, int64_t k, int64_t ldm) {
   const float* m = M + r * s.K + k;
   __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
   for (int j = 0; j < 4; ++j) {
@@ -185,6 +249,42 @@ DVPVAE_AVX2_INLINE void output_tile(const float* __restrict M, const float* __re
   }
 }
 
+// o = A^T m for six vectors m, the 1-D output transform of F(4x4, 3x3) with
+// A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
+DVPVAE_AVX2_INLINE void output_transform6(const __m256 (&m)[6], __m256 (&o)[4]) {
+  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
+  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
+  o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.f), d34, d12);
+  o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.f), s34, s12);
+  o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.f), d34, d12), m[5]);
+}
+
+// F(4x4, 3x3): A^T applied down the points' columns into an L1 buffer, then along its rows.
+template <>
+DVPVAE_AVX2_INLINE void output_tile<4>(const float* __restrict M, const float* __restrict bias,
+                                       float* __restrict out, const Shape& s, int64_t n, int64_t ty, int64_t tx,
+                                       int64_t r, int64_t k, int64_t ldm) {
+  const float* m = M + r * s.K + k;
+  alignas(32) float t[4][6][kLanes];  // A^T m
+  for (int j = 0; j < 6; ++j) {
+    __m256 col[6], q[4];
+    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(m + (i * 6 + j) * ldm);
+    output_transform6(col, q);
+    for (int i = 0; i < 4; ++i) _mm256_store_ps(t[i][j], q[i]);
+  }
+  const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
+  float* o = out + n * s.H * s.W * s.K + k;
+  for (int i = 0; i < 4 && 4 * ty + i < s.H; ++i) {
+    __m256 row[6], q[4];
+    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
+    output_transform6(row, q);
+    const int64_t y = 4 * ty + i;
+    for (int j = 0; j < 4 && 4 * tx + j < s.W; ++j)
+      _mm256_storeu_ps(o + (y * s.W + 4 * tx + j) * s.K, _mm256_add_ps(q[j], b));
+  }
+}
+
 // Tile coordinates (n, ty, tx) walked in order without a division per tile.
 struct TileWalk {
   int64_t n, ty, tx;
@@ -201,32 +301,37 @@ struct TileWalk {
 // Prefetches the input patch of the tile at `w` and, with g, its output-gradient tile. Called
 // kAhead tiles early: each tile row starts new short streams (a few cache lines per image
 // row) that the hardware prefetchers pick up too late.
+template <int Mt>
 DVPVAE_AVX2_INLINE void prefetch_tile(const float* x, const float* g, const Shape& s, const TileWalk& w) {
   if (w.n >= s.N) return;
-  const int64_t y0 = 2 * w.ty - 1, x0 = std::max<int64_t>(2 * w.tx - 1, 0), x1 = std::min<int64_t>(2 * w.tx + 3, s.W);
-  for (int64_t y = std::max<int64_t>(y0, 0); y < std::min<int64_t>(y0 + 4, s.H); ++y) {
+  constexpr int P = Tiling<Mt>::kPatch;
+  const int64_t y0 = Mt * w.ty - 1, x0 = std::max<int64_t>(Mt * w.tx - 1, 0);
+  const int64_t x1 = std::min<int64_t>(Mt * w.tx - 1 + P, s.W);
+  for (int64_t y = std::max<int64_t>(y0, 0); y < std::min<int64_t>(y0 + P, s.H); ++y) {
     const char* row = reinterpret_cast<const char*>(x + ((w.n * s.H + y) * s.W + x0) * s.C);
     for (int64_t b = 0; b < (x1 - x0) * s.C * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
   }
   if (g == nullptr) return;
-  const int64_t gx1 = std::min<int64_t>(2 * w.tx + 2, s.W);
-  for (int64_t y = 2 * w.ty; y < std::min<int64_t>(2 * w.ty + 2, s.H); ++y) {
-    const char* row = reinterpret_cast<const char*>(g + ((w.n * s.H + y) * s.W + 2 * w.tx) * s.K);
-    for (int64_t b = 0; b < (gx1 - 2 * w.tx) * s.K * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  const int64_t gx1 = std::min<int64_t>(Mt * w.tx + Mt, s.W);
+  for (int64_t y = Mt * w.ty; y < std::min<int64_t>(Mt * w.ty + Mt, s.H); ++y) {
+    const char* row = reinterpret_cast<const char*>(g + ((w.n * s.H + y) * s.W + Mt * w.tx) * s.K);
+    for (int64_t b = 0; b < (gx1 - Mt * w.tx) * s.K * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
   }
 }
 
-// The tiles [t0, t0 + count) of the whole batch, count <= kTileBlock; V, M and pad are scratch.
+// The tiles [t0, t0 + count) of the whole batch, count <= kBlock; V, M and pad are scratch.
+template <int Mt>
 DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
                             float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
                             const Shape& s, int64_t t0, int64_t count) {
-  const int64_t ldv = kTileBlock * s.C + kStridePad, ldm = kTileBlock * s.K + kStridePad;
+  constexpr int kPoints = Tiling<Mt>::kPoints;
+  const int64_t ldv = Tiling<Mt>::kBlock * s.C + kStridePad, ldm = Tiling<Mt>::kBlock * s.K + kStridePad;
   const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
   TileWalk in(s, t0), ahead(s, t0 + kAhead);
   for (int64_t r = 0; r < count; ++r, in.next(s), ahead.next(s)) {
-    prefetch_tile(x, nullptr, s, ahead);
-    const Patch d = input_patch(x, s, in.n, in.ty, in.tx, pad);
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(d, V, r, c, s.C, ldv);
+    prefetch_tile<Mt>(x, nullptr, s, ahead);
+    const Patch d = input_patch<Mt>(x, s, in.n, in.ty, in.tx, pad);
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<Mt>(d, V, r, c, s.C, ldv);
   }
   for (int e = 0; e < kPoints; ++e)
     for (int64_t r = count; r < rows; ++r) std::fill_n(V + e * ldv + r * s.C, s.C, 0.f);
@@ -240,7 +345,7 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
   }
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s))
-    for (int64_t k = 0; k < s.K; k += kLanes) output_tile(M, bias, out, s, o.n, o.ty, o.tx, r, k, ldm);
+    for (int64_t k = 0; k < s.K; k += kLanes) output_tile<Mt>(M, bias, out, s, o.n, o.ty, o.tx, r, k, ldm);
 }
 
 // ---------------------------------------------------------------- weight and bias gradients
@@ -275,19 +380,21 @@ DVPVAE_AVX2_INLINE void grad_tile(const float* __restrict g, float* __restrict D
   }
 }
 
+constexpr int kWgradPoints = Tiling<2>::kPoints, kWgradBlock = Tiling<2>::kBlock;
+
 // Accumulates the tiles [t0, t0 + count) into S (16, K, C) and bias (K); V, D and pad are scratch.
 DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
                              float* __restrict D, float* __restrict pad, float* __restrict S, float* __restrict bias,
                              const Shape& s, int64_t t0, int64_t count) {
-  const int64_t ldv = kTileBlock * s.C + kStridePad, ldd = kTileBlock * s.K + kStridePad;
+  const int64_t ldv = kWgradBlock * s.C + kStridePad, ldd = kWgradBlock * s.K + kStridePad;
   TileWalk w(s, t0), ahead(s, t0 + kAhead);
   for (int64_t r = 0; r < count; ++r, w.next(s), ahead.next(s)) {
-    prefetch_tile(x, g, s, ahead);
-    const Patch d = input_patch(x, s, w.n, w.ty, w.tx, pad);
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile(d, V, r, c, s.C, ldv);
+    prefetch_tile<2>(x, g, s, ahead);
+    const Patch d = input_patch<2>(x, s, w.n, w.ty, w.tx, pad);
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<2>(d, V, r, c, s.C, ldv);
     for (int64_t k = 0; k < s.K; k += kLanes) grad_tile(g, D, s, w.n, w.ty, w.tx, r, k, ldd);
   }
-  for (int e = 0; e < kPoints; ++e) {
+  for (int e = 0; e < kWgradPoints; ++e) {
     const float* De = D + e * ldd;
     const float* Ve = V + e * ldv;
     float* Se = S + e * s.K * s.C;
@@ -305,12 +412,32 @@ DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict 
     _mm256_storeu_ps(bias + k, sum);
   }
 }
+
+// out = conv(x, weight) + bias by F(Mt x Mt, 3x3), each thread on whole blocks of tiles.
+template <int Mt>
+void winograd_forward(const float* x, const at::Tensor& weight, const float* bias, float* out, int64_t N, int64_t H,
+                      int64_t W) {
+  using T = Tiling<Mt>;
+  const int64_t C = weight.size(1), K = weight.size(0);
+  const Shape s{N, H, W, C, K, (H + Mt - 1) / Mt, (W + Mt - 1) / Mt};
+  const std::vector<float> U = transform_filters<Mt>(weight);
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + T::kBlock - 1) / T::kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> V(T::kPoints * (T::kBlock * C + kStridePad)), M(T::kPoints * (T::kBlock * K + kStridePad));
+    std::vector<float> pad(T::kPoints * C);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * T::kBlock;
+      tile_block<Mt>(x, U.data(), bias, out, V.data(), M.data(), pad.data(), s, t0,
+                     std::min<int64_t>(T::kBlock, tiles - t0));
+    }
+  });
+}
 #endif
 
 }  // namespace
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                const c10::optional<at::Tensor>& bias) {
+                                const c10::optional<at::Tensor>& bias, int64_t tile) {
   TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
   TORCH_CHECK(input.dim() == 4, "dvpvae: conv3x3_winograd: input must be 4-D (N, C, H, W), got ", input.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == 3 && weight.size(3) == 3,
@@ -324,6 +451,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   const int64_t K = weight.size(0);
   TORCH_CHECK(input.size(1) % kLanes == 0 && K % kLanes == 0, "dvpvae: conv3x3_winograd needs in and out "
               "channels % ", kLanes, " == 0, got ", input.size(1), " and ", K);
+  TORCH_CHECK(tile == 2 || tile == 4, "dvpvae: conv3x3_winograd: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
+              tile);
   const float* b = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -338,20 +467,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   at::Tensor out = at::empty({N, K, H, W}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if DVPVAE_HAVE_AVX2_KERNEL
-  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
-  const std::vector<float> U = transform_filters(weight);
-  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
-  const float* x = input.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> V(kPoints * (kTileBlock * C + kStridePad)), M(kPoints * (kTileBlock * K + kStridePad));
-    std::vector<float> pad(kPoints * C);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * kTileBlock;
-      tile_block(x, U.data(), b, o, V.data(), M.data(), pad.data(), s, t0,
-                 std::min<int64_t>(kTileBlock, tiles - t0));
-    }
-  });
+  (tile == 2 ? winograd_forward<2> : winograd_forward<4>)(input.data_ptr<float>(), weight, b, out.data_ptr<float>(),
+                                                          N, H, W);
 #endif
   return out;
 }
@@ -359,11 +476,11 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
   const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
-  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kTileBlock - 1) / kTileBlock;
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   // Per thread: the 16 points' (K, C) sums, then K bias sums. Each thread sums kFlushBlocks
   // blocks in float32 and adds that to its double sums, so rounding does not grow with N.
-  const int64_t per_thread = kPoints * K * C + K;
+  const int64_t per_thread = kWgradPoints * K * C + K;
   at::Tensor partial = at::zeros({threads, per_thread}, input.options().dtype(at::kDouble)
                                                             .memory_format(at::MemoryFormat::Contiguous));
 #if DVPVAE_HAVE_AVX2_KERNEL
@@ -371,17 +488,18 @@ std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, 
   const float* g = grad.data_ptr<float>();
   double* sums = partial.data_ptr<double>();
   at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
-    std::vector<float> V(kPoints * (kTileBlock * C + kStridePad)), D(kPoints * (kTileBlock * K + kStridePad));
-    std::vector<float> pad(kPoints * C);
+    std::vector<float> V(kWgradPoints * (kWgradBlock * C + kStridePad));
+    std::vector<float> D(kWgradPoints * (kWgradBlock * K + kStridePad));
+    std::vector<float> pad(kWgradPoints * C);
     std::vector<float> S(per_thread);
     for (int64_t th = th0; th < th1; ++th) {
       const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
       for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
         std::fill(S.begin(), S.end(), 0.f);
         for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
-          const int64_t t0 = blk * kTileBlock;
-          wgrad_block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kPoints * K * C, s, t0,
-                      std::min<int64_t>(kTileBlock, tiles - t0));
+          const int64_t t0 = blk * kWgradBlock;
+          wgrad_block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kWgradPoints * K * C, s, t0,
+                      std::min<int64_t>(kWgradBlock, tiles - t0));
         }
         double* out = sums + th * per_thread;
         for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
@@ -400,14 +518,14 @@ std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, 
         for (int v = 0; v < 3; ++v) {
           double acc = 0;
           for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) acc += G[i][u] * S[((i * 4 + j) * K + k) * C + c] * G[j][v];
+            for (int j = 0; j < 4; ++j) acc += G2[i][u] * S[((i * 4 + j) * K + k) * C + c] * G2[j][v];
           dw[((k * C + c) * 3 + u) * 3 + v] = static_cast<float>(acc);
         }
-  return {weight_grad, total.narrow(0, kPoints * K * C, K).to(at::kFloat)};
+  return {weight_grad, total.narrow(0, kWgradPoints * K * C, K).to(at::kFloat)};
 }
 
 at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias) {
+                                 const c10::optional<at::Tensor>& bias, int64_t tile) {
   return at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
                    input.options().memory_format(at::MemoryFormat::ChannelsLast));
 }

@@ -13,7 +13,7 @@ TORCH_LIBRARY(dvpvae, m) {
         "int num_res_blocks, int groups, float eps, float temperature) -> Tensor");
   m.def("unet_eps(Tensor z, Tensor films, Tensor[] weights, int num_res_blocks, int groups, float eps) -> Tensor");
   m.def("conv_weight_grad(Tensor grad, Tensor input, int kernel_size) -> (Tensor, Tensor)");
-  m.def("conv3x3_winograd(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("conv3x3_winograd(Tensor input, Tensor weight, Tensor? bias, int tile) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {

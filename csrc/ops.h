@@ -43,13 +43,13 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, 
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
                                                          int64_t kernel_size);
 
-// A stride-1 3x3 convolution with zero-padding 1 by Winograd F(2x2, 3x3) (conv_winograd_cpu.cpp):
-// channels-last float32 input (N, C, H, W), weight (K, C, 3, 3), optional bias (K); C % 8 == 0,
-// K % 8 == 0. Returns channels-last (N, K, H, W).
+// A stride-1 3x3 convolution with zero-padding 1 by Winograd F(tile x tile, 3x3), tile 2 or 4
+// (conv_winograd_cpu.cpp): channels-last float32 input (N, C, H, W), weight (K, C, 3, 3),
+// optional bias (K); C % 8 == 0, K % 8 == 0. Returns channels-last (N, K, H, W).
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                const c10::optional<at::Tensor>& bias);
+                                const c10::optional<at::Tensor>& bias, int64_t tile);
 at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias);
+                                 const c10::optional<at::Tensor>& bias, int64_t tile);
 
 // Weight (K, C, 3, 3) and bias (K) gradients of that convolution by the same transforms
 // (conv_weight_grad_cpu's kernel_size 3, which checks the arguments): channels-last float32

@@ -8,8 +8,8 @@ Importing it registers the CPU ops ``torch.ops.dvpvae.*``:
   conv_weight_grad(grad, input, kernel_size) -> (weight grad (Co, Ci, k, k), bias grad (Co,)) of a
       stride-1 1x1 or 3x3 padding-1 convolution on channels-last float32 tensors, the 3x3 one by
       Winograd F(2x2, 3x3) (dvpvae.cpu_conv)
-  conv3x3_winograd(input, weight, bias) -> a stride-1 3x3 padding-1 convolution of a channels-last
-      float32 input by Winograd F(2x2, 3x3) (dvpvae.cpu_conv)
+  conv3x3_winograd(input, weight, bias, tile) -> a stride-1 3x3 padding-1 convolution of a
+      channels-last float32 input by Winograd F(tile x tile, 3x3), tile 2 or 4 (dvpvae.cpu_conv)
 
 Without it every caller falls back to plain PyTorch.
 """

@@ -2,9 +2,9 @@
 
 ``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX2
 CPUs the extension's kernels serve wherever they cover the shape: a 3x3 convolution's
-forward, input gradient and weight gradient by Winograd F(2x2, 3x3)
-(``csrc/conv_winograd_cpu.cpp``, 4 multiplies per output instead of 9) and a 1x1
-convolution's weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's
+forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3) (``winograd_tile``; 2.25
+or 4 multiplies per output instead of 9), its weight gradient by F(2x2, 3x3)
+(``csrc/conv_winograd_cpu.cpp``), and a 1x1 convolution's weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's
 weight gradient plus a channel sum). Everything else, and everything on AVX-512
 CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a
 rule on shape, dtype and ISA (``_extension_isa``), so every process computes the same
@@ -57,6 +57,21 @@ def winograd_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _extension_isa())
 
 
+def winograd_tile(height: int, width: int) -> int:
+    """Output tile side of the Winograd form for an image of this size: 4 (F(4x4, 3x3), 36
+    transformed points per 4x4 tile) where that covers the image with fewer points than 2
+    (F(2x2, 3x3), 16 per 2x2 tile), partial edge tiles counted whole."""
+    def points(m):
+        return -(-height // m) * -(-width // m) * (m + 2) ** 2
+    return 4 if points(4) < points(2) else 2
+
+
+def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` by the extension's Winograd kernel (channels-last,
+    ``winograd_covers`` must hold)."""
+    return torch.ops.dvpvae.conv3x3_winograd(channels_last(x), weight, bias, winograd_tile(*x.shape[-2:]))
+
+
 def conv_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     use_extension: bool = True) -> torch.Tensor:
     """Input gradient (channels-last) of ``F.conv2d(x, weight, padding=k // 2)`` for a 1x1 or
@@ -67,7 +82,7 @@ def conv_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         # flipped kernel, in and out channels swapped.
         flipped = weight.flip(2, 3).transpose(0, 1)
         if use_extension and winograd_covers(grad, flipped):
-            return torch.ops.dvpvae.conv3x3_winograd(channels_last(grad), flipped, None)
+            return winograd_conv(grad, flipped, None)
     return channels_last(_conv_backward(grad, x, weight, [True, False, False])[0])
 
 
@@ -118,7 +133,7 @@ def conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              use_extension: bool) -> torch.Tensor:
     if use_extension and winograd_covers(x, weight):
-        return torch.ops.dvpvae.conv3x3_winograd(channels_last(x), weight, bias)
+        return winograd_conv(x, weight, bias)
     # A (N, 1, H, W) input is channels-last and NCHW at once; oneDNN then returns NCHW.
     return channels_last(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))
 

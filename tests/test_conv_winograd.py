@@ -1,10 +1,11 @@
-"""The extension's Winograd F(2x2, 3x3) convolution and the cpu provider's use of it."""
+"""The extension's Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions and the cpu provider's use
+of them."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv_cl, winograd_covers
+from dvpvae.cpu_conv import conv_cl, winograd_covers, winograd_tile
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -20,14 +21,19 @@ def _operands(n, c, k, h, w, bias=True, seed=0):
     return x, weight, b
 
 
-def _assert_float32_accurate(got, x, weight, b):
+# Error bound of each form (output tile side) per unit of sum |x| |w| + |b|: F(2x2, 3x3) only adds
+# and subtracts; F(4x4, 3x3)'s transforms scale by up to 8 and its filter transform by 1/24.
+ROUNDING = {2: 2e-6, 4: 1e-5}
+
+
+def _assert_float32_accurate(got, x, weight, b, tile=2):
     """Within float32 round-off of the float64 convolution, on the scale of sum |x| |w| + |b|."""
     b64 = None if b is None else b.double()
     want = F.conv2d(x.double(), weight.double(), b64, padding=1)
     scale = F.conv2d(x.double().abs(), weight.double().abs(), None if b is None else b64.abs(), padding=1)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=CL)
-    assert ((got.double() - want).abs() <= 2e-6 * scale + 1e-7).all()
+    assert ((got.double() - want).abs() <= ROUNDING[tile] * scale + 1e-7).all()
 
 
 # Odd sizes (half tiles at the edges), 1x1 images, tile counts that are not a multiple of the
@@ -37,22 +43,24 @@ SHAPES = [(2, 32, 32, 14, 14), (3, 16, 16, 7, 7), (1, 8, 8, 1, 1), (2, 8, 24, 5,
 
 
 @needs_kernel
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n,c,k,h,w", SHAPES)
-def test_winograd_matches_float64(n, c, k, h, w, bias):
+def test_winograd_matches_float64(n, c, k, h, w, bias, tile):
     x, weight, b = _operands(n, c, k, h, w, bias)
-    _assert_float32_accurate(torch.ops.dvpvae.conv3x3_winograd(x, weight, b), x, weight, b)
+    _assert_float32_accurate(torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile), x, weight, b, tile)
 
 
 @needs_kernel
-def test_winograd_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_does_not_depend_on_thread_count(tile):
     x, weight, b = _operands(6, 16, 16, 9, 11, seed=2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.dvpvae.conv3x3_winograd(x, weight, b)
+        one = torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
         torch.set_num_threads(2)
-        two = torch.ops.dvpvae.conv3x3_winograd(x, weight, b)
+        two = torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -71,14 +79,31 @@ def test_winograd_does_not_depend_on_thread_count():
 def test_winograd_rejects_bad_arguments(make, message):
     x, weight, b = _operands(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv3x3_winograd(*make(x, weight, b))
+        torch.ops.dvpvae.conv3x3_winograd(*make(x, weight, b), 2)
 
 
 @needs_kernel
-def test_winograd_passes_opcheck():
+@pytest.mark.parametrize("tile", [0, 3, 6])
+def test_winograd_rejects_other_tiles(tile):
+    x, weight, b = _operands(2, 16, 8, 5, 5)
+    with pytest.raises(RuntimeError, match=rf"tile must be 2 .* or 4 .*, got {tile}"):
+        torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_passes_opcheck(tile):
     x, weight, b = _operands(2, 8, 16, 5, 6)
-    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, b))
-    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, None))
+    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, b, tile))
+    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, None, tile))
+
+
+@pytest.mark.parametrize("size,tile", [((28, 28), 4), ((14, 14), 4), ((7, 7), 4), ((6, 7), 4), ((1, 1), 2),
+                                       ((2, 3), 2), ((3, 3), 4), ((32, 1), 2)])
+def test_winograd_tile_takes_the_form_with_fewer_points(size, tile):
+    """F(4x4, 3x3) where its 36 points per 4x4 tile cover the image with fewer points than
+    F(2x2, 3x3)'s 16 per 2x2 tile (the MNIST ladder's 28, 14 and 7), else F(2x2, 3x3)."""
+    assert winograd_tile(*size) == tile
 
 
 @needs_kernel
@@ -101,16 +126,17 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
     onednn_grads = torch.autograd.grad(onednn, (x, weight, b), grad)
     weight, b = weight.detach(), b.detach()
     if AVX2:
-        flipped = weight.flip(2, 3).transpose(0, 1)
-        assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b))
-        assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None))
+        flipped, tile = weight.flip(2, 3).transpose(0, 1), winograd_tile(6, 7)
+        assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b, tile))
+        assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None, tile))
         kernel_grads = torch.ops.dvpvae.conv_weight_grad(grad, x.detach(), 3)
         assert torch.equal(grad_w, kernel_grads[0]) and torch.equal(grad_b, kernel_grads[1])
     else:
         assert torch.equal(out, onednn)
         assert all(torch.equal(g, o) for g, o in zip((grad_x, grad_w, grad_b), onednn_grads))
-    _assert_float32_accurate(out.detach(), x.detach(), weight, b)
-    _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None)
+    tile = winograd_tile(6, 7) if AVX2 else 2
+    _assert_float32_accurate(out.detach(), x.detach(), weight, b, tile)
+    _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None, tile)
     _assert_weight_grads_accurate((grad_w, grad_b), grad, x.detach())
 
 

@@ -83,6 +83,12 @@ struct Shape {
   int64_t N, H, W, C, K, TH, TW;  // batch, image, channels in and out, tiles per column and row
 };
 
+// The shape of an F(Mt x Mt, 3x3) convolution: partial tiles cover the image's last rows and columns.
+template <int Mt>
+Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
+  return {N, H, W, C, K, (H + Mt - 1) / Mt, (W + Mt - 1) / Mt};
+}
+
 #if DVPVAE_HAVE_AVX2_KERNEL
 // A tile's input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
 struct Patch {
@@ -419,7 +425,7 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
                       int64_t W) {
   using T = Tiling<Mt>;
   const int64_t C = weight.size(1), K = weight.size(0);
-  const Shape s{N, H, W, C, K, (H + Mt - 1) / Mt, (W + Mt - 1) / Mt};
+  const Shape s = tiled_shape<Mt>(N, H, W, C, K);
   const std::vector<float> U = transform_filters<Mt>(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + T::kBlock - 1) / T::kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -475,7 +481,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
 
 std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
-  const Shape s{N, H, W, C, K, (H + 1) / 2, (W + 1) / 2};
+  const Shape s = tiled_shape<2>(N, H, W, C, K);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   // Per thread: the 16 points' (K, C) sums, then K bias sums. Each thread sums kFlushBlocks

@@ -4,11 +4,11 @@
 CPUs the extension's kernels serve wherever they cover the shape: a 3x3 convolution's
 forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3) (``winograd_tile``; 2.25
 or 4 multiplies per output instead of 9), its weight gradient by F(2x2, 3x3)
-(``csrc/conv_winograd_cpu.cpp``), and a 1x1 convolution's weight and bias gradients (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's
-weight gradient plus a channel sum). Everything else, and everything on AVX-512
-CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is a
-rule on shape, dtype and ISA (``_extension_isa``), so every process computes the same
-numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as one
+(``csrc/conv_winograd_cpu.cpp``), and a 1x1 convolution's weight and bias gradients
+(``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's weight gradient plus a channel sum).
+Everything else, and everything on AVX-512 CPUs (the extension's kernels are 8-lane AVX2
+code), comes from oneDNN. The choice is a rule on shape, dtype and ISA (``_extension_isa``),
+so every process computes the same numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as one
 node, and ``needs_exact_strides`` keeps inductor from handing them other strides.
 """
 from __future__ import annotations

@@ -149,7 +149,7 @@ def _assert_weight_grads_accurate(got, grad, x):
     want_b, scale_b = grad.double().sum((0, 2, 3)), grad.double().abs().sum((0, 2, 3))
     for g, want, scale in ((got[0], want_w, scale_w), (got[1], want_b, scale_b)):
         assert g.shape == want.shape and g.dtype == torch.float32
-        assert ((g.double() - want).abs() <= 2e-6 * scale + 1e-7).all()
+        assert ((g.double() - want).abs() <= ROUNDING[2] * scale + 1e-7).all()
 
 
 @needs_kernel

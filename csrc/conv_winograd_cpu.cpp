@@ -56,27 +56,29 @@ constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0
 constexpr double G4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
                              {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 
-// U[e, c, k] = (G g[k, c] G^T)[e], computed in double.
+// The filter transform as a (kPoints x 9) matrix: T[i P + j, 3 u + v] = G[i][u] G[j][v], so
+// that (G g G^T)[e] = sum over the taps t of T[e, t] g[t] and the transform of all filters is
+// one product.
 template <int Mt>
-std::vector<float> transform_filters(const at::Tensor& weight) {
+at::Tensor filter_transform_matrix() {
   constexpr int P = Tiling<Mt>::kPatch;
   const double(*G)[3] = Mt == 2 ? G2 : G4;
-  const at::Tensor w = weight.to(at::kDouble).contiguous();
-  const int64_t K = w.size(0), C = w.size(1);
-  const double* g = w.data_ptr<double>();
-  std::vector<float> U(P * P * C * K);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) {
-      const double* f = g + (k * C + c) * 9;
-      double Gg[P][3];
-      for (int i = 0; i < P; ++i)
-        for (int j = 0; j < 3; ++j) Gg[i][j] = G[i][0] * f[j] + G[i][1] * f[3 + j] + G[i][2] * f[6 + j];
-      for (int i = 0; i < P; ++i)
-        for (int j = 0; j < P; ++j)
-          U[((i * P + j) * C + c) * K + k] =
-              static_cast<float>(Gg[i][0] * G[j][0] + Gg[i][1] * G[j][1] + Gg[i][2] * G[j][2]);
-    }
-  return U;
+  at::Tensor T = at::empty({P * P, 9}, at::TensorOptions().dtype(at::kDouble));
+  double* t = T.data_ptr<double>();
+  for (int i = 0; i < P; ++i)
+    for (int j = 0; j < P; ++j)
+      for (int u = 0; u < 3; ++u)
+        for (int v = 0; v < 3; ++v) t[(i * P + j) * 9 + 3 * u + v] = G[i][u] * G[j][v];
+  return T;
+}
+
+// U[e, c, k] = (G g[k, c] G^T)[e] as a (kPoints, C K) float32 tensor, computed in double.
+template <int Mt>
+at::Tensor transform_filters(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), C = weight.size(1);
+  const at::Tensor taps = weight.permute({2, 3, 1, 0})  // [t, c, k], one copy
+                              .to(at::kDouble, false, false, at::MemoryFormat::Contiguous).view({9, C * K});
+  return at::matmul(filter_transform_matrix<Mt>(), taps).to(at::kFloat);
 }
 
 struct Shape {
@@ -426,14 +428,14 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
   using T = Tiling<Mt>;
   const int64_t C = weight.size(1), K = weight.size(0);
   const Shape s = tiled_shape<Mt>(N, H, W, C, K);
-  const std::vector<float> U = transform_filters<Mt>(weight);
+  const at::Tensor U = transform_filters<Mt>(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + T::kBlock - 1) / T::kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> V(T::kPoints * (T::kBlock * C + kStridePad)), M(T::kPoints * (T::kBlock * K + kStridePad));
     std::vector<float> pad(T::kPoints * C);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * T::kBlock;
-      tile_block<Mt>(x, U.data(), bias, out, V.data(), M.data(), pad.data(), s, t0,
+      tile_block<Mt>(x, U.data_ptr<float>(), bias, out, V.data(), M.data(), pad.data(), s, t0,
                      std::min<int64_t>(T::kBlock, tiles - t0));
     }
   });
@@ -513,20 +515,12 @@ std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, 
     }
   });
 #endif
-  // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double.
+  // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double: the transpose
+  // of the filter transform, dW[t, k, c] = sum over the points e of T[e, t] S[e, k, c].
   const at::Tensor total = partial.sum(0);
-  const double* S = total.data_ptr<double>();
-  at::Tensor weight_grad = at::empty({K, C, 3, 3}, input.options().memory_format(at::MemoryFormat::Contiguous));
-  float* dw = weight_grad.data_ptr<float>();
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c)
-      for (int u = 0; u < 3; ++u)
-        for (int v = 0; v < 3; ++v) {
-          double acc = 0;
-          for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) acc += G2[i][u] * S[((i * 4 + j) * K + k) * C + c] * G2[j][v];
-          dw[((k * C + c) * 3 + u) * 3 + v] = static_cast<float>(acc);
-        }
+  const at::Tensor point_sums = total.narrow(0, 0, kWgradPoints * K * C).view({kWgradPoints, K * C});
+  const at::Tensor weight_grad = at::matmul(filter_transform_matrix<2>().t(), point_sums)
+                                     .view({3, 3, K, C}).permute({2, 3, 0, 1}).contiguous().to(at::kFloat);
   return {weight_grad, total.narrow(0, kWgradPoints * K * C, K).to(at::kFloat)};
 }
 

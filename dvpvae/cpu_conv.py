@@ -8,8 +8,9 @@ or 4 multiplies per output instead of 9), its weight gradient by F(2x2, 3x3)
 (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's weight gradient plus a channel sum).
 Everything else, and everything on AVX-512 CPUs (the extension's kernels are 8-lane AVX2
 code), comes from oneDNN. The choice is a rule on shape, dtype and ISA (``_extension_isa``),
-so every process computes the same numbers. Both directions are ``torch.library`` custom ops: compiled graphs call each as one
-node, and ``needs_exact_strides`` keeps inductor from handing them other strides.
+so every process computes the same numbers. Both directions are ``torch.library`` custom
+ops: compiled graphs call each as one node, and ``needs_exact_strides`` keeps inductor from
+handing them other strides.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def _operands(n, c, k, h, w, bias=True, seed=0):
 ROUNDING = {2: 2e-6, 4: 1e-5}
 
 
-def _assert_float32_accurate(got, x, weight, b, tile=2):
+def _assert_float32_accurate(got, x, weight, b, tile):
     """Within float32 round-off of the float64 convolution, on the scale of sum |x| |w| + |b|."""
     b64 = None if b is None else b.double()
     want = F.conv2d(x.double(), weight.double(), b64, padding=1)

@@ -2,9 +2,9 @@
 
 For each pass, kernel size (1x1, 3x3 with padding 1) and resolution of a preset's ResNet
 blocks (channels-last float32, the shapes of the training step), two providers:
-  onednn     the pass from oneDNN (``use_extension=False`` in ``dvpvae.cpu_conv``)
-  extension  the pass as the cpu provider computes it with the extension
-             (``use_extension=True``): Winograd for the 3x3 forward and input gradient
+  onednn     the pass from oneDNN (the extension's ops with tile 0 / extension False)
+  extension  the pass as the cpu provider computes it (``dvpvae.cpu_conv``'s rules
+             ``conv_tile`` and ``extension_covers``): Winograd for the 3x3 forward and input gradient
              (F(4x4, 3x3) or F(2x2, 3x3), ``winograd_tile``) and weight and bias
              gradients (F(2x2, 3x3); csrc/conv_winograd_cpu.cpp), the 1x1
              weight and bias gradients at once (csrc/conv_wgrad_cpu.cpp), where the CPU and
@@ -35,9 +35,9 @@ import _paths  # noqa: E402,F401  (this checkout's dvpvae first)
 
 from _harness import add_run_options, save_report, start_extension_run, timeit_interleaved  # noqa: E402
 from dvpvae import get_config  # noqa: E402
-from dvpvae.cpu_conv import conv_cl, conv_input_grad, conv_weight_grad, extension_covers, winograd_covers  # noqa: E402
+from dvpvae.cpu_conv import conv_tile, extension_covers, winograd_covers  # noqa: E402
 
-PROVIDERS = {"onednn": False, "extension": True}  # name -> use_extension
+PROVIDERS = {"onednn": False, "extension": True}  # name -> whether the rules choose the kernels
 PASSES = {3: ("forward", "input_grad", "weight_grad"), 1: ("weight_grad",)}
 TABLE_COLUMNS = [("pass", "pass"), ("kernel_size", "k"), ("size", "size"), ("batch", "batch"),
                  ("channels", "channels"), ("provider", "provider"), ("ms_median", "median ms"),
@@ -49,13 +49,17 @@ def _relative_error(got, want) -> float:
     return max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
 
 
-def pass_fn(name: str, grad, x, weight, bias, use_extension: bool):
-    """() -> the pass's tensors, as the cpu provider computes them."""
+def pass_fn(name: str, grad, x, weight, bias, use_rules: bool):
+    """() -> the pass's tensors from the kernel the cpu provider's rules choose (``use_rules``),
+    else from oneDNN."""
+    ops = torch.ops.dvpvae
+    tile = conv_tile(x, weight) if use_rules else 0
     if name == "forward":
-        return lambda: (conv_cl(x, weight, bias, use_extension),)
+        return lambda: (ops.conv_cl(x, weight, bias, tile),)
     if name == "input_grad":
-        return lambda: (conv_input_grad(grad, x, weight, use_extension),)
-    return lambda: conv_weight_grad(grad, x, weight, use_extension)
+        return lambda: (ops.conv_cl_input_grad(grad, x, weight, tile),)
+    extension = use_rules and extension_covers(grad, x, weight.shape[-1])
+    return lambda: ops.conv_cl_weight_grad(grad, x, weight, extension)
 
 
 def bench_shape(n: int, channels: int, size: int, k: int, repeats: int, warmup: int) -> list[dict]:
@@ -101,7 +105,8 @@ def main(argv=None) -> int:
     probe = torch.empty(1, channels, 1, 1)
     if not extension_covers(probe, probe, 3):
         print(f"the extension's kernels do not cover {channels} channels on this CPU (they need "
-              "channels % 8 == 0 and AVX2 or AVX-512)", file=sys.stderr)
+              "channels % 8 == 0 and an AVX2-class CPU; on AVX-512 CPUs oneDNN serves every pass)",
+              file=sys.stderr)
         return 2
     if not winograd_covers(probe, torch.empty(channels, channels, 3, 3)):
         print("the 3x3 forward and input gradient are oneDNN's in both providers here (Winograd "

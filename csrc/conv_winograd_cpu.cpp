@@ -446,26 +446,26 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t tile) {
-  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
-  TORCH_CHECK(input.dim() == 4, "dvpvae: conv3x3_winograd: input must be 4-D (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae: the Winograd convolution needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(input.dim() == 4, "dvpvae: Winograd convolution: input must be 4-D (N, C, H, W), got ", input.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == 3 && weight.size(3) == 3,
-              "dvpvae: conv3x3_winograd: weight must be (out, ", input.size(1), ", 3, 3), got ", weight.sizes());
+              "dvpvae: Winograd convolution: weight must be (out, ", input.size(1), ", 3, 3), got ", weight.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "dvpvae: conv3x3_winograd: input and weight must be float32, got ", input.scalar_type(), " and ",
+              "dvpvae: Winograd convolution: input and weight must be float32, got ", input.scalar_type(), " and ",
               weight.scalar_type());
   CHECK_DEVICE(weight, input.device());
   TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "dvpvae: conv3x3_winograd: input must be channels-last contiguous");
+              "dvpvae: Winograd convolution: input must be channels-last contiguous");
   const int64_t K = weight.size(0);
-  TORCH_CHECK(input.size(1) % kLanes == 0 && K % kLanes == 0, "dvpvae: conv3x3_winograd needs in and out "
+  TORCH_CHECK(input.size(1) % kLanes == 0 && K % kLanes == 0, "dvpvae: the Winograd convolution needs in and out "
               "channels % ", kLanes, " == 0, got ", input.size(1), " and ", K);
-  TORCH_CHECK(tile == 2 || tile == 4, "dvpvae: conv3x3_winograd: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
+  TORCH_CHECK(tile == 2 || tile == 4, "dvpvae: Winograd convolution: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
               tile);
   const float* b = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat,
-                "dvpvae: conv3x3_winograd: bias must be float32 (", K, "), got ", bias->sizes(), " ",
+                "dvpvae: Winograd convolution: bias must be float32 (", K, "), got ", bias->sizes(), " ",
                 bias->scalar_type());
     CHECK_DEVICE(*bias, input.device());
     bias_c = bias->contiguous();
@@ -522,12 +522,6 @@ std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, 
   const at::Tensor weight_grad = at::matmul(filter_transform_matrix<2>().t(), point_sums)
                                      .view({3, 3, K, C}).permute({2, 3, 0, 1}).contiguous().to(at::kFloat);
   return {weight_grad, total.narrow(0, kWgradPoints * K * C, K).to(at::kFloat)};
-}
-
-at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias, int64_t tile) {
-  return at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
-                   input.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
 }  // namespace dvpvae

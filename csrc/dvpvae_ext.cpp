@@ -12,22 +12,28 @@ TORCH_LIBRARY(dvpvae, m) {
   m.def("ddpm_sample_unet(Tensor z_T, Tensor noise, Tensor coef, Tensor films, Tensor[] weights, "
         "int num_res_blocks, int groups, float eps, float temperature) -> Tensor");
   m.def("unet_eps(Tensor z, Tensor films, Tensor[] weights, int num_res_blocks, int groups, float eps) -> Tensor");
-  m.def("conv_weight_grad(Tensor grad, Tensor input, int kernel_size) -> (Tensor, Tensor)");
-  m.def("conv3x3_winograd(Tensor input, Tensor weight, Tensor? bias, int tile) -> Tensor");
+  // Inductor must hand these ops the channels-last strides their kernels require.
+  const std::vector<at::Tag> exact_strides{at::Tag::needs_exact_strides};
+  m.def("conv_cl(Tensor x, Tensor weight, Tensor? bias, int tile) -> Tensor", exact_strides);
+  m.def("conv_cl_input_grad(Tensor grad, Tensor x, Tensor weight, int tile) -> Tensor", exact_strides);
+  m.def("conv_cl_weight_grad(Tensor grad, Tensor x, Tensor weight, bool extension) -> (Tensor, Tensor)",
+        exact_strides);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
   m.impl("unet_eps", &dvpvae::unet_eps_cpu);
-  m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_cpu);
-  m.impl("conv3x3_winograd", &dvpvae::conv3x3_winograd_cpu);
+  m.impl("conv_cl", &dvpvae::conv_cl_cpu);
+  m.impl("conv_cl_input_grad", &dvpvae::conv_cl_input_grad_cpu);
+  m.impl("conv_cl_weight_grad", &dvpvae::conv_cl_weight_grad_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
   m.impl("unet_eps", &dvpvae::unet_eps_meta);
-  m.impl("conv_weight_grad", &dvpvae::conv_weight_grad_meta);
-  m.impl("conv3x3_winograd", &dvpvae::conv3x3_winograd_meta);
+  m.impl("conv_cl", &dvpvae::conv_cl_meta);
+  m.impl("conv_cl_input_grad", &dvpvae::conv_cl_input_grad_meta);
+  m.impl("conv_cl_weight_grad", &dvpvae::conv_cl_weight_grad_meta);
 }
 
 // A Python module init so the library imports as `dvpvae._C`; the static initialisers

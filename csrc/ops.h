@@ -35,21 +35,34 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
 at::Tensor unet_eps_meta(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
                          int64_t num_res_blocks, int64_t groups, double eps);
 
+// The CPU provider's convolution (conv_cl_cpu.cpp), one op per pass of conv2d(x, weight, bias,
+// padding = k / 2) for a (K, C, k, k) weight, k in (1, 3), on channels-last tensors (outputs
+// channels-last). `tile` 2 or 4: Winograd F(tile x tile, 3x3) (conv3x3_winograd_cpu), 0: oneDNN.
+// `extension`: the weight and bias gradients from conv_weight_grad_cpu, else from oneDNN.
+at::Tensor conv_cl_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t tile);
+at::Tensor conv_cl_meta(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t tile);
+at::Tensor conv_cl_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                  int64_t tile);
+at::Tensor conv_cl_input_grad_meta(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                   int64_t tile);
+std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& weight, bool extension);
+std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& weight, bool extension);
+
 // Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
 // 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
 // (N, Ci, H, W); Ci % 8 == 0, Co % 4 == 0 (1x1) or Co % 8 == 0 (3x3, by winograd_weight_grad).
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                         int64_t kernel_size);
-std::tuple<at::Tensor, at::Tensor> conv_weight_grad_meta(const at::Tensor& grad, const at::Tensor& input,
-                                                         int64_t kernel_size);
 
 // A stride-1 3x3 convolution with zero-padding 1 by Winograd F(tile x tile, 3x3), tile 2 or 4
 // (conv_winograd_cpu.cpp): channels-last float32 input (N, C, H, W), weight (K, C, 3, 3),
 // optional bias (K); C % 8 == 0, K % 8 == 0. Returns channels-last (N, K, H, W).
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t tile);
-at::Tensor conv3x3_winograd_meta(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias, int64_t tile);
 
 // Weight (K, C, 3, 3) and bias (K) gradients of that convolution by the same transforms
 // (conv_weight_grad_cpu's kernel_size 3, which checks the arguments): channels-last float32

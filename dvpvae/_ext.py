@@ -5,11 +5,12 @@ Importing it registers the CPU ops ``torch.ops.dvpvae.*``:
   ddpm_sample_unet(z_T, noise, coef, films, weights, num_res_blocks, groups, eps, temperature)
       -> the prior's T-step sampling loop with a native float32 UNet (dvpvae.native_prior)
   unet_eps(z, films, weights, num_res_blocks, groups, eps) -> one batched native UNet forward
-  conv_weight_grad(grad, input, kernel_size) -> (weight grad (Co, Ci, k, k), bias grad (Co,)) of a
-      stride-1 1x1 or 3x3 padding-1 convolution on channels-last float32 tensors, the 3x3 one by
-      Winograd F(2x2, 3x3) (dvpvae.cpu_conv)
-  conv3x3_winograd(input, weight, bias, tile) -> a stride-1 3x3 padding-1 convolution of a
-      channels-last float32 input by Winograd F(tile x tile, 3x3), tile 2 or 4 (dvpvae.cpu_conv)
+  conv_cl(x, weight, bias, tile) -> a stride-1 1x1 or 3x3 padding-1 convolution of a channels-last
+      input: Winograd F(tile x tile, 3x3) for tile 2 or 4, oneDNN for tile 0
+  conv_cl_input_grad(grad, x, weight, tile) -> its input gradient, by the same choice of kernel
+  conv_cl_weight_grad(grad, x, weight, extension) -> its (weight, bias) gradients: the extension's
+      kernels (Winograd F(2x2, 3x3) for 3x3) where ``extension``, else oneDNN
+  (``dvpvae.cpu_conv`` holds the rules that choose the kernels, and conv_cl's autograd)
 
 Without it every caller falls back to plain PyTorch.
 """

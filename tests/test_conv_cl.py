@@ -4,11 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv_cl, conv_weight_grad, extension_covers
+from dvpvae.cpu_conv import conv_cl, conv_tile, extension_covers
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 CPU")
+needs_ext = pytest.mark.skipif(not _ext.available(), reason="needs the built C++ extension")
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def _pair(n, ci, co, h, w, dtype=torch.float32, seed=0):
@@ -16,6 +18,11 @@ def _pair(n, ci, co, h, w, dtype=torch.float32, seed=0):
     x = torch.randn(n, ci, h, w, generator=g, dtype=dtype).contiguous(memory_format=CL)
     grad = torch.randn(n, co, h, w, generator=g, dtype=dtype).contiguous(memory_format=CL)
     return grad, x
+
+
+def _extension_grads(grad, x, k):
+    """The extension's weight and bias gradients through the op."""
+    return torch.ops.dvpvae.conv_cl_weight_grad(grad, x, torch.empty(grad.shape[1], x.shape[1], k, k), True)
 
 
 def _exact_grads(grad, x, k):
@@ -33,7 +40,7 @@ SHAPES = [(3, 32, 32, 7, 7), (2, 32, 32, 14, 14), (2, 40, 8, 5, 6), (1, 8, 4, 1,
 @pytest.mark.parametrize("n,ci,co,h,w,k", [s + (k,) for k in (1, 3) for s in SHAPES if k == 1 or s[2] % 8 == 0])
 def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
     grad, x = _pair(n, ci, co, h, w)
-    got_w, got_b = torch.ops.dvpvae.conv_weight_grad(grad, x, k)
+    got_w, got_b = _extension_grads(grad, x, k)
     want_w, want_b = _exact_grads(grad, x, k)
     assert got_w.shape == (co, ci, k, k) and got_w.dtype == torch.float32 and got_w.is_contiguous()
     assert got_b.shape == (co,) and got_b.dtype == torch.float32
@@ -54,20 +61,28 @@ def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
 def test_extension_weight_grad_rejects_bad_arguments(make, message):
     grad, x = _pair(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv_weight_grad(*make(grad, x), 3)
+        _extension_grads(*make(grad, x), 3)
 
 
 @needs_kernel
 def test_extension_1x1_weight_grad_needs_out_channels_multiple_of_4():
     grad, x = _pair(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match="out channels % 4"):
-        torch.ops.dvpvae.conv_weight_grad(grad[:, :6].contiguous(memory_format=CL), x, 1)
+        _extension_grads(grad[:, :6].contiguous(memory_format=CL), x, 1)
 
 
-@needs_kernel
-def test_extension_weight_grad_rejects_other_kernel_sizes():
-    with pytest.raises(RuntimeError, match="kernel_size must be 1 or 3"):
-        torch.ops.dvpvae.conv_weight_grad(*_pair(1, 8, 4, 5, 5), 5)
+@needs_ext
+@pytest.mark.parametrize("extension", [True, False])
+def test_conv_ops_reject_other_kernel_sizes(extension):
+    grad, x = _pair(1, 8, 4, 5, 5)
+    weight = torch.zeros(4, 8, 5, 5)
+    message = r"weight must be \(out, in, 1, 1\) or \(out, in, 3, 3\)"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dvpvae.conv_cl_weight_grad(grad, x, weight, extension)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dvpvae.conv_cl_input_grad(grad, x, weight, 0)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dvpvae.conv_cl(x, weight, None, 0)
 
 
 @pytest.mark.parametrize("use_extension", [True, False])
@@ -101,28 +116,20 @@ def test_conv_cl_float64_is_exact_through_onednn():
 
 @needs_kernel
 @pytest.mark.parametrize("k", [1, 3])
-def test_weight_grad_kernel_choice_is_a_rule_on_shape_and_dtype(k):
+def test_weight_grad_kernel_choice_is_a_rule_on_shape_dtype_and_isa(k):
+    """The extension's weight gradients on AVX2 CPUs where they cover the shape (oneDNN's are
+    faster with AVX-512), within float32 round-off of oneDNN's."""
     grad, x = _pair(2, 16, 8, 9, 9, seed=3)
     w = torch.zeros(8, 16, k, k)
-    assert extension_covers(grad, x, k)
+    assert extension_covers(grad, x, k) == AVX2
     assert not extension_covers(grad.double(), x.double(), k)
     assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL), k)  # in channels % 8
     assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x, k)  # out channels % 4
-    assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1)  # 3x3: % 8
-    got = conv_weight_grad(grad, x, w, use_extension=True)
-    onednn = conv_weight_grad(grad, x, w, use_extension=False)
-    # AVX2: the extension's numbers, exactly; AVX-512: oneDNN's (faster there)
-    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    chosen = torch.ops.dvpvae.conv_weight_grad(grad, x, k) if avx2 else onednn
-    assert all(torch.equal(a, b) for a, b in zip(got, chosen))
-    for a, b in zip(got, onednn):
+    assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1 and AVX2)  # 3x3: % 8
+    extension = torch.ops.dvpvae.conv_cl_weight_grad(grad, x, w, True)
+    onednn = torch.ops.dvpvae.conv_cl_weight_grad(grad, x, w, False)
+    for a, b in zip(extension, onednn):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_weight_grad_rejects_other_kernel_sizes():
-    grad, x = _pair(1, 8, 4, 3, 3)
-    with pytest.raises(ValueError, match="weight must be 1x1 or 3x3"):
-        conv_weight_grad(grad, x, torch.zeros(4, 8, 5, 5))
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 5, 5), (4, 8, 3), (4, 8, 1, 3)])
@@ -132,9 +139,37 @@ def test_conv_cl_rejects_other_kernel_shapes(shape):
         conv_cl(x, torch.randn(shape), None)
 
 
+@needs_ext
 @pytest.mark.parametrize("k", [1, 3])
-def test_conv_cl_passes_opcheck(k):
+def test_conv_ops_pass_opcheck(k):
     x = torch.randn(2, 8, 4, 5).contiguous(memory_format=CL).requires_grad_()
     w = torch.randn(4, 8, k, k, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, True))
+    grad = torch.randn(2, 4, 4, 5).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, conv_tile(x, w)))
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl_input_grad.default, (grad, x.detach(), w.detach(), 0))
+    for extension in (False, HAVE_KERNEL and extension_covers(grad, x, k)):
+        torch.library.opcheck(torch.ops.dvpvae.conv_cl_weight_grad.default, (grad, x.detach(), w.detach(), extension))
+
+
+@needs_ext
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_cl_traces_as_one_graph(k, autocast):
+    """The kernel rules run when a graph is traced (no graph break) and the traced forward and
+    backward compute what eager conv_cl does, under bfloat16 autocast as well."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 7, 7, generator=g).requires_grad_()
+    w = (0.1 * torch.randn(16, 16, k, k, generator=g)).requires_grad_()
+    b = torch.randn(16, generator=g).requires_grad_()
+
+    def f(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return conv_cl(x, w, b).float()
+
+    traced = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
+    got, want = traced(x, w, b), f(x, w, b)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    grad_out = torch.randn(got.shape, generator=g)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), grad_out), torch.autograd.grad(want, (x, w, b), grad_out)):
+        assert torch.equal(a, e)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv_cl, winograd_covers, winograd_tile
+from dvpvae.cpu_conv import conv_cl, conv_tile, winograd_covers, winograd_tile
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -48,7 +48,7 @@ SHAPES = [(2, 32, 32, 14, 14), (3, 16, 16, 7, 7), (1, 8, 8, 1, 1), (2, 8, 24, 5,
 @pytest.mark.parametrize("n,c,k,h,w", SHAPES)
 def test_winograd_matches_float64(n, c, k, h, w, bias, tile):
     x, weight, b = _operands(n, c, k, h, w, bias)
-    _assert_float32_accurate(torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile), x, weight, b, tile)
+    _assert_float32_accurate(torch.ops.dvpvae.conv_cl(x, weight, b, tile), x, weight, b, tile)
 
 
 @needs_kernel
@@ -58,9 +58,9 @@ def test_winograd_does_not_depend_on_thread_count(tile):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
+        one = torch.ops.dvpvae.conv_cl(x, weight, b, tile)
         torch.set_num_threads(2)
-        two = torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
+        two = torch.ops.dvpvae.conv_cl(x, weight, b, tile)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -72,30 +72,36 @@ def test_winograd_does_not_depend_on_thread_count(tile):
     (lambda x, w, b: (x.contiguous(), w, b), "channels-last"),
     (lambda x, w, b: (x[:, :12].contiguous(memory_format=CL), w[:, :12], b), "channels % 8"),
     (lambda x, w, b: (x, torch.cat([w, w[:4]]), None), "channels % 8"),
-    (lambda x, w, b: (x, w[:, :, :2], b), r"weight must be \(out, 16, 3, 3\)"),
+    (lambda x, w, b: (x, w[:, :, :2], b), r"weight must be \(out, in, 1, 1\) or \(out, in, 3, 3\)"),
+    (lambda x, w, b: (x, w[:, :8], b), r"weight must be \(out, 16, 3, 3\)"),
     (lambda x, w, b: (x, w, b[:4]), r"bias must be float32 \(8\)"),
     (lambda x, w, b: (x[0], w, b), "4-D"),
 ])
 def test_winograd_rejects_bad_arguments(make, message):
     x, weight, b = _operands(2, 16, 8, 5, 5)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv3x3_winograd(*make(x, weight, b), 2)
+        torch.ops.dvpvae.conv_cl(*make(x, weight, b), 2)
 
 
 @needs_kernel
-@pytest.mark.parametrize("tile", [0, 3, 6])
-def test_winograd_rejects_other_tiles(tile):
+@pytest.mark.parametrize("tile", [1, 3, 6])
+def test_conv_ops_reject_other_tiles(tile):
     x, weight, b = _operands(2, 16, 8, 5, 5)
-    with pytest.raises(RuntimeError, match=rf"tile must be 2 .* or 4 .*, got {tile}"):
-        torch.ops.dvpvae.conv3x3_winograd(x, weight, b, tile)
+    for op, args in ((torch.ops.dvpvae.conv_cl, (x, weight, b)),
+                     (torch.ops.dvpvae.conv_cl_input_grad, (torch.randn(2, 8, 5, 5).contiguous(memory_format=CL),
+                                                            x, weight))):
+        with pytest.raises(RuntimeError, match=rf"tile must be 0 .*, 2 .* or 4 .*, got {tile}"):
+            op(*args, tile)
 
 
 @needs_kernel
 @pytest.mark.parametrize("tile", [2, 4])
 def test_winograd_passes_opcheck(tile):
     x, weight, b = _operands(2, 8, 16, 5, 6)
-    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, b, tile))
-    torch.library.opcheck(torch.ops.dvpvae.conv3x3_winograd.default, (x, weight, None, tile))
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, weight, b, tile))
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, weight, None, tile))
+    grad = torch.randn(2, 16, 5, 6).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.dvpvae.conv_cl_input_grad.default, (grad, x, weight, tile))
 
 
 @pytest.mark.parametrize("size,tile", [((28, 28), 4), ((14, 14), 4), ((7, 7), 4), ((6, 7), 4), ((1, 1), 2),
@@ -110,8 +116,7 @@ def test_winograd_tile_takes_the_form_with_fewer_points(size, tile):
 def test_cpu_provider_convolution_uses_winograd_by_rule():
     """On AVX2 CPUs a covered 3x3 conv_cl computes the Winograd kernels' numbers in the forward,
     the input gradient (the flipped kernel's convolution of the output gradient) and the weight
-    and bias gradients, and oneDNN's with the extension off; on AVX-512 CPUs oneDNN's in both
-    cases."""
+    and bias gradients; on AVX-512 CPUs, and with the extension off, oneDNN's."""
     x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
     grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
     x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
@@ -120,6 +125,7 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
     assert not winograd_covers(x[:, :12], weight[:, :12])
     assert not winograd_covers(x, weight[:4])
     assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
+    assert conv_tile(x, weight) == (winograd_tile(6, 7) if AVX2 else 0)
     out = conv_cl(x, weight, b, True)
     grad_x, grad_w, grad_b = torch.autograd.grad(out, (x, weight, b), grad)
     onednn = conv_cl(x, weight, b, False)
@@ -127,13 +133,14 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
     weight, b = weight.detach(), b.detach()
     if AVX2:
         flipped, tile = weight.flip(2, 3).transpose(0, 1), winograd_tile(6, 7)
-        assert torch.equal(out, torch.ops.dvpvae.conv3x3_winograd(x.detach(), weight, b, tile))
-        assert torch.equal(grad_x, torch.ops.dvpvae.conv3x3_winograd(grad, flipped, None, tile))
-        kernel_grads = torch.ops.dvpvae.conv_weight_grad(grad, x.detach(), 3)
+        assert torch.equal(out, torch.ops.dvpvae.conv_cl(x.detach(), weight, b, tile))
+        assert torch.equal(grad_x, torch.ops.dvpvae.conv_cl(grad, flipped, None, tile))
+        kernel_grads = torch.ops.dvpvae.conv_cl_weight_grad(grad, x.detach(), weight, True)
         assert torch.equal(grad_w, kernel_grads[0]) and torch.equal(grad_b, kernel_grads[1])
     else:
         assert torch.equal(out, onednn)
-        assert all(torch.equal(g, o) for g, o in zip((grad_x, grad_w, grad_b), onednn_grads))
+        for g, o in zip((grad_x, grad_w, grad_b), onednn_grads):
+            torch.testing.assert_close(g, o, rtol=1e-6, atol=1e-6)
     tile = winograd_tile(6, 7) if AVX2 else 2
     _assert_float32_accurate(out.detach(), x.detach(), weight, b, tile)
     _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None, tile)
@@ -160,4 +167,5 @@ def test_winograd_weight_grad_matches_float64(n, c, k, h, w):
     gen = torch.Generator().manual_seed(h * 31 + w)
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
     grad = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=CL)
-    _assert_weight_grads_accurate(torch.ops.dvpvae.conv_weight_grad(grad, x, 3), grad, x)
+    weight = torch.empty(k, c, 3, 3)
+    _assert_weight_grads_accurate(torch.ops.dvpvae.conv_cl_weight_grad(grad, x, weight, True), grad, x)

@@ -73,17 +73,17 @@ def conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``F.conv2d(x, weight, bias, padding=k // 2)`` for a (out, in, k, k) weight with k in
     (1, 3); channels-last output.
 
-    With the extension (``use_extension`` and built) each pass is one of its ops: the forward
-    and input gradient from ``conv_tile``'s kernel, the weight and bias gradients from
-    ``extension_covers``'. Without it, ``F.conv2d``.
+    On the CPU with the extension (``use_extension`` and built) each pass is one of its ops:
+    the forward and input gradient from ``conv_tile``'s kernel, the weight and bias gradients
+    from ``extension_covers``'. Otherwise ``F.conv2d``.
     """
     if weight.dim() != 4 or weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_cl: weight must be (out, in, 1, 1) or (out, in, 3, 3), got {tuple(weight.shape)}")
     x = channels_last(x)
-    if not (use_extension and _ext.available()):
+    if not (use_extension and _ext.available() and x.device.type == "cpu"):
         # A (N, 1, H, W) input is channels-last and NCHW at once; oneDNN then returns NCHW.
         return channels_last(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         # The dtype CPU autocast computes convolutions in, cast here so that the kernel rules see it.
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)

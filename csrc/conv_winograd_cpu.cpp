@@ -14,12 +14,12 @@
 //
 // The weight gradient uses F(2x2, 3x3) (see winograd_weight_grad's kernels below).
 //
-// Work items are blocks of Tiling<m>::kBlock tiles (image-major, then tile rows, then tile
+// Work items are blocks of kBlock<m> tiles (image-major, then tile rows, then tile
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
 // multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
 // accumulators) and writes the block's outputs, so the transformed data never reaches DRAM.
 
-#include "avx2.h"
+#include "winograd.h"
 #include "ops.h"
 
 #include <ATen/Functions.h>
@@ -33,53 +33,13 @@
 namespace dvpvae {
 namespace {
 
-constexpr int kLanes = 8;         // floats per AVX2 vector
-constexpr int kRows = 6;          // rows per register tile
 constexpr int kAhead = 4;         // tiles between a prefetch and the tile's transform
 constexpr int kFlushBlocks = 16;  // weight gradient: blocks summed in float32 before a double sum
-// Padding of the scratch buffers' per-point stride: a stride of a multiple of 4 KB would map
-// a tile's points to the same few L1 sets.
-constexpr int kStridePad = 16;
 
-// F(m x m, 3x3) for output tiles of side Mt (2 or 4): an (Mt + 2)^2 input patch per tile, as
-// many transformed points, and kBlock tiles per work item so that a block's transformed input
-// and products (kPoints x kBlock x channels each) stay in L2.
+// Tiles per work item, so that a block's transformed input and products (kPoints x kBlock x
+// channels each) stay in L2; a multiple of kRows.
 template <int Mt>
-struct Tiling {
-  static constexpr int kPatch = Mt + 2;
-  static constexpr int kPoints = kPatch * kPatch;
-  static constexpr int kBlock = Mt == 2 ? 48 : 24;  // a multiple of kRows
-};
-
-// The filter transforms G (kPatch x 3) of F(2x2, 3x3) and F(4x4, 3x3).
-constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-constexpr double G4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                             {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
-
-// The filter transform as a (kPoints x 9) matrix: T[i P + j, 3 u + v] = G[i][u] G[j][v], so
-// that (G g G^T)[e] = sum over the taps t of T[e, t] g[t] and the transform of all filters is
-// one product.
-template <int Mt>
-at::Tensor filter_transform_matrix() {
-  constexpr int P = Tiling<Mt>::kPatch;
-  const double(*G)[3] = Mt == 2 ? G2 : G4;
-  at::Tensor T = at::empty({P * P, 9}, at::TensorOptions().dtype(at::kDouble));
-  double* t = T.data_ptr<double>();
-  for (int i = 0; i < P; ++i)
-    for (int j = 0; j < P; ++j)
-      for (int u = 0; u < 3; ++u)
-        for (int v = 0; v < 3; ++v) t[(i * P + j) * 9 + 3 * u + v] = G[i][u] * G[j][v];
-  return T;
-}
-
-// U[e, c, k] = (G g[k, c] G^T)[e] as a (kPoints, C K) float32 tensor, computed in double.
-template <int Mt>
-at::Tensor transform_filters(const at::Tensor& weight) {
-  const int64_t K = weight.size(0), C = weight.size(1);
-  const at::Tensor taps = weight.permute({2, 3, 1, 0})  // [t, c, k], one copy
-                              .to(at::kDouble, false, false, at::MemoryFormat::Contiguous).view({9, C * K});
-  return at::matmul(filter_transform_matrix<Mt>(), taps).to(at::kFloat);
-}
+constexpr int kBlock = Mt == 2 ? 48 : 24;
 
 struct Shape {
   int64_t N, H, W, C, K, TH, TW;  // batch, image, channels in and out, tiles per column and row
@@ -92,14 +52,8 @@ Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
 }
 
 #if DVPVAE_HAVE_AVX2_KERNEL
-// A tile's input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
-struct Patch {
-  const float* p;
-  int64_t rs;
-};
-
 // The patch of tile (n, ty, tx): in x for an interior tile, else copied with its zero padding
-// into `pad` (kPoints C floats), so that the transforms below never test bounds.
+// into `pad` (kPoints C floats), so that the tile transforms never test bounds.
 template <int Mt>
 DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
                                      float* __restrict pad) {
@@ -119,178 +73,19 @@ DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, 
   return {pad, P * s.C};
 }
 
-// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d.
-template <int Mt>
-void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C, int64_t ldv);
-
-// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of
-// B^T d is formed from two patch rows loaded again for it (L1 hits) rather than from all 16
-// loads held live, which would not fit the 16 vector registers.
-template <>
-DVPVAE_AVX2_INLINE void input_tile<2>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
-                                      int64_t ldv) {
-  // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
-  static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
-  static constexpr bool add[4] = {false, true, false, false};
-  float* v = V + r * C + c;
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const float* pa = d.p + ia[i] * d.rs + c;
-    const float* pb = d.p + ib[i] * d.rs + c;
-    __m256 t[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m256 a = _mm256_loadu_ps(pa + j * C), b = _mm256_loadu_ps(pb + j * C);
-      t[j] = add[i] ? _mm256_add_ps(a, b) : _mm256_sub_ps(a, b);
-    }
-    _mm256_storeu_ps(v + (i * 4 + 0) * ldv, _mm256_sub_ps(t[0], t[2]));
-    _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
-    _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
-    _mm256_storeu_ps(v + (i * 4 + 3) * ldv, _mm256_sub_ps(t[1], t[3]));
-  }
-}
-
-// r = B^T d for six vectors d, the 1-D input transform of F(4x4, 3x3) with
-// B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-//        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
-DVPVAE_AVX2_INLINE void input_transform6(const __m256 (&d)[6], __m256 (&r)[6]) {
-  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
-  r[0] = _mm256_fnmadd_ps(five, d[2], _mm256_fmadd_ps(four, d[0], d[4]));
-  const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
-  r[1] = _mm256_add_ps(a, b);
-  r[2] = _mm256_sub_ps(a, b);
-  const __m256 e = _mm256_sub_ps(d[4], d[2]), f = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
-  r[3] = _mm256_add_ps(e, f);
-  r[4] = _mm256_sub_ps(e, f);
-  r[5] = _mm256_fnmadd_ps(five, d[3], _mm256_fmadd_ps(four, d[1], d[5]));
-}
-
-// F(4x4, 3x3): B^T applied down the patch's columns into an L1 buffer, then along its rows.
-template <>
-DVPVAE_AVX2_INLINE void input_tile<4>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
-                                      int64_t ldv) {
-  alignas(32) float t[6][6][kLanes];  // B^T d
-  for (int j = 0; j < 6; ++j) {
-    __m256 col[6], out[6];
-    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(d.p + i * d.rs + j * C + c);
-    input_transform6(col, out);
-    for (int i = 0; i < 6; ++i) _mm256_store_ps(t[i][j], out[i]);
-  }
-  float* v = V + r * C + c;
-  for (int i = 0; i < 6; ++i) {
-    __m256 row[6], out[6];
-    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
-    input_transform6(row, out);
-    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(v + (i * 6 + j) * ldv, out[j]);
-  }
-}
-
-// out[i, 0 : 8 NV] = (Accumulate ? out[i, 0 : 8 NV] : 0) + sum_j a[i ai + j aj] b[j bj, 0 : 8 NV]
-// for R rows i (out rows ldo apart) and `depth` terms j: an R x 8 NV register tile of a product
-// whose left operand is broadcast, the inner loop of both the forward and the weight gradient.
-template <int R, int NV, bool Accumulate>
-DVPVAE_AVX2_INLINE void register_tile(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
-                                      int64_t bj, float* __restrict out, int64_t ldo, int64_t depth) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v)
-      acc[i][v] = Accumulate ? _mm256_loadu_ps(out + i * ldo + v * kLanes) : _mm256_setzero_ps();
-  for (int64_t j = 0; j < depth; ++j, a += aj, b += bj) {
-    __m256 bv[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * kLanes);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * ai);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + i * ldo + v * kLanes, acc[i][v]);
-}
-
-// register_tile over the `cols` columns of out and b: 16 at a time, then 8.
-template <int R, bool Accumulate>
-DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
-                                       int64_t bj, float* __restrict out, int64_t ldo, int64_t depth, int64_t cols) {
-  int64_t n = 0;
-  for (; n + 2 * kLanes <= cols; n += 2 * kLanes)
-    register_tile<R, 2, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
-  if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
-}
-
 // out[n, Mt ty + i, Mt tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m;
 // outputs past the image edge are dropped.
 template <int Mt>
-void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out, const Shape& s,
-                 int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k, int64_t ldm);
-
-// F(2x2, 3x3): A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-template <>
-DVPVAE_AVX2_INLINE void output_tile<2>(const float* __restrict M, const float* __restrict bias,
-                                       float* __restrict out, const Shape& s, int64_t n, int64_t ty, int64_t tx,
-                                       int64_t r, int64_t k, int64_t ldm) {
-  const float* m = M + r * s.K + k;
-  __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
-  for (int j = 0; j < 4; ++j) {
-    const __m256 p0 = _mm256_loadu_ps(m + j * ldm), p1 = _mm256_loadu_ps(m + (4 + j) * ldm);
-    const __m256 p2 = _mm256_loadu_ps(m + (8 + j) * ldm), p3 = _mm256_loadu_ps(m + (12 + j) * ldm);
-    q[0][j] = _mm256_add_ps(_mm256_add_ps(p0, p1), p2);
-    q[1][j] = _mm256_sub_ps(_mm256_sub_ps(p1, p2), p3);
-  }
+DVPVAE_AVX2_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
+                                    const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
+                                    int64_t ldm) {
+  __m256 y[Mt][Mt];
+  output_transform<Mt>(M + r * s.K + k, ldm, y);
   const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
   float* o = out + n * s.H * s.W * s.K + k;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t y = 2 * ty + i;
-    if (y >= s.H) break;
-    const __m256 y0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(q[i][0], q[i][1]), q[i][2]), b);
-    _mm256_storeu_ps(o + (y * s.W + 2 * tx) * s.K, y0);
-    if (2 * tx + 1 < s.W) {
-      const __m256 y1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(q[i][1], q[i][2]), q[i][3]), b);
-      _mm256_storeu_ps(o + (y * s.W + 2 * tx + 1) * s.K, y1);
-    }
-  }
-}
-
-// o = A^T m for six vectors m, the 1-D output transform of F(4x4, 3x3) with
-// A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
-DVPVAE_AVX2_INLINE void output_transform6(const __m256 (&m)[6], __m256 (&o)[4]) {
-  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
-  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
-  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
-  o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.f), d34, d12);
-  o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.f), s34, s12);
-  o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.f), d34, d12), m[5]);
-}
-
-// F(4x4, 3x3): A^T applied down the points' columns into an L1 buffer, then along its rows.
-template <>
-DVPVAE_AVX2_INLINE void output_tile<4>(const float* __restrict M, const float* __restrict bias,
-                                       float* __restrict out, const Shape& s, int64_t n, int64_t ty, int64_t tx,
-                                       int64_t r, int64_t k, int64_t ldm) {
-  const float* m = M + r * s.K + k;
-  alignas(32) float t[4][6][kLanes];  // A^T m
-  for (int j = 0; j < 6; ++j) {
-    __m256 col[6], q[4];
-    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(m + (i * 6 + j) * ldm);
-    output_transform6(col, q);
-    for (int i = 0; i < 4; ++i) _mm256_store_ps(t[i][j], q[i]);
-  }
-  const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
-  float* o = out + n * s.H * s.W * s.K + k;
-  for (int i = 0; i < 4 && 4 * ty + i < s.H; ++i) {
-    __m256 row[6], q[4];
-    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
-    output_transform6(row, q);
-    const int64_t y = 4 * ty + i;
-    for (int j = 0; j < 4 && 4 * tx + j < s.W; ++j)
-      _mm256_storeu_ps(o + (y * s.W + 4 * tx + j) * s.K, _mm256_add_ps(q[j], b));
-  }
+  for (int i = 0; i < Mt && Mt * ty + i < s.H; ++i)
+    for (int j = 0; j < Mt && Mt * tx + j < s.W; ++j)
+      _mm256_storeu_ps(o + ((Mt * ty + i) * s.W + Mt * tx + j) * s.K, _mm256_add_ps(y[i][j], b));
 }
 
 // Tile coordinates (n, ty, tx) walked in order without a division per tile.
@@ -333,7 +128,7 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
                             float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
                             const Shape& s, int64_t t0, int64_t count) {
   constexpr int kPoints = Tiling<Mt>::kPoints;
-  const int64_t ldv = Tiling<Mt>::kBlock * s.C + kStridePad, ldm = Tiling<Mt>::kBlock * s.K + kStridePad;
+  const int64_t ldv = kBlock<Mt> * s.C + kStridePad, ldm = kBlock<Mt> * s.K + kStridePad;
   const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
   TileWalk in(s, t0), ahead(s, t0 + kAhead);
   for (int64_t r = 0; r < count; ++r, in.next(s), ahead.next(s)) {
@@ -388,7 +183,7 @@ DVPVAE_AVX2_INLINE void grad_tile(const float* __restrict g, float* __restrict D
   }
 }
 
-constexpr int kWgradPoints = Tiling<2>::kPoints, kWgradBlock = Tiling<2>::kBlock;
+constexpr int kWgradPoints = Tiling<2>::kPoints, kWgradBlock = kBlock<2>;
 
 // Accumulates the tiles [t0, t0 + count) into S (16, K, C) and bias (K); V, D and pad are scratch.
 DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
@@ -429,14 +224,14 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
   const int64_t C = weight.size(1), K = weight.size(0);
   const Shape s = tiled_shape<Mt>(N, H, W, C, K);
   const at::Tensor U = transform_filters<Mt>(weight);
-  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + T::kBlock - 1) / T::kBlock;
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kBlock<Mt> - 1) / kBlock<Mt>;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> V(T::kPoints * (T::kBlock * C + kStridePad)), M(T::kPoints * (T::kBlock * K + kStridePad));
+    std::vector<float> V(T::kPoints * (kBlock<Mt> * C + kStridePad)), M(T::kPoints * (kBlock<Mt> * K + kStridePad));
     std::vector<float> pad(T::kPoints * C);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * T::kBlock;
+      const int64_t t0 = blk * kBlock<Mt>;
       tile_block<Mt>(x, U.data_ptr<float>(), bias, out, V.data(), M.data(), pad.data(), s, t0,
-                     std::min<int64_t>(T::kBlock, tiles - t0));
+                     std::min<int64_t>(kBlock<Mt>, tiles - t0));
     }
   });
 }

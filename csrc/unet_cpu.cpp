@@ -7,7 +7,8 @@
 //     batch with its own preallocated buffers and no synchronisation between layers;
 //   * activations are NHWC with the channels innermost, so a 3x3 convolution is a
 //     register-blocked loop over a row of output pixels x 16 output channels, reading a
-//     zero-bordered copy of its input;
+//     zero-bordered copy of its input; on AVX2 CPUs the convolutions after the input one
+//     run by Winograd F(2x2, 3x3) instead (winograd.h), on filters transformed once per call;
 //   * GroupNorm is folded to a per-channel scale/shift (as ATen's CPU kernel does) and
 //     fused with FiLM and SiLU into the write of the next convolution's input.
 // The time embedding and FiLM depend only on the step: Python computes them with the
@@ -16,6 +17,7 @@
 // Results match the Python loop up to float32 round-off (other summation orders than
 // oneDNN/ATen).
 #include "ops.h"
+#include "winograd.h"
 
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -39,6 +41,9 @@ namespace dvpvae {
 namespace {
 
 constexpr int kV = 16;  // channels per vector; UNet widths are multiples of 16 (GroupNorm(16, C))
+// The Winograd convolutions' tile side (see conv3x3): F(2x2, 3x3) only adds and subtracts in
+// its transforms; F(4x4, 3x3)'s larger rounding exceeds the sampler's float32 bounds.
+constexpr int kTile = 2;
 typedef float vec __attribute__((vector_size(kV * sizeof(float))));
 
 // Half a vec: without AVX-512 the convolution holds each 16-channel block as two of these,
@@ -138,15 +143,14 @@ DVPVAE_INLINE void conv_pixels_tail(int n, const float* in, ptrdiff_t in_w, ptrd
     conv_pixels_tail<V, KS, NP - 1>(n, in, in_w, ldi, cin, w, bias, cout, out, res);
 }
 
-// KSxKS convolution (KS = 3: `in` is zero-bordered, (H+2) x (W+2) pixels; KS = 1: plain
-// H x W) of cin channels to cout (a multiple of 16) channels, out = [res +] conv(in).
-// Input pixels are ldi floats apart (cin for a plain NHWC tensor). With KS = 1 and H = 1
-// it is the matrix product out (W x cout) = in (W x cin) w (cin x cout). MaxNP pixels x
-// 16 channels of accumulators are kept in registers.
+// KSxKS convolution (KS = 3: `in` is zero-bordered, its H x W image at (1, 1) of rows of
+// in_w >= W + 2 pixels; KS = 1: plain H x W, in_w = W) of cin channels to cout (a multiple of
+// 16) channels, out = [res +] conv(in). Input pixels are ldi floats apart (cin for a plain
+// NHWC tensor). With KS = 1 and H = 1 it is the matrix product out (W x cout) = in (W x cin)
+// w (cin x cout). MaxNP pixels x 16 channels of accumulators are kept in registers.
 template <typename V, int KS, int MaxNP>
-DVPVAE_INLINE void conv_rows(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
-                             int H, int W, float* out, const float* res) {
-  const int in_w = W + KS - 1;
+DVPVAE_INLINE void conv_rows(const float* in, int in_w, int ldi, int cin, const float* w, const float* bias,
+                             int cout, int H, int W, float* out, const float* res) {
   for (int y = 0; y < H; ++y) {
     for (int x = 0; x < W; x += MaxNP) {
       const float* ip = in + (y * in_w + x) * ldi;
@@ -172,32 +176,101 @@ DVPVAE_INLINE bool wide_vectors() {
 // floats) 8 pixels x 16 channels, otherwise 6 pixels x two vec8 halves (12 of AVX2's 16
 // registers of 8 floats). Every clone carries both.
 template <int KS>
-DVPVAE_INLINE void conv_impl(const float* in, int ldi, int cin, const float* w, const float* bias, int cout,
-                             int H, int W, float* out, const float* res) {
+DVPVAE_INLINE void conv_impl(const float* in, int in_w, int ldi, int cin, const float* w, const float* bias,
+                             int cout, int H, int W, float* out, const float* res) {
   if (wide_vectors())
-    conv_rows<vec, KS, 8>(in, ldi, cin, w, bias, cout, H, W, out, res);
+    conv_rows<vec, KS, 8>(in, in_w, ldi, cin, w, bias, cout, H, W, out, res);
   else
-    conv_rows<vec8, KS, 6>(in, ldi, cin, w, bias, cout, H, W, out, res);
+    conv_rows<vec8, KS, 6>(in, in_w, ldi, cin, w, bias, cout, H, W, out, res);
 }
 
-DVPVAE_CLONES void conv3x3(const float* in, int cin, const float* w, const float* bias, int cout,
-                           int H, int W, float* out, const float* res) {
-  conv_impl<3>(in, cin, cin, w, bias, cout, H, W, out, res);
+DVPVAE_CLONES void conv3x3_direct(const float* in, int in_w, int cin, const float* w, const float* bias, int cout,
+                                  int H, int W, float* out, const float* res) {
+  conv_impl<3>(in, in_w, cin, cin, w, bias, cout, H, W, out, res);
 }
 
 DVPVAE_CLONES void conv1x1(const float* in, int cin, const float* w, const float* bias, int cout,
                            int H, int W, float* out, const float* res) {
-  conv_impl<1>(in, cin, cin, w, bias, cout, H, W, out, res);
+  conv_impl<1>(in, W, cin, cin, w, bias, cout, H, W, out, res);
 }
 
+// The tile side of the UNet's Winograd convolutions (see conv3x3), 0 where they run direct:
+// AVX2 CPUs without AVX-512, which keep the 16-wide direct kernel. A rule on the ISA alone,
+// so that every process computes the same numbers.
+int winograd_tile() { return cpu_has_avx2_fma() && !wide_vectors() ? kTile : 0; }
+
+// Where a sample sits in the zero-bordered buffers that 3x3 convolutions read: its H x W
+// image at (1, 1) of Hp x Wp pixels. With Winograd tiles of side `tile` (TH x TW of them)
+// the border also covers the last tiles' patches, so that every patch is read in place.
+struct Layout {
+  int H, W, TH, TW, Hp, Wp;
+  Layout(int tile, int H, int W)
+      : H(H), W(W), TH(tile ? (H + tile - 1) / tile : 0), TW(tile ? (W + tile - 1) / tile : 0),
+        Hp(tile ? TH * tile + 2 : H + 2), Wp(tile ? TW * tile + 2 : W + 2) {}
+  int64_t pixels() const { return static_cast<int64_t>(H) * W; }
+  int64_t padded() const { return static_cast<int64_t>(Hp) * Wp; }
+};
+
+#if DVPVAE_HAVE_AVX2_KERNEL
+// M[r, :] = V[r, :] @ U for `rows` rows of cin terms and cout columns: kRows rows per
+// register tile, then the rest.
+DVPVAE_AVX2_INLINE void point_product(const float* __restrict V, const float* __restrict U, float* __restrict M,
+                                      int64_t rows, int cin, int cout) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    register_tiles<kRows, false>(V + r * cin, cin, 1, U, cout, M + r * cout, cout, cin, cout);
+  const float* v = V + r * cin;
+  float* m = M + r * cout;
+  switch (rows - r) {
+    case 5: register_tiles<5, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
+    case 4: register_tiles<4, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
+    case 3: register_tiles<3, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
+    case 2: register_tiles<2, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
+    case 1: register_tiles<1, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
+  }
+}
+
+// out = [res +] bias + conv(in) by F(kTile x kTile, 3x3): `in` holds cin channels
+// zero-bordered as `l` lays them out, U the transformed filters (kPoints, cin, cout); cin and
+// cout are multiples of 8. V (kPoints x (tiles x cin + kStridePad) floats) and M (kPoints x
+// (tiles x cout + kStridePad)) are scratch.
+DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const float* __restrict U,
+                                  const float* __restrict bias, int cout, const Layout& l, float* __restrict out,
+                                  const float* __restrict res, float* __restrict V, float* __restrict M) {
+  constexpr int Mt = kTile;
+  const int64_t tiles = static_cast<int64_t>(l.TH) * l.TW, ldv = tiles * cin + kStridePad,
+                ldm = tiles * cout + kStridePad, row = static_cast<int64_t>(l.Wp) * cin;
+  for (int ty = 0, r = 0; ty < l.TH; ++ty)
+    for (int tx = 0; tx < l.TW; ++tx, ++r) {
+      const Patch d{in + Mt * (ty * row + tx * cin), row};
+      for (int c = 0; c < cin; c += kLanes) input_tile<Mt>(d, V, r, c, cin, ldv);
+    }
+  for (int e = 0; e < Tiling<Mt>::kPoints; ++e)
+    point_product(V + e * ldv, U + static_cast<int64_t>(e) * cin * cout, M + e * ldm, tiles, cin, cout);
+  for (int ty = 0, r = 0; ty < l.TH; ++ty)
+    for (int tx = 0; tx < l.TW; ++tx, ++r)
+      for (int k = 0; k < cout; k += kLanes) {
+        __m256 y[Mt][Mt];
+        output_transform<Mt>(M + r * cout + k, ldm, y);
+        const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
+        for (int i = 0; i < Mt && Mt * ty + i < l.H; ++i)
+          for (int j = 0; j < Mt && Mt * tx + j < l.W; ++j) {
+            const int64_t o = ((Mt * ty + i) * l.W + Mt * tx + j) * cout + k;
+            const __m256 v = _mm256_add_ps(y[i][j], b);
+            _mm256_storeu_ps(out + o, res ? _mm256_add_ps(_mm256_loadu_ps(res + o), v) : v);
+          }
+      }
+}
+#endif
+
 // GroupNorm of x (HW pixels x ch channels, `groups` groups of consecutive channels),
-// then optionally FiLM (x * scale1p + shift) and SiLU. Writes into the interior of a
-// zero-bordered (H+2) x (W+2) buffer when `pad`, else a plain H x W one. `scratch`
-// holds 3 * ch floats.
+// then optionally FiLM (x * scale1p + shift) and SiLU. Writes pixel (y, x) to
+// out + (y out_w + x) ch: into the interior of a zero-bordered buffer, or a plain H x W one
+// with out_w = W. `scratch` holds 3 * ch floats.
 template <typename V>
 DVPVAE_INLINE void group_norm_act_impl(const float* x, int H, int W, int ch, int groups, const float* gamma,
                                        const float* beta, float eps, const float* scale1p, const float* shift,
-                                       bool silu, bool pad, float* out, float* scratch) {
+                                       bool silu, int out_w, float* out, float* scratch) {
   constexpr int kL = sizeof(V) / sizeof(float);
   const int HW = H * W, cpg = ch / groups;
   float* sum = scratch;
@@ -230,11 +303,10 @@ DVPVAE_INLINE void group_norm_act_impl(const float* x, int H, int W, int ch, int
       b[c] = beta[c] - b[c] * a[c];
     }
   }
-  const int out_w = pad ? W + 2 : W;
   for (int y = 0; y < H; ++y)
     for (int xx = 0; xx < W; ++xx) {
       const float* xp = x + (y * W + xx) * ch;
-      float* op = out + ((y + pad) * out_w + xx + pad) * ch;
+      float* op = out + (y * out_w + xx) * ch;
       for (int c = 0; c < ch; c += kL) {
         V v = load<V>(xp + c) * load<V>(a + c) + load<V>(b + c);
         if (scale1p) v = v * load<V>(scale1p + c) + load<V>(shift + c);
@@ -245,11 +317,11 @@ DVPVAE_INLINE void group_norm_act_impl(const float* x, int H, int W, int ch, int
 
 DVPVAE_CLONES void group_norm_act(const float* x, int H, int W, int ch, int groups, const float* gamma,
                                   const float* beta, float eps, const float* scale1p, const float* shift,
-                                  bool silu, bool pad, float* out, float* scratch) {
+                                  bool silu, int out_w, float* out, float* scratch) {
   if (wide_vectors())
-    group_norm_act_impl<vec>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, pad, out, scratch);
+    group_norm_act_impl<vec>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, out_w, out, scratch);
   else
-    group_norm_act_impl<vec8>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, pad, out, scratch);
+    group_norm_act_impl<vec8>(x, H, W, ch, groups, gamma, beta, eps, scale1p, shift, silu, out_w, out, scratch);
 }
 
 // Row si (HWp floats) of the scores <- softmax(si / scale) over its first HW entries.
@@ -275,7 +347,7 @@ DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* k
     for (int j = HW; j < HWp; ++j) kT[c * HWp + j] = 0.0f;
   }
   for (int j = 0; j < HW; ++j) std::memcpy(v + j * C, qkv + j * 3 * C + 2 * C, C * sizeof(float));
-  conv_impl<1>(qkv, 3 * C, C, kT, nullptr, HWp, 1, HW, s, nullptr);
+  conv_impl<1>(qkv, HW, 3 * C, C, kT, nullptr, HWp, 1, HW, s, nullptr);
   const float scale = static_cast<float>(std::sqrt(static_cast<double>(C)));
   for (int i = 0; i < HW; ++i) {
     if (wide_vectors())
@@ -284,7 +356,7 @@ DVPVAE_CLONES void attention(const float* qkv, int HW, int C, float* o, float* k
       softmax_row<vec8>(s + i * HWp, HW, HWp, scale);
   }
   // The padded columns j >= HW of s multiply nothing: the product stops at HW.
-  conv_impl<1>(s, HWp, HW, v, nullptr, C, 1, HW, o, nullptr);
+  conv_impl<1>(s, HW, HWp, HW, v, nullptr, C, 1, HW, o, nullptr);
 }
 
 // ---------------------------------------------------------------------------- weights
@@ -309,10 +381,11 @@ struct BlockW {
   int cin;
 };
 
-// The UNet's weights for the kernels above: convolutions re-laid out as [tap][cin][cout]
-// (cout innermost; the output conv's cout padded to 16 with zeros), vectors read in place.
+// The UNet's weights for the kernels above: the 3x3 convolutions after the input one as
+// Winograd points [e][cin][cout] when tile != 0, the others re-laid out as [tap][cin][cout]
+// (cout innermost; the output conv's cout padded with zeros to cout_pad), vectors read in place.
 struct UNetW {
-  int in_ch = 0, C = 0, nrb = 0, groups = 0, cout_pad = 0;
+  int in_ch = 0, C = 0, nrb = 0, groups = 0, cout_pad = 0, tile = 0;
   float eps = 0;
   std::vector<std::vector<float>> store;  // the re-laid-out copies (moving keeps their data)
   const float *in_w, *in_b, *attn_gn_w, *attn_gn_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
@@ -351,6 +424,18 @@ class WeightReader {
     return dst.data();
   }
 
+  // A 3x3 convolution weight (cout, cin, 3, 3) for conv3x3: as `conv` lays it out, or
+  // transformed for F(tile x tile, 3x3) with cout zero-padded to cout_pad.
+  const float* conv3x3(c10::IntArrayRef shape, int64_t cout_pad) {
+    if (u_.tile == 0) return conv(shape, cout_pad);
+    const at::Tensor& t = next(shape);
+    at::Tensor w = at::zeros({cout_pad, shape[1], 3, 3}, t.options());
+    w.narrow(0, 0, shape[0]).copy_(t);
+    const at::Tensor U = transform_filters<kTile>(w);
+    const float* src = U.const_data_ptr<float>();
+    return u_.store.emplace_back(src, src + U.numel()).data();
+  }
+
   void finish() const {
     TORCH_CHECK(pos_ == w_.size(), op_, ": got ", w_.size(),
                 " weight tensors, the UNet with num_res_blocks = ", u_.nrb, " has ", pos_);
@@ -380,11 +465,11 @@ BlockW read_block(WeightReader& r, int64_t cin, int64_t C) {
   b.cin = static_cast<int>(cin);
   b.gn1_w = r.vector(cin);
   b.gn1_b = r.vector(cin);
-  b.conv1_w = r.conv({C, cin, 3, 3}, C);
+  b.conv1_w = r.conv3x3({C, cin, 3, 3}, C);
   b.conv1_b = r.vector(C);
   b.gn2_w = r.vector(C);
   b.gn2_b = r.vector(C);
-  b.conv2_w = r.conv({C, C, 3, 3}, C);
+  b.conv2_w = r.conv3x3({C, C, 3, 3}, C);
   b.conv2_b = r.vector(C);
   if (cin != C) {
     b.skip_w = r.conv({C, cin, 1, 1}, C);
@@ -398,14 +483,17 @@ BlockW read_block(WeightReader& r, int64_t cin, int64_t C) {
 // zero-bordered buffers keep their borders: only interiors are ever written.
 struct Workspace {
   std::vector<float> mem;
-  float *zpad, *padC, *pad2C, *cat, *t1, *t2, *m1, *m2, *h, *qkv, *o, *kT, *v, *s, *eps16, *scratch;
+  float *zpad, *padC, *pad2C, *cat, *t1, *t2, *m1, *m2, *h, *qkv, *o, *kT, *v, *s, *eps_pad, *scratch, *V, *M;
   std::vector<float*> stack;
 
-  Workspace(const UNetW& u, int H, int W) {
-    const size_t HW = H * W, P = (H + 2) * (W + 2), C = u.C, HWp = (HW + kV - 1) / kV * kV;
-    const size_t sizes[] = {P * u.in_ch, P * C, P * 2 * C, HW * 2 * C, HW * C, HW * C, HW * C, HW * C,
-                            HW * C, HW * 3 * C, HW * C, C * HWp, HW * C, HW * HWp, HW * u.cout_pad, 6 * C};
-    float** ptrs[] = {&zpad, &padC, &pad2C, &cat, &t1, &t2, &m1, &m2, &h, &qkv, &o, &kT, &v, &s, &eps16, &scratch};
+  Workspace(const UNetW& u, const Layout& l) {
+    const size_t HW = l.pixels(), P = l.padded(), C = u.C, HWp = (HW + kV - 1) / kV * kV;
+    const size_t tiles = static_cast<size_t>(l.TH) * l.TW, points = u.tile ? Tiling<kTile>::kPoints : 0;
+    const size_t sizes[] = {P * u.in_ch, P * C, P * 2 * C, HW * 2 * C, HW * C, HW * C, HW * C, HW * C, HW * C,
+                            HW * 3 * C, HW * C, C * HWp, HW * C, HW * HWp, HW * u.cout_pad, 6 * C,
+                            points * (tiles * 2 * C + kStridePad), points * (tiles * C + kStridePad)};
+    float** ptrs[] = {&zpad, &padC, &pad2C, &cat, &t1, &t2, &m1, &m2, &h, &qkv, &o, &kT, &v, &s, &eps_pad, &scratch,
+                      &V, &M};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     total += (u.nrb + 1) * HW * C;
@@ -419,41 +507,57 @@ struct Workspace {
   }
 };
 
-void res_block(const UNetW& u, const BlockW& b, Workspace& ws, const float* film, const float* x, int H,
-               int W, float* out) {
+// out = [res +] bias + conv3x3(in) for cin channels zero-bordered as `l` lays them out, with
+// the weights as read_unet lays them out for conv3x3.
+void conv3x3(const UNetW& u, Workspace& ws, const Layout& l, const float* in, int cin, const float* w,
+             const float* bias, int cout, float* out, const float* res) {
+#if DVPVAE_HAVE_AVX2_KERNEL
+  if (u.tile) return conv3x3_winograd(in, cin, w, bias, cout, l, out, res, ws.V, ws.M);
+#endif
+  conv3x3_direct(in, l.Wp, cin, w, bias, cout, l.H, l.W, out, res);
+}
+
+// group_norm_act with SiLU of x (H x W x ch) into the interior of the zero-bordered `pad`.
+void norm_act_padded(const UNetW& u, Workspace& ws, const Layout& l, const float* x, int ch, const float* gamma,
+                     const float* beta, const float* scale1p, const float* shift, float* pad) {
+  group_norm_act(x, l.H, l.W, ch, u.groups, gamma, beta, u.eps, scale1p, shift, true, l.Wp, pad + (l.Wp + 1) * ch,
+                 ws.scratch);
+}
+
+void res_block(const UNetW& u, const BlockW& b, Workspace& ws, const Layout& l, const float* film, const float* x,
+               float* out) {
   const int C = u.C;
   float* pad_in = b.cin == C ? ws.padC : ws.pad2C;
-  group_norm_act(x, H, W, b.cin, u.groups, b.gn1_w, b.gn1_b, u.eps, nullptr, nullptr, true, true, pad_in,
-                 ws.scratch);
-  conv3x3(pad_in, b.cin, b.conv1_w, b.conv1_b, C, H, W, ws.t1, nullptr);
-  group_norm_act(ws.t1, H, W, C, u.groups, b.gn2_w, b.gn2_b, u.eps, film, film + C, true, true, ws.padC,
-                 ws.scratch);
+  norm_act_padded(u, ws, l, x, b.cin, b.gn1_w, b.gn1_b, nullptr, nullptr, pad_in);
+  conv3x3(u, ws, l, pad_in, b.cin, b.conv1_w, b.conv1_b, C, ws.t1, nullptr);
+  norm_act_padded(u, ws, l, ws.t1, C, b.gn2_w, b.gn2_b, film, film + C, ws.padC);
   const float* res = x;
   if (b.skip_w) {
-    conv1x1(x, b.cin, b.skip_w, b.skip_b, C, H, W, ws.t2, nullptr);
+    conv1x1(x, b.cin, b.skip_w, b.skip_b, C, l.H, l.W, ws.t2, nullptr);
     res = ws.t2;
   }
-  conv3x3(ws.padC, C, b.conv2_w, b.conv2_b, C, H, W, out, res);
+  conv3x3(u, ws, l, ws.padC, C, b.conv2_w, b.conv2_b, C, out, res);
 }
 
 // eps_hat (in_ch x H x W, NCHW like z) of one sample z at step k.
-void unet_forward(const UNetW& u, Workspace& ws, const float* films, const float* z, int H, int W,
+void unet_forward(const UNetW& u, Workspace& ws, const Layout& l, const float* films, const float* z,
                   float* eps_hat) {
-  const int C = u.C, HW = H * W, nb = static_cast<int>(u.blocks.size());
+  const int C = u.C, H = l.H, W = l.W, HW = H * W, nb = static_cast<int>(u.blocks.size());
   for (int c = 0; c < u.in_ch; ++c)
     for (int y = 0; y < H; ++y)
-      for (int x = 0; x < W; ++x) ws.zpad[((y + 1) * (W + 2) + x + 1) * u.in_ch + c] = z[(c * H + y) * W + x];
-  conv3x3(ws.zpad, u.in_ch, u.in_w, u.in_b, C, H, W, ws.stack[0], nullptr);
+      for (int x = 0; x < W; ++x) ws.zpad[((y + 1) * l.Wp + x + 1) * u.in_ch + c] = z[(c * H + y) * W + x];
+  // in_ch need not be a multiple of 8: the input convolution is always direct.
+  conv3x3_direct(ws.zpad, l.Wp, u.in_ch, u.in_w, u.in_b, C, H, W, ws.stack[0], nullptr);
   int bi = 0;
   auto block = [&](const float* x, float* out) {
-    res_block(u, u.blocks[bi], ws, films + bi * 2 * C, x, H, W, out);
+    res_block(u, u.blocks[bi], ws, l, films + bi * 2 * C, x, out);
     ++bi;
   };
   for (int j = 0; j < u.nrb; ++j) block(ws.stack[j], ws.stack[j + 1]);
   block(ws.stack[u.nrb], ws.m1);
   // SelfAttention: m2 = m1 + proj(attn(qkv(norm(m1))))
-  group_norm_act(ws.m1, H, W, C, u.groups, u.attn_gn_w, u.attn_gn_b, u.eps, nullptr, nullptr, false, false,
-                 ws.t1, ws.scratch);
+  group_norm_act(ws.m1, H, W, C, u.groups, u.attn_gn_w, u.attn_gn_b, u.eps, nullptr, nullptr, false, W, ws.t1,
+                 ws.scratch);
   conv1x1(ws.t1, C, u.qkv_w, u.qkv_b, 3 * C, H, W, ws.qkv, nullptr);
   attention(ws.qkv, HW, C, ws.o, ws.kT, ws.v, ws.s);
   conv1x1(ws.o, C, u.proj_w, u.proj_b, C, H, W, ws.m2, ws.m1);
@@ -467,11 +571,10 @@ void unet_forward(const UNetW& u, Workspace& ws, const float* films, const float
     block(ws.cat, ws.h);
   }
   TORCH_INTERNAL_ASSERT(bi == nb);
-  group_norm_act(ws.h, H, W, C, u.groups, u.out_gn_w, u.out_gn_b, u.eps, nullptr, nullptr, true, true, ws.padC,
-                 ws.scratch);
-  conv3x3(ws.padC, C, u.out_w, u.out_b, u.cout_pad, H, W, ws.eps16, nullptr);
+  norm_act_padded(u, ws, l, ws.h, C, u.out_gn_w, u.out_gn_b, nullptr, nullptr, ws.padC);
+  conv3x3(u, ws, l, ws.padC, C, u.out_w, u.out_b, u.cout_pad, ws.eps_pad, nullptr);
   for (int c = 0; c < u.in_ch; ++c)
-    for (int p = 0; p < HW; ++p) eps_hat[c * HW + p] = ws.eps16[p * u.cout_pad + c];
+    for (int p = 0; p < HW; ++p) eps_hat[c * HW + p] = ws.eps_pad[p * u.cout_pad + c];
 }
 
 // Checks what the op's arguments say about the UNet before its weights are read: the
@@ -504,7 +607,9 @@ UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, i
   u.nrb = static_cast<int>(num_res_blocks);
   u.groups = static_cast<int>(groups);
   u.eps = static_cast<float>(eps);
-  u.cout_pad = static_cast<int>((in_ch + kV - 1) / kV * kV);
+  u.tile = winograd_tile();
+  const int64_t cout_align = u.tile ? kLanes : kV;
+  u.cout_pad = static_cast<int>((in_ch + cout_align - 1) / cout_align * cout_align);
   WeightReader r(weights, u, op);
   u.in_w = r.conv({C, in_ch, 3, 3}, C);
   u.in_b = r.vector(C);
@@ -520,7 +625,7 @@ UNetW read_unet(at::TensorList weights, int64_t in_ch, int64_t num_res_blocks, i
   for (int64_t j = 0; j <= num_res_blocks; ++j) u.blocks.push_back(read_block(r, 2 * C, C));
   u.out_gn_w = r.vector(C);
   u.out_gn_b = r.vector(C);
-  u.out_w = r.conv({in_ch, C, 3, 3}, u.cout_pad);
+  u.out_w = r.conv3x3({in_ch, C, 3, 3}, u.cout_pad);
   u.out_b = r.padded_vector(in_ch, u.cout_pad);
   r.finish();
   return u;
@@ -576,16 +681,17 @@ at::Tensor ddpm_sample_unet_cpu(const at::Tensor& z_T, const at::Tensor& noise, 
   const float* film = films.const_data_ptr<float>();
   float* zo = out.mutable_data_ptr<float>();
   const float temp = static_cast<float>(temperature);
+  const Layout l(u.tile, H, W);
   // Grain 1: one sample's T steps far outweigh a thread's start-up.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Workspace ws(u, H, W);
+    Workspace ws(u, l);
     std::vector<float> eps_hat(D);
     for (int64_t s = begin; s < end; ++s) {
       float* z = zo + s * D;
       std::memcpy(z, zT + s * D, D * sizeof(float));
       for (int64_t k = 0; k < T; ++k) {
         const int64_t i = T - 1 - k;  // row i: t = (i+1)/T -> s = i/T; noise and films row k
-        unet_forward(u, ws, film + k * u.film_floats(), z, H, W, eps_hat.data());
+        unet_forward(u, ws, l, film + k * u.film_floats(), z, eps_hat.data());
         const float* row = rows + i * kNumCols;
         // The reference forms temperature * c_noise in float32 before the multiply.
         const float c_n = temp * row[kCNoise];
@@ -614,11 +720,11 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
   const float* zi = z.const_data_ptr<float>();
   const float* film = films.const_data_ptr<float>();
   float* eo = out.mutable_data_ptr<float>();
+  const Layout l(u.tile, H, W);
   // Grain 16: a few samples' forwards outweigh a thread's start-up and its workspace.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    Workspace ws(u, H, W);
-    for (int64_t s = begin; s < end; ++s)
-      unet_forward(u, ws, film + s * u.film_floats(), zi + s * D, H, W, eo + s * D);
+    Workspace ws(u, l);
+    for (int64_t s = begin; s < end; ++s) unet_forward(u, ws, l, film + s * u.film_floats(), zi + s * D, eo + s * D);
   });
   return out;
 }

@@ -309,6 +309,23 @@ def test_unet_eps_other_architectures(one_thread, in_ch, size, channels, num_res
 
 
 @needs_ext
+@pytest.mark.parametrize("in_ch,hw,channels,num_res_blocks", [
+    (1, (3, 2), 16, 1), (3, (8, 5), 32, 0), (2, (1, 7), 48, 2), (1, (6, 11), 16, 0)])
+def test_unet_eps_non_square(one_thread, in_ch, hw, channels, num_res_blocks):
+    # Rows and columns that F(2x2, 3x3)'s tiles cover differently (one ends in a partial tile,
+    # the other does not), as the square pseudoinputs never are.
+    unet = odd_prior(in_ch, 1, channels, num_res_blocks, T=2).unet
+    g = torch.Generator().manual_seed(4)
+    z, t = torch.randn((5, in_ch) + hw, generator=g), torch.rand(5, generator=g)
+    with torch.no_grad():
+        ref = unet(z, t)
+        ref64 = copy.deepcopy(unet).double()(z.double(), t.double())
+    out = unet_eps_native(unet, z, t)
+    assert out.shape == z.shape and ref.abs().max() > 0.05
+    assert_float32_rounding(out, ref, ref64)
+
+
+@needs_ext
 def test_unet_eps_independent_of_thread_count(priors):
     prior = priors["mnist"]
     z, t = rows(prior, 50, seed=4)

@@ -1,0 +1,220 @@
+// Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, on channels-last float32 data: the
+// filter transform, the AVX2 tile transforms of the input and the output, and the register
+// tile of the products between them. Shared by the convolutions of conv_winograd_cpu.cpp
+// and the native UNet of unet_cpu.cpp, which each lay out their own tiles.
+#pragma once
+
+#include "avx2.h"
+
+#include <ATen/Functions.h>
+
+#include <cstdint>
+
+namespace dvpvae {
+
+constexpr int kLanes = 8;  // floats per AVX2 vector
+constexpr int kRows = 6;   // rows per register tile
+// Padding of the scratch buffers' per-point stride: a stride of a multiple of 4 KB would map
+// a tile's points to the same few L1 sets.
+constexpr int kStridePad = 16;
+
+// F(m x m, 3x3) for output tiles of side Mt (2 or 4): an (Mt + 2)^2 input patch per tile and as
+// many transformed points.
+template <int Mt>
+struct Tiling {
+  static constexpr int kPatch = Mt + 2;
+  static constexpr int kPoints = kPatch * kPatch;
+};
+
+// The filter transforms G (kPatch x 3) of F(2x2, 3x3) and F(4x4, 3x3).
+constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double G4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                             {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+
+// The filter transform as a (kPoints x 9) matrix: T[i P + j, 3 u + v] = G[i][u] G[j][v], so
+// that (G g G^T)[e] = sum over the taps t of T[e, t] g[t] and the transform of all filters is
+// one product.
+template <int Mt>
+at::Tensor filter_transform_matrix() {
+  constexpr int P = Tiling<Mt>::kPatch;
+  const double(*G)[3] = Mt == 2 ? G2 : G4;
+  at::Tensor T = at::empty({P * P, 9}, at::TensorOptions().dtype(at::kDouble));
+  double* t = T.data_ptr<double>();
+  for (int i = 0; i < P; ++i)
+    for (int j = 0; j < P; ++j)
+      for (int u = 0; u < 3; ++u)
+        for (int v = 0; v < 3; ++v) t[(i * P + j) * 9 + 3 * u + v] = G[i][u] * G[j][v];
+  return T;
+}
+
+// U[e, c, k] = (G g[k, c] G^T)[e] as a (kPoints, C K) float32 tensor, computed in double.
+template <int Mt>
+at::Tensor transform_filters(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), C = weight.size(1);
+  const at::Tensor taps = weight.permute({2, 3, 1, 0})  // [t, c, k], one copy
+                              .to(at::kDouble, false, false, at::MemoryFormat::Contiguous).view({9, C * K});
+  return at::matmul(filter_transform_matrix<Mt>(), taps).to(at::kFloat);
+}
+
+#if DVPVAE_HAVE_AVX2_KERNEL
+// A tile's input patch d (all channels): row i starts at p + i * rs, column j at + j * C.
+struct Patch {
+  const float* p;
+  int64_t rs;
+};
+
+// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d.
+template <int Mt>
+void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C, int64_t ldv);
+
+// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of
+// B^T d is formed from two patch rows loaded again for it (L1 hits) rather than from all 16
+// loads held live, which would not fit the 16 vector registers.
+template <>
+DVPVAE_AVX2_INLINE void input_tile<2>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
+                                      int64_t ldv) {
+  // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
+  static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
+  static constexpr bool add[4] = {false, true, false, false};
+  float* v = V + r * C + c;
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const float* pa = d.p + ia[i] * d.rs + c;
+    const float* pb = d.p + ib[i] * d.rs + c;
+    __m256 t[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 a = _mm256_loadu_ps(pa + j * C), b = _mm256_loadu_ps(pb + j * C);
+      t[j] = add[i] ? _mm256_add_ps(a, b) : _mm256_sub_ps(a, b);
+    }
+    _mm256_storeu_ps(v + (i * 4 + 0) * ldv, _mm256_sub_ps(t[0], t[2]));
+    _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
+    _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
+    _mm256_storeu_ps(v + (i * 4 + 3) * ldv, _mm256_sub_ps(t[1], t[3]));
+  }
+}
+
+// r = B^T d for six vectors d, the 1-D input transform of F(4x4, 3x3) with
+// B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+//        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
+DVPVAE_AVX2_INLINE void input_transform6(const __m256 (&d)[6], __m256 (&r)[6]) {
+  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
+  r[0] = _mm256_fnmadd_ps(five, d[2], _mm256_fmadd_ps(four, d[0], d[4]));
+  const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
+  r[1] = _mm256_add_ps(a, b);
+  r[2] = _mm256_sub_ps(a, b);
+  const __m256 e = _mm256_sub_ps(d[4], d[2]), f = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
+  r[3] = _mm256_add_ps(e, f);
+  r[4] = _mm256_sub_ps(e, f);
+  r[5] = _mm256_fnmadd_ps(five, d[3], _mm256_fmadd_ps(four, d[1], d[5]));
+}
+
+// F(4x4, 3x3): B^T applied down the patch's columns into an L1 buffer, then along its rows.
+template <>
+DVPVAE_AVX2_INLINE void input_tile<4>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
+                                      int64_t ldv) {
+  alignas(32) float t[6][6][kLanes];  // B^T d
+  for (int j = 0; j < 6; ++j) {
+    __m256 col[6], out[6];
+    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(d.p + i * d.rs + j * C + c);
+    input_transform6(col, out);
+    for (int i = 0; i < 6; ++i) _mm256_store_ps(t[i][j], out[i]);
+  }
+  float* v = V + r * C + c;
+  for (int i = 0; i < 6; ++i) {
+    __m256 row[6], out[6];
+    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
+    input_transform6(row, out);
+    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(v + (i * 6 + j) * ldv, out[j]);
+  }
+}
+
+// out[i, 0 : 8 NV] = (Accumulate ? out[i, 0 : 8 NV] : 0) + sum_j a[i ai + j aj] b[j bj, 0 : 8 NV]
+// for R rows i (out rows ldo apart) and `depth` terms j: an R x 8 NV register tile of a product
+// whose left operand is broadcast: the inner loop of every Winograd product.
+template <int R, int NV, bool Accumulate>
+DVPVAE_AVX2_INLINE void register_tile(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
+                                      int64_t bj, float* __restrict out, int64_t ldo, int64_t depth) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = Accumulate ? _mm256_loadu_ps(out + i * ldo + v * kLanes) : _mm256_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j, a += aj, b += bj) {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * ai);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + i * ldo + v * kLanes, acc[i][v]);
+}
+
+// register_tile over the `cols` columns of out and b: 16 at a time, then 8.
+template <int R, bool Accumulate>
+DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, int64_t aj, const float* __restrict b,
+                                       int64_t bj, float* __restrict out, int64_t ldo, int64_t depth, int64_t cols) {
+  int64_t n = 0;
+  for (; n + 2 * kLanes <= cols; n += 2 * kLanes)
+    register_tile<R, 2, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
+  if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
+}
+
+// y[i][j] = (A^T m A)[i, j] for the 8 channels at m of a tile's points (ldm floats apart).
+template <int Mt>
+void output_transform(const float* __restrict m, int64_t ldm, __m256 (&y)[Mt][Mt]);
+
+// F(2x2, 3x3): A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+template <>
+DVPVAE_AVX2_INLINE void output_transform<2>(const float* __restrict m, int64_t ldm, __m256 (&y)[2][2]) {
+  __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
+  for (int j = 0; j < 4; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(m + j * ldm), p1 = _mm256_loadu_ps(m + (4 + j) * ldm);
+    const __m256 p2 = _mm256_loadu_ps(m + (8 + j) * ldm), p3 = _mm256_loadu_ps(m + (12 + j) * ldm);
+    q[0][j] = _mm256_add_ps(_mm256_add_ps(p0, p1), p2);
+    q[1][j] = _mm256_sub_ps(_mm256_sub_ps(p1, p2), p3);
+  }
+  for (int i = 0; i < 2; ++i) {
+    y[i][0] = _mm256_add_ps(_mm256_add_ps(q[i][0], q[i][1]), q[i][2]);
+    y[i][1] = _mm256_sub_ps(_mm256_sub_ps(q[i][1], q[i][2]), q[i][3]);
+  }
+}
+
+// o = A^T m for six vectors m, the 1-D output transform of F(4x4, 3x3) with
+// A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
+DVPVAE_AVX2_INLINE void output_transform6(const __m256 (&m)[6], __m256 (&o)[4]) {
+  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
+  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
+  o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.f), d34, d12);
+  o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.f), s34, s12);
+  o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.f), d34, d12), m[5]);
+}
+
+// F(4x4, 3x3): A^T applied down the points' columns into an L1 buffer, then along its rows.
+template <>
+DVPVAE_AVX2_INLINE void output_transform<4>(const float* __restrict m, int64_t ldm, __m256 (&y)[4][4]) {
+  alignas(32) float t[4][6][kLanes];  // A^T m
+  for (int j = 0; j < 6; ++j) {
+    __m256 col[6], q[4];
+    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(m + (i * 6 + j) * ldm);
+    output_transform6(col, q);
+    for (int i = 0; i < 4; ++i) _mm256_store_ps(t[i][j], q[i]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    __m256 row[6];
+    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
+    output_transform6(row, y[i]);
+  }
+}
+#endif
+
+}  // namespace dvpvae

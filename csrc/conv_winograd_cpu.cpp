@@ -254,8 +254,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   const int64_t K = weight.size(0);
   TORCH_CHECK(input.size(1) % kLanes == 0 && K % kLanes == 0, "dvpvae: the Winograd convolution needs in and out "
               "channels % ", kLanes, " == 0, got ", input.size(1), " and ", K);
-  TORCH_CHECK(tile == 2 || tile == 4, "dvpvae: Winograd convolution: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
-              tile);
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);  // conv_cl_cpu.cpp checks the ops' tile argument
   const float* b = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {

@@ -48,7 +48,7 @@ struct Shape {
 // The shape of an F(Mt x Mt, 3x3) convolution: partial tiles cover the image's last rows and columns.
 template <int Mt>
 Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
-  return {N, H, W, C, K, (H + Mt - 1) / Mt, (W + Mt - 1) / Mt};
+  return {N, H, W, C, K, tile_count(H, Mt), tile_count(W, Mt)};
 }
 
 #if DVPVAE_HAVE_AVX2_KERNEL
@@ -71,21 +71,6 @@ DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, 
         _mm256_storeu_ps(d + c, inside ? _mm256_loadu_ps(src + c) : _mm256_setzero_ps());
     }
   return {pad, P * s.C};
-}
-
-// out[n, Mt ty + i, Mt tx + j, k : k + 8] = (A^T m A)[i, j] + bias for the tile's points m;
-// outputs past the image edge are dropped.
-template <int Mt>
-DVPVAE_AVX2_INLINE void output_tile(const float* __restrict M, const float* __restrict bias, float* __restrict out,
-                                    const Shape& s, int64_t n, int64_t ty, int64_t tx, int64_t r, int64_t k,
-                                    int64_t ldm) {
-  __m256 y[Mt][Mt];
-  output_transform<Mt>(M + r * s.K + k, ldm, y);
-  const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
-  float* o = out + n * s.H * s.W * s.K + k;
-  for (int i = 0; i < Mt && Mt * ty + i < s.H; ++i)
-    for (int j = 0; j < Mt && Mt * tx + j < s.W; ++j)
-      _mm256_storeu_ps(o + ((Mt * ty + i) * s.W + Mt * tx + j) * s.K, _mm256_add_ps(y[i][j], b));
 }
 
 // Tile coordinates (n, ty, tx) walked in order without a division per tile.
@@ -147,8 +132,12 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
       register_tiles<kRows, false>(Ve + r * s.C, s.C, 1, Ue, s.K, Me + r * s.K, s.K, s.C, s.K);
   }
   TileWalk o(s, t0);
-  for (int64_t r = 0; r < count; ++r, o.next(s))
-    for (int64_t k = 0; k < s.K; k += kLanes) output_tile<Mt>(M, bias, out, s, o.n, o.ty, o.tx, r, k, ldm);
+  for (int64_t r = 0; r < count; ++r, o.next(s)) {
+    float* tile_out = out + ((o.n * s.H + Mt * o.ty) * s.W + Mt * o.tx) * s.K;
+    for (int64_t k = 0; k < s.K; k += kLanes)
+      store_output_tile<Mt>(M + r * s.K + k, ldm, bias ? bias + k : nullptr, nullptr, tile_out + k, s.W * s.K, s.K,
+                            s.H - Mt * o.ty, s.W - Mt * o.tx);
+  }
 }
 
 // ---------------------------------------------------------------- weight and bias gradients

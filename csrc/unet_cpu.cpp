@@ -194,9 +194,9 @@ DVPVAE_CLONES void conv1x1(const float* in, int cin, const float* w, const float
   conv_impl<1>(in, W, cin, cin, w, bias, cout, H, W, out, res);
 }
 
-// The tile side of the UNet's Winograd convolutions (see conv3x3), 0 where they run direct:
-// AVX2 CPUs without AVX-512, which keep the 16-wide direct kernel. A rule on the ISA alone,
-// so that every process computes the same numbers.
+// The tile side of the UNet's Winograd convolutions (see conv3x3) on AVX2 CPUs without
+// AVX-512; 0 where they run direct: AVX-512 CPUs, which keep the 16-wide direct kernel, and
+// CPUs without AVX2. A rule on the ISA alone, so that every process computes the same numbers.
 int winograd_tile() { return cpu_has_avx2_fma() && !wide_vectors() ? kTile : 0; }
 
 // Where a sample sits in the zero-bordered buffers that 3x3 convolutions read: its H x W
@@ -205,7 +205,7 @@ int winograd_tile() { return cpu_has_avx2_fma() && !wide_vectors() ? kTile : 0; 
 struct Layout {
   int H, W, TH, TW, Hp, Wp;
   Layout(int tile, int H, int W)
-      : H(H), W(W), TH(tile ? (H + tile - 1) / tile : 0), TW(tile ? (W + tile - 1) / tile : 0),
+      : H(H), W(W), TH(tile ? tile_count(H, tile) : 0), TW(tile ? tile_count(W, tile) : 0),
         Hp(tile ? TH * tile + 2 : H + 2), Wp(tile ? TW * tile + 2 : W + 2) {}
   int64_t pixels() const { return static_cast<int64_t>(H) * W; }
   int64_t padded() const { return static_cast<int64_t>(Hp) * Wp; }
@@ -248,18 +248,12 @@ DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const flo
   for (int e = 0; e < Tiling<Mt>::kPoints; ++e)
     point_product(V + e * ldv, U + static_cast<int64_t>(e) * cin * cout, M + e * ldm, tiles, cin, cout);
   for (int ty = 0, r = 0; ty < l.TH; ++ty)
-    for (int tx = 0; tx < l.TW; ++tx, ++r)
-      for (int k = 0; k < cout; k += kLanes) {
-        __m256 y[Mt][Mt];
-        output_transform<Mt>(M + r * cout + k, ldm, y);
-        const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
-        for (int i = 0; i < Mt && Mt * ty + i < l.H; ++i)
-          for (int j = 0; j < Mt && Mt * tx + j < l.W; ++j) {
-            const int64_t o = ((Mt * ty + i) * l.W + Mt * tx + j) * cout + k;
-            const __m256 v = _mm256_add_ps(y[i][j], b);
-            _mm256_storeu_ps(out + o, res ? _mm256_add_ps(_mm256_loadu_ps(res + o), v) : v);
-          }
-      }
+    for (int tx = 0; tx < l.TW; ++tx, ++r) {
+      const int64_t o = (static_cast<int64_t>(Mt) * ty * l.W + Mt * tx) * cout;
+      for (int k = 0; k < cout; k += kLanes)
+        store_output_tile<Mt>(M + r * cout + k, ldm, bias ? bias + k : nullptr, res ? res + o + k : nullptr,
+                              out + o + k, static_cast<int64_t>(l.W) * cout, cout, l.H - Mt * ty, l.W - Mt * tx);
+    }
 }
 #endif
 

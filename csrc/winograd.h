@@ -26,6 +26,9 @@ struct Tiling {
   static constexpr int kPoints = kPatch * kPatch;
 };
 
+// Tiles of side m along an image side of n pixels, the last one partial where m does not divide n.
+inline int64_t tile_count(int64_t n, int64_t m) { return (n + m - 1) / m; }
+
 // The filter transforms G (kPatch x 3) of F(2x2, 3x3) and F(4x4, 3x3).
 constexpr double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 constexpr double G4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
@@ -214,6 +217,24 @@ DVPVAE_AVX2_INLINE void output_transform<4>(const float* __restrict m, int64_t l
     for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
     output_transform6(row, y[i]);
   }
+}
+
+// out[i ld_row + j ld_pixel, 0 : 8] = (A^T m A)[i, j] + bias[0 : 8] (0 without bias), plus
+// res[i ld_row + j ld_pixel, 0 : 8] where res is given, for the tile's first rows x cols
+// pixels: fewer than Mt where the tile reaches past the image's last row or column.
+template <int Mt>
+DVPVAE_AVX2_INLINE void store_output_tile(const float* __restrict m, int64_t ldm, const float* __restrict bias,
+                                          const float* __restrict res, float* __restrict out, int64_t ld_row,
+                                          int64_t ld_pixel, int64_t rows, int64_t cols) {
+  __m256 y[Mt][Mt];
+  output_transform<Mt>(m, ldm, y);
+  const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  for (int i = 0; i < Mt && i < rows; ++i)
+    for (int j = 0; j < Mt && j < cols; ++j) {
+      const int64_t o = i * ld_row + j * ld_pixel;
+      const __m256 v = _mm256_add_ps(y[i][j], b);
+      _mm256_storeu_ps(out + o, res ? _mm256_add_ps(_mm256_loadu_ps(res + o), v) : v);
+    }
 }
 #endif
 

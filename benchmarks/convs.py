@@ -57,9 +57,9 @@ def pass_fn(name: str, grad, x, weight, bias, use_rules: bool):
     if name == "forward":
         return lambda: (ops.conv_cl(x, weight, bias, tile),)
     if name == "input_grad":
-        return lambda: (ops.conv_cl_input_grad(grad, x, weight, tile),)
+        return lambda: ops.conv_cl_backward(grad, x, weight, tile, False, [True, False])[:1]
     extension = use_rules and extension_covers(grad, x, weight.shape[-1])
-    return lambda: ops.conv_cl_weight_grad(grad, x, weight, extension)
+    return lambda: ops.conv_cl_backward(grad, x, weight, tile, extension, [False, True])[1:]
 
 
 def bench_shape(n: int, channels: int, size: int, k: int, repeats: int, warmup: int) -> list[dict]:

@@ -1,12 +1,11 @@
 // The CPU provider's convolution (dvpvae/cpu_conv.py): a stride-1 1x1 or 3x3 (zero-padding 1)
-// convolution on channels-last tensors, one op per pass. Python's rule picks each pass's
-// kernel from the shapes, dtype and ISA and passes the choice in (`tile`, `extension`), so a
-// compiled graph calls these ops directly, with no Python between it and the kernels.
+// convolution on channels-last tensors, one op for the forward and one for the backward.
+// Python's rule picks each pass's kernel from the shapes, dtype and ISA and passes the choice
+// in (`tile`, `extension`), so a compiled graph calls these ops directly, with no Python
+// between it and the kernels.
 #include "ops.h"
 
 #include <ATen/Functions.h>
-
-#include <array>
 
 namespace dvpvae {
 namespace {
@@ -31,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_backward(const at::Tensor&
                                   {0, 0}, 1, mask);
 }
 
+// The input gradient by Winograd: a stride-1 'same' 3x3 convolution's input gradient is grad
+// convolved with the flipped kernel, in and out channels swapped.
+at::Tensor winograd_input_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t tile) {
+  return conv3x3_winograd_cpu(grad, weight.flip({2, 3}).transpose(0, 1), c10::nullopt, tile);
+}
+
 }  // namespace
 
 at::Tensor conv_cl_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -41,22 +46,20 @@ at::Tensor conv_cl_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   return at::conv2d(x, weight, bias, 1, weight.size(3) / 2).contiguous(kCL);
 }
 
-at::Tensor conv_cl_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                  int64_t tile) {
-  check_weight(weight, "dvpvae.conv_cl_input_grad");
-  check_tile(tile, "dvpvae.conv_cl_input_grad");
-  // A stride-1 'same' 3x3 convolution's input gradient is grad convolved with the flipped
-  // kernel, in and out channels swapped.
-  if (tile != 0) return conv3x3_winograd_cpu(grad, weight.flip({2, 3}).transpose(0, 1), c10::nullopt, tile);
-  return std::get<0>(onednn_backward(grad, x, weight, {true, false, false})).contiguous(kCL);
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                           const at::Tensor& weight, bool extension) {
-  check_weight(weight, "dvpvae.conv_cl_weight_grad");
-  if (extension) return conv_weight_grad_cpu(grad, x, weight.size(3));
-  const auto [unused, grad_w, grad_b] = onednn_backward(grad, x, weight, {false, true, true});
-  return {grad_w.contiguous(), grad_b};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& weight, int64_t tile,
+                                                                    bool extension, std::array<bool, 2> mask) {
+  check_weight(weight, "dvpvae.conv_cl_backward");
+  check_tile(tile, "dvpvae.conv_cl_backward");
+  const bool want_x = mask[0], want_w = mask[1];
+  // The passes oneDNN serves go in one call; a pass not asked for is an empty tensor.
+  const bool onednn_x = want_x && tile == 0, onednn_w = want_w && !extension;
+  at::Tensor grad_x, grad_w, grad_b;
+  if (onednn_x || onednn_w) std::tie(grad_x, grad_w, grad_b) = onednn_backward(grad, x, weight, {onednn_x, onednn_w, onednn_w});
+  if (want_x && tile != 0) grad_x = winograd_input_grad(grad, weight, tile);
+  if (want_w && extension) std::tie(grad_w, grad_b) = conv_weight_grad_cpu(grad, x, weight.size(3));
+  const auto none = [&] { return at::empty({0}, x.options()); };  // a new one each: outputs must not alias
+  return {want_x ? grad_x.contiguous(kCL) : none(), want_w ? grad_w.contiguous() : none(), want_w ? grad_b : none()};
 }
 
 at::Tensor conv_cl_meta(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -64,14 +67,13 @@ at::Tensor conv_cl_meta(const at::Tensor& x, const at::Tensor& weight, const c10
   return at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options().memory_format(kCL));
 }
 
-at::Tensor conv_cl_input_grad_meta(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                   int64_t tile) {
-  return at::empty(x.sizes(), x.options().memory_format(kCL));
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_meta(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& weight, bool extension) {
-  return {at::empty(weight.sizes(), weight.options()), at::empty({weight.size(0)}, weight.options())};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                                     const at::Tensor& weight, int64_t tile,
+                                                                     bool extension, std::array<bool, 2> mask) {
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  return {mask[0] ? at::empty(x.sizes(), x.options().memory_format(kCL)) : none(),
+          mask[1] ? at::empty(weight.sizes(), weight.options()) : none(),
+          mask[1] ? at::empty({weight.size(0)}, weight.options()) : none()};
 }
 
 }  // namespace dvpvae

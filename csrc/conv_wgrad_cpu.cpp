@@ -97,22 +97,22 @@ DVPVAE_AVX2 void wgrad_items(const float* __restrict g, const float* __restrict 
 
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                         int64_t kernel_size) {
-  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae.conv_cl_weight_grad: the extension needs an x86-64 CPU with AVX2 and FMA");
-  TORCH_CHECK(grad.dim() == 4 && input.dim() == 4, "dvpvae.conv_cl_weight_grad: grad and input must be 4-D "
+  TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae.conv_cl_backward: the extension needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(grad.dim() == 4 && input.dim() == 4, "dvpvae.conv_cl_backward: grad and input must be 4-D "
               "(N, C, H, W), got ", grad.sizes(), " and ", input.sizes());
   TORCH_CHECK(grad.scalar_type() == at::kFloat && input.scalar_type() == at::kFloat,
-              "dvpvae.conv_cl_weight_grad: grad and input must be float32, got ", grad.scalar_type(), " and ",
+              "dvpvae.conv_cl_backward: grad and input must be float32, got ", grad.scalar_type(), " and ",
               input.scalar_type());
   CHECK_DEVICE(grad, input.device());
   const int64_t N = input.size(0), Ci = input.size(1), H = input.size(2), W = input.size(3), Co = grad.size(1);
   TORCH_CHECK(grad.size(0) == N && grad.size(2) == H && grad.size(3) == W,
-              "dvpvae.conv_cl_weight_grad: grad ", grad.sizes(), " does not match input ", input.sizes(),
+              "dvpvae.conv_cl_backward: grad ", grad.sizes(), " does not match input ", input.sizes(),
               " (stride 1, 'same' padding: same N, H, W)");
   const auto cl = at::MemoryFormat::ChannelsLast;
   TORCH_CHECK(grad.is_contiguous(cl) && input.is_contiguous(cl),
-              "dvpvae.conv_cl_weight_grad: grad and input must be channels-last contiguous");
+              "dvpvae.conv_cl_backward: grad and input must be channels-last contiguous");
   const int64_t out_multiple = kernel_size == 3 ? kLanes : kOutBlock;
-  TORCH_CHECK(Co % out_multiple == 0 && Ci % kLanes == 0, "dvpvae.conv_cl_weight_grad with kernel_size ", kernel_size,
+  TORCH_CHECK(Co % out_multiple == 0 && Ci % kLanes == 0, "dvpvae.conv_cl_backward with kernel_size ", kernel_size,
               " needs out channels % ", out_multiple, " == 0 and in channels % ", kLanes, " == 0, got ", Co, " and ",
               Ci);
   if (kernel_size == 3) return winograd_weight_grad(grad, input);

@@ -15,25 +15,22 @@ TORCH_LIBRARY(dvpvae, m) {
   // Inductor must hand these ops the channels-last strides their kernels require.
   const std::vector<at::Tag> exact_strides{at::Tag::needs_exact_strides};
   m.def("conv_cl(Tensor x, Tensor weight, Tensor? bias, int tile) -> Tensor", exact_strides);
-  m.def("conv_cl_input_grad(Tensor grad, Tensor x, Tensor weight, int tile) -> Tensor", exact_strides);
-  m.def("conv_cl_weight_grad(Tensor grad, Tensor x, Tensor weight, bool extension) -> (Tensor, Tensor)",
-        exact_strides);
+  m.def("conv_cl_backward(Tensor grad, Tensor x, Tensor weight, int tile, bool extension, bool[2] output_mask) "
+        "-> (Tensor, Tensor, Tensor)", exact_strides);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, CPU, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_cpu);
   m.impl("unet_eps", &dvpvae::unet_eps_cpu);
   m.impl("conv_cl", &dvpvae::conv_cl_cpu);
-  m.impl("conv_cl_input_grad", &dvpvae::conv_cl_input_grad_cpu);
-  m.impl("conv_cl_weight_grad", &dvpvae::conv_cl_weight_grad_cpu);
+  m.impl("conv_cl_backward", &dvpvae::conv_cl_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dvpvae, Meta, m) {
   m.impl("ddpm_sample_unet", &dvpvae::ddpm_sample_unet_meta);
   m.impl("unet_eps", &dvpvae::unet_eps_meta);
   m.impl("conv_cl", &dvpvae::conv_cl_meta);
-  m.impl("conv_cl_input_grad", &dvpvae::conv_cl_input_grad_meta);
-  m.impl("conv_cl_weight_grad", &dvpvae::conv_cl_weight_grad_meta);
+  m.impl("conv_cl_backward", &dvpvae::conv_cl_backward_meta);
 }
 
 // A Python module init so the library imports as `dvpvae._C`; the static initialisers

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <tuple>
 
 // Argument checks that raise a c10::Error (RuntimeError in Python) naming the argument.
@@ -35,22 +36,22 @@ at::Tensor unet_eps_cpu(const at::Tensor& z, const at::Tensor& films, at::Tensor
 at::Tensor unet_eps_meta(const at::Tensor& z, const at::Tensor& films, at::TensorList weights,
                          int64_t num_res_blocks, int64_t groups, double eps);
 
-// The CPU provider's convolution (conv_cl_cpu.cpp), one op per pass of conv2d(x, weight, bias,
-// padding = k / 2) for a (K, C, k, k) weight, k in (1, 3), on channels-last tensors (outputs
-// channels-last). `tile` 2 or 4: Winograd F(tile x tile, 3x3) (conv3x3_winograd_cpu), 0: oneDNN.
-// `extension`: the weight and bias gradients from conv_weight_grad_cpu, else from oneDNN.
+// The CPU provider's convolution (conv_cl_cpu.cpp): conv2d(x, weight, bias, padding = k / 2)
+// for a (K, C, k, k) weight, k in (1, 3), on channels-last tensors (outputs channels-last).
+// `tile` 2 or 4: the forward and input gradient by Winograd F(tile x tile, 3x3)
+// (conv3x3_winograd_cpu), 0: by oneDNN. `extension`: the weight and bias gradients from
+// conv_weight_grad_cpu, else from oneDNN. The backward returns (grad_x, grad_weight,
+// grad_bias) for the passes in `mask` (input, weight and bias), an empty tensor for the others.
 at::Tensor conv_cl_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t tile);
 at::Tensor conv_cl_meta(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         int64_t tile);
-at::Tensor conv_cl_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                  int64_t tile);
-at::Tensor conv_cl_input_grad_meta(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                   int64_t tile);
-std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                           const at::Tensor& weight, bool extension);
-std::tuple<at::Tensor, at::Tensor> conv_cl_weight_grad_meta(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& weight, bool extension);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& weight, int64_t tile,
+                                                                    bool extension, std::array<bool, 2> mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                                     const at::Tensor& weight, int64_t tile,
+                                                                     bool extension, std::array<bool, 2> mask);
 
 // Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
 // 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input

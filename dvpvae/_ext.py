@@ -7,9 +7,11 @@ Importing it registers the CPU ops ``torch.ops.dvpvae.*``:
   unet_eps(z, films, weights, num_res_blocks, groups, eps) -> one batched native UNet forward
   conv_cl(x, weight, bias, tile) -> a stride-1 1x1 or 3x3 padding-1 convolution of a channels-last
       input: Winograd F(tile x tile, 3x3) for tile 2 or 4, oneDNN for tile 0
-  conv_cl_input_grad(grad, x, weight, tile) -> its input gradient, by the same choice of kernel
-  conv_cl_weight_grad(grad, x, weight, extension) -> its (weight, bias) gradients: the extension's
-      kernels (Winograd F(2x2, 3x3) for 3x3) where ``extension``, else oneDNN
+  conv_cl_backward(grad, x, weight, tile, extension, output_mask) -> its (input, weight, bias)
+      gradients for the passes in output_mask (input; weight and bias), empty tensors for the
+      others: the input gradient by the same choice of kernel as the forward, the weight and
+      bias gradients by the extension's kernels (Winograd F(2x2, 3x3) for 3x3) where
+      ``extension``, else oneDNN
   (``dvpvae.cpu_conv`` holds the rules that choose the kernels, and conv_cl's autograd)
 
 Without it every caller falls back to plain PyTorch.

@@ -1,4 +1,4 @@
-"""The ResNet blocks' convolutions for the CPU provider: channels-last, one call per gradient.
+"""The ResNet blocks' convolutions for the CPU provider: channels-last, one op per direction.
 
 ``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX2
 CPUs the extension's kernels serve wherever they cover the shape: a 3x3 convolution's
@@ -8,9 +8,10 @@ or 4 multiplies per output instead of 9), its weight gradient by F(2x2, 3x3)
 (``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's). Everything else, and everything on
 AVX-512 CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is
 a rule on shape, dtype and ISA (``conv_tile``, ``extension_covers``), so every process
-computes the same numbers. Each pass is one op of the extension (``csrc/conv_cl_cpu.cpp``)
-that takes the rule's choice as an argument: the rule runs when a graph is traced, and
-compiled graphs call the ops directly. Without the extension ``conv_cl`` is ``F.conv2d``.
+computes the same numbers. The forward and the backward are each one op of the extension
+(``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
+graph is traced, and compiled graphs call the ops directly. One op computes both gradients,
+so a compiled graph hands them a single output-gradient buffer. Without the extension ``conv_cl`` is ``F.conv2d``.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def winograd_tile(height: int, width: int) -> int:
 
 
 def conv_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """The ``tile`` argument of the ``conv_cl`` and ``conv_cl_input_grad`` ops for this
+    """The ``tile`` argument of the ``conv_cl`` and ``conv_cl_backward`` ops for this
     convolution: the Winograd tile where ``winograd_covers``, else 0 (oneDNN). The input
     gradient is the flipped kernel's convolution of an output-sized gradient, so the same
     rule holds for it."""
@@ -59,7 +60,7 @@ def conv_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def extension_covers(grad: torch.Tensor, x: torch.Tensor, kernel_size: int) -> bool:
-    """The ``extension`` argument of the ``conv_cl_weight_grad`` op: whether the extension's
+    """The ``extension`` argument of the ``conv_cl_backward`` op: whether the extension's
     weight-gradient kernels serve these tensors (float32 CPU, in channels % 8, out channels % 4
     for a 1x1 kernel or % 8 for a 3x3 one, an AVX2-class CPU, extension built)."""
     out_multiple = 8 if kernel_size == 3 else 4
@@ -100,10 +101,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     grad = channels_last(grad)
-    grad_x = torch.ops.dvpvae.conv_cl_input_grad(grad, x, weight, ctx.tile) if ctx.needs_input_grad[0] else None
-    grad_w, grad_b = torch.ops.dvpvae.conv_cl_weight_grad(grad, x, weight,
-                                                         extension_covers(grad, x, weight.shape[-1]))
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+    want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    grad_x, grad_w, grad_b = torch.ops.dvpvae.conv_cl_backward(
+        grad, x, weight, ctx.tile, extension_covers(grad, x, weight.shape[-1]), [want_x, want_w])
+    return (grad_x if want_x else None, grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None, None)
 
 
 if _ext.available():

@@ -20,9 +20,14 @@ def _pair(n, ci, co, h, w, dtype=torch.float32, seed=0):
     return grad, x
 
 
+def weight_grads(grad, x, weight, extension):
+    """(weight, bias) gradients through the backward op."""
+    return torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, extension, [False, True])[1:]
+
+
 def _extension_grads(grad, x, k):
     """The extension's weight and bias gradients through the op."""
-    return torch.ops.dvpvae.conv_cl_weight_grad(grad, x, torch.empty(grad.shape[1], x.shape[1], k, k), True)
+    return weight_grads(grad, x, torch.empty(grad.shape[1], x.shape[1], k, k), True)
 
 
 def _exact_grads(grad, x, k):
@@ -77,10 +82,9 @@ def test_conv_ops_reject_other_kernel_sizes(extension):
     grad, x = _pair(1, 8, 4, 5, 5)
     weight = torch.zeros(4, 8, 5, 5)
     message = r"weight must be \(out, in, 1, 1\) or \(out, in, 3, 3\)"
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv_cl_weight_grad(grad, x, weight, extension)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.dvpvae.conv_cl_input_grad(grad, x, weight, 0)
+    for mask in ([False, True], [True, False]):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, extension, mask)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.dvpvae.conv_cl(x, weight, None, 0)
 
@@ -126,8 +130,8 @@ def test_weight_grad_kernel_choice_is_a_rule_on_shape_dtype_and_isa(k):
     assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL), k)  # in channels % 8
     assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x, k)  # out channels % 4
     assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1 and AVX2)  # 3x3: % 8
-    extension = torch.ops.dvpvae.conv_cl_weight_grad(grad, x, w, True)
-    onednn = torch.ops.dvpvae.conv_cl_weight_grad(grad, x, w, False)
+    extension = weight_grads(grad, x, w, True)
+    onednn = weight_grads(grad, x, w, False)
     for a, b in zip(extension, onednn):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -147,9 +151,10 @@ def test_conv_ops_pass_opcheck(k):
     b = torch.randn(4, requires_grad=True)
     grad = torch.randn(2, 4, 4, 5).contiguous(memory_format=CL)
     torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, w, b, conv_tile(x, w)))
-    torch.library.opcheck(torch.ops.dvpvae.conv_cl_input_grad.default, (grad, x.detach(), w.detach(), 0))
     for extension in (False, HAVE_KERNEL and extension_covers(grad, x, k)):
-        torch.library.opcheck(torch.ops.dvpvae.conv_cl_weight_grad.default, (grad, x.detach(), w.detach(), extension))
+        for mask in ([True, True], [True, False], [False, True]):
+            torch.library.opcheck(torch.ops.dvpvae.conv_cl_backward.default,
+                                  (grad, x.detach(), w.detach(), 0, extension, mask))
 
 
 @needs_ext

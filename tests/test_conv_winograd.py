@@ -87,11 +87,11 @@ def test_winograd_rejects_bad_arguments(make, message):
 @pytest.mark.parametrize("tile", [1, 3, 6])
 def test_conv_ops_reject_other_tiles(tile):
     x, weight, b = _operands(2, 16, 8, 5, 5)
-    for op, args in ((torch.ops.dvpvae.conv_cl, (x, weight, b)),
-                     (torch.ops.dvpvae.conv_cl_input_grad, (torch.randn(2, 8, 5, 5).contiguous(memory_format=CL),
-                                                            x, weight))):
+    grad = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    for call in (lambda: torch.ops.dvpvae.conv_cl(x, weight, b, tile),
+                 lambda: torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, False, [True, False])):
         with pytest.raises(RuntimeError, match=rf"tile must be 0 .*, 2 .* or 4 .*, got {tile}"):
-            op(*args, tile)
+            call()
 
 
 @needs_kernel
@@ -101,7 +101,8 @@ def test_winograd_passes_opcheck(tile):
     torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, weight, b, tile))
     torch.library.opcheck(torch.ops.dvpvae.conv_cl.default, (x, weight, None, tile))
     grad = torch.randn(2, 16, 5, 6).contiguous(memory_format=CL)
-    torch.library.opcheck(torch.ops.dvpvae.conv_cl_input_grad.default, (grad, x, weight, tile))
+    for mask in ([True, False], [True, True]):
+        torch.library.opcheck(torch.ops.dvpvae.conv_cl_backward.default, (grad, x, weight, tile, True, mask))
 
 
 @pytest.mark.parametrize("size,tile", [((28, 28), 4), ((14, 14), 4), ((7, 7), 4), ((6, 7), 4), ((1, 1), 2),
@@ -135,8 +136,9 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
         flipped, tile = weight.flip(2, 3).transpose(0, 1), winograd_tile(6, 7)
         assert torch.equal(out, torch.ops.dvpvae.conv_cl(x.detach(), weight, b, tile))
         assert torch.equal(grad_x, torch.ops.dvpvae.conv_cl(grad, flipped, None, tile))
-        kernel_grads = torch.ops.dvpvae.conv_cl_weight_grad(grad, x.detach(), weight, True)
-        assert torch.equal(grad_w, kernel_grads[0]) and torch.equal(grad_b, kernel_grads[1])
+        kernel_grads = torch.ops.dvpvae.conv_cl_backward(grad, x.detach(), weight, tile, True, [True, True])
+        assert torch.equal(grad_x, kernel_grads[0])
+        assert torch.equal(grad_w, kernel_grads[1]) and torch.equal(grad_b, kernel_grads[2])
     else:
         assert torch.equal(out, onednn)
         for g, o in zip((grad_x, grad_w, grad_b), onednn_grads):
@@ -168,4 +170,5 @@ def test_winograd_weight_grad_matches_float64(n, c, k, h, w):
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
     grad = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=CL)
     weight = torch.empty(k, c, 3, 3)
-    _assert_weight_grads_accurate(torch.ops.dvpvae.conv_cl_weight_grad(grad, x, weight, True), grad, x)
+    grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, True, [False, True])[1:]
+    _assert_weight_grads_accurate(grads, grad, x)

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from dvpvae.compiling import compile_pass
 from dvpvae.config import PRECISIONS, Config
 from dvpvae.cuda_graphs import GraphSampler, prior_graphs
 from dvpvae.diffusion import check_steps
@@ -135,9 +136,7 @@ class FastDVPVAE(DVPVAE):
         if self.use_compile:
             mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
             if (name, mode) not in self._compiled:
-                # dynamic=False: a new batch size recompiles once instead of generating slower
-                # shape-generic code for every size.
-                compiled = torch.compile(fn, dynamic=False, mode=mode)
+                compiled = compile_pass(fn, mode)
                 self._compiled[name, mode] = compiled if mode is None else _graph_replay(compiled)
             fn = self._compiled[name, mode]
         return fn if self.precision == "float32" else _autocast_bf16(fn, device)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvpvae import fast_layers
+from dvpvae.compiling import compile_pass
 from dvpvae.cpu_conv import channels_last, conv_cl
 from dvpvae.cuda_graphs import sample_prior_loop, triton_unsupported_reason
 from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act
@@ -130,7 +131,7 @@ def _unet_mse_own_graph(prior, u, t, eps, keep, ops):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_unet_mse(prior_class: type):
-    return torch.compile(prior_class.weighted_mse, dynamic=False)
+    return compile_pass(prior_class.weighted_mse)
 
 
 # An opaque call inside compiled passes: the native op where it serves, else the module.

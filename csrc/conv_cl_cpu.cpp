@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_cpu(const at::Te
   // The passes oneDNN serves go in one call; a pass not asked for is an empty tensor.
   const bool onednn_x = want_x && tile == 0, onednn_w = want_w && !extension;
   at::Tensor grad_x, grad_w, grad_b;
-  if (onednn_x || onednn_w) std::tie(grad_x, grad_w, grad_b) = onednn_backward(grad, x, weight, {onednn_x, onednn_w, onednn_w});
+  if (onednn_x || onednn_w)
+    std::tie(grad_x, grad_w, grad_b) = onednn_backward(grad, x, weight, {onednn_x, onednn_w, onednn_w});
   if (want_x && tile != 0) grad_x = winograd_input_grad(grad, weight, tile);
   if (want_w && extension) std::tie(grad_w, grad_b) = conv_weight_grad_cpu(grad, x, weight.size(3));
   const auto none = [&] { return at::empty({0}, x.options()); };  // a new one each: outputs must not alias

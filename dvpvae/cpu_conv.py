@@ -11,7 +11,8 @@ a rule on shape, dtype and ISA (``conv_tile``, ``extension_covers``), so every p
 computes the same numbers. The forward and the backward are each one op of the extension
 (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
 graph is traced, and compiled graphs call the ops directly. One op computes both gradients,
-so a compiled graph hands them a single output-gradient buffer. Without the extension ``conv_cl`` is ``F.conv2d``.
+so a compiled graph hands them a single output-gradient buffer. Without the extension
+``conv_cl`` is ``F.conv2d``.
 """
 from __future__ import annotations
 

@@ -77,10 +77,11 @@ def tiny_pair():
     return ref, FastDVPVAE.from_reference(ref), x[:4]
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_compiled_forward_matches_reference(tiny_pair, training):
+def test_compiled_eval_forward_matches_reference(tiny_pair):
+    # The compiled training step is checked on mnist (test_compiled_presets_match_reference):
+    # tiny's takes the same kernel paths (16 channels) and would add minutes of compiling.
     ref, fast, x = tiny_pair
-    compare_forward(ref, fast, x, training, factor=REORDER_FACTOR)
+    compare_forward(ref, fast, x, False, factor=REORDER_FACTOR)
 
 
 def test_compiled_estimate_nll_matches_reference(tiny_pair):
@@ -119,7 +120,7 @@ def test_state_dict_and_optimizer_are_interchangeable():
                                     pytest.param("cifar10", marks=pytest.mark.slow)])
 def test_compiled_presets_match_reference(preset):
     # The training step's graphs; the eval-mode graphs are checked on tiny
-    # (test_compiled_forward_matches_reference), each preset's eval mode eagerly.
+    # (test_compiled_eval_forward_matches_reference), each preset's eval mode eagerly.
     ref, x = perturbed(preset)
     fast = FastDVPVAE.from_reference(ref)
     compare_forward(ref, fast, x[:2], True, factor=REORDER_FACTOR)

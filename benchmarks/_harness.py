@@ -383,9 +383,9 @@ def time_calls(fn, device, inner: int = 1) -> float:
 PEAK_SIZES = (512, 1024, 2048)
 
 
-def matmul_rates(device="cpu", sizes=PEAK_SIZES, repeats: int = 10) -> dict[int, float]:
-    """Measured fp32 square-GEMM rate in GFLOP/s per size (best of ``repeats``) with the
-    current thread count; the peak is the largest.
+def matmul_rates(device="cpu", sizes=PEAK_SIZES, dtype=torch.float32, repeats: int = 10) -> dict[int, float]:
+    """Measured square-GEMM rate in ``dtype`` (GFLOP/s per size, best of ``repeats``) with
+    the current thread count; the peak is the largest.
 
     The best rather than the median: this is a roofline, the most the machine delivered,
     and other processes on a shared machine only ever lower it.
@@ -393,8 +393,8 @@ def matmul_rates(device="cpu", sizes=PEAK_SIZES, repeats: int = 10) -> dict[int,
     device = torch.device(device)
     rates = {}
     for n in sizes:
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         for _ in range(3):
             a @ b
         sync(device)

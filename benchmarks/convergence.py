@@ -6,7 +6,9 @@
 
 Providers (``--providers``), trained one after the other from the same seed:
   DVPVAE      ``python -m dvpvae.train``'s reference model
-  FastDVPVAE  its ``--model fast`` (compile time counts: it is part of time to quality)
+  FastDVPVAE  its ``--model fast`` (compile time counts: it is part of time to quality);
+              ``--precision float32,bf16`` trains one per precision, ``FastDVPVAE`` (float32)
+              and ``FastDVPVAE-bf16`` (the CLI's ``--precision bf16``)
   official    the authors' research model (``--official PATH``, a checkout of AKuzina/dvp_vae,
               loaded as ``benchmarks/throughput.py`` loads it) trained with the same recipe
 
@@ -50,10 +52,10 @@ import _harness as H  # noqa: E402
 import throughput  # noqa: E402
 from dvpvae import plotting  # noqa: E402
 from dvpvae import train as T  # noqa: E402
+from dvpvae.config import PRECISIONS  # noqa: E402
 from dvpvae.data import DATASETS, to_float  # noqa: E402
 
 PROVIDERS = ("DVPVAE", "FastDVPVAE", "official")
-KINDS = {"DVPVAE": "reference", "FastDVPVAE": "fast"}
 WEIGHTS = ("raw", "ema")
 TABLE_COLUMNS = [("provider", "provider"), ("steps", "steps"), ("train_s", "train s"),
                  ("s_per_step", "s/step"), ("first_step_s", "first step s"),
@@ -123,9 +125,17 @@ def _official_builder(args, notes: list):
     return build
 
 
+def cli_model(provider: str) -> list[str]:
+    """The CLI's --model (and --precision) options that train ``provider``'s model."""
+    fast = {throughput.fast_name(p): p for p in PRECISIONS}
+    if provider in fast:
+        return ["--model", "fast", "--precision", fast[provider]]
+    return ["--model", "reference"]  # DVPVAE, and official's recipe (its model comes from build)
+
+
 def make_trainer(provider: str, args, out: str, notes: list):
-    argv = ["--preset", args.preset, "--data-root", args.data_root, "--out", out, "--device", args.device,
-            "--model", KINDS.get(provider, "reference")]
+    argv = ["--preset", args.preset, "--data-root", args.data_root, "--out", out, "--device", args.device]
+    argv += cli_model(provider)
     argv += ["--data", args.data] if args.data else []
     argv += ["--max-steps", str(args.steps)] if args.steps else []
     argv += ["--threads", str(args.threads)] if args.threads else []
@@ -301,12 +311,12 @@ def print_table(rep: dict) -> None:
           f"{c['seconds'] or '-'} s / {c['steps'] or '-'} steps per provider")
     for n in rep["notes"]:
         print(f"note: {n}")
-    head = f"{'provider':<11} {'steps':>6} {'train s':>8} {'s/step':>7} {'later':>7} {'best raw':>9} {'best EMA':>9} " \
+    head = f"{'provider':<15} {'steps':>6} {'train s':>8} {'s/step':>7} {'later':>7} {'best raw':>9} {'best EMA':>9} " \
            f"{'s->tgt raw':>10} {'s->tgt EMA':>10}"
     print(head)
     print("-" * len(head))
     for r in rep["results"]:
-        print(f"{r['provider']:<11} {r['steps']:>6} {r['train_s']:>8.1f} {r['s_per_step']:>7.3f} "
+        print(f"{r['provider']:<15} {r['steps']:>6} {r['train_s']:>8.1f} {r['s_per_step']:>7.3f} "
               f"{_f(r['s_per_later_step'], '7.3f'):>7} "
               f"{_f(r['best_nelbo_raw'], '9.3f'):>9} {_f(r['best_nelbo_ema'], '9.3f'):>9} "
               f"{_f(r['seconds_to_target_raw'], '10.1f'):>10} {_f(r['seconds_to_target_ema'], '10.1f'):>10}")
@@ -323,6 +333,9 @@ def parse_args(argv=None):
     p.add_argument("--providers", default="DVPVAE,FastDVPVAE",
                    help="comma subset of " + ",".join(PROVIDERS) + " (official needs --official)")
     p.add_argument("--official", default=None, metavar="PATH", help="checkout of AKuzina/dvp_vae")
+    p.add_argument("--precision", type=throughput.precision_list, default=("float32",), metavar="P[,P]",
+                   help="FastDVPVAE's compute precisions, a comma list of " + ",".join(PRECISIONS) + ", one "
+                        "FastDVPVAE trained per precision (default float32)")
     p.add_argument("--preset", default="mnist", help="mnist, omniglot, cifar10, tiny (default %(default)s)")
     p.add_argument("--data", choices=DATASETS, default=None, help="default: the preset's dataset")
     p.add_argument("--data-root", default="data", help="dataset folder, or the .npz file (default %(default)s)")
@@ -355,6 +368,8 @@ def parse_args(argv=None):
         p.error(f"--providers: choose from {','.join(PROVIDERS)}, got {','.join(args.providers) or 'none'}")
     if "official" in args.providers and not args.official:
         p.error("provider official needs --official PATH (a checkout of AKuzina/dvp_vae)")
+    args.providers = [q for name in args.providers
+                      for q in ([throughput.fast_name(x) for x in args.precision] if name == "FastDVPVAE" else [name])]
     return args
 
 
@@ -396,6 +411,7 @@ def run(args) -> dict:
                 row[f"speedup_vs_DVPVAE_{w}"] = ttq[w]["speedup_vs"]["DVPVAE"].get(row["provider"])
     cfg = {k: getattr(args, k) for k in ("preset", "data", "data_root", "providers", "seconds", "steps", "eval_every",
                                          "eval_images", "k")}
+    cfg["precisions"] = list(args.precision)
     cfg["data"] = cfg["data"] or T.get_config(args.preset).dataset
     cfg["config_overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in T.config_overrides(args).items()}
     return dict(benchmark="convergence", **H.machine_info(args.device), config=cfg, notes=notes,

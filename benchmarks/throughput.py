@@ -11,7 +11,9 @@ Providers (``--providers``), all in one process and one run:
   DVPVAE      the reference model (plain PyTorch, eager)
   FastDVPVAE  the drop-in fast model, ``FastDVPVAE.from_reference(DVPVAE, **flags)``: the
               reference's modules, so exactly its weights; ``--fast-flag NAME=on|off`` sets
-              its constructor flags (compile, fused_kernels, extension, cuda_graphs)
+              its constructor flags (compile, fused_kernels, extension, cuda_graphs), and
+              ``--precision float32,bf16`` times one FastDVPVAE per precision, named
+              ``FastDVPVAE`` (float32) and ``FastDVPVAE-bf16``
   official    the authors' research code (AKuzina/dvp_vae), only with ``--official PATH``:
               its modules are imported from that checkout (never copied here) with stubs for
               packages it imports but does not need for these four calls (wandb, hydra, ...)
@@ -39,11 +41,11 @@ Roofline. ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs (convolu
 matmuls, attention: the ops that do arithmetic at scale; elementwise ops are not counted)
 of each task once on the reference model; every provider computes the same function, so
 achieved GFLOP/s = those FLOPs / its median (for a provider that skips work, an effective
-rate: the reference's work per second). Two peaks: the best rate of fp32 square matmuls
-(``--peak-sizes``) with the same thread count, and on CPU the ISA's theoretical fp32 FMA
-peak, cores x GHz x FMA lanes x 2 (``_harness.fma_peak``: lanes from the ISA, the clock
-from cpufreq / lscpu / /proc/cpuinfo; the JSON's ``fma_peak`` records the inputs and
-assumptions).
+rate: the reference's work per second). Two peaks: the best rate of square matmuls
+(``--peak-sizes``) with the same thread count, in float32 (in bfloat16 for the bf16 rows),
+and on CPU the ISA's theoretical fp32 FMA peak, cores x GHz x FMA lanes x 2
+(``_harness.fma_peak``: lanes from the ISA, the clock from cpufreq / lscpu / /proc/cpuinfo;
+the JSON's ``fma_peak`` records the inputs and assumptions; not given for bf16 rows).
 ``--no-flops`` skips the counts and both peaks.
 
 Output: the table on stdout, and the report as JSON in ``benchmarks/results/throughput.json``
@@ -131,15 +133,20 @@ def adamax_for(model, cfg):
                               weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
 
+def fast_name(precision: str) -> str:
+    """The provider name of FastDVPVAE computing in ``precision``."""
+    return "FastDVPVAE" if precision == "float32" else f"FastDVPVAE-{precision}"
+
+
 def ours(name, model, ref, cfg, fast_flags):
-    """Provider for DVPVAE / FastDVPVAE (same API)."""
+    """Provider for DVPVAE / FastDVPVAE (same API); ``fast_flags`` None for DVPVAE."""
     model.eval()
 
     def make_train():
         # Its own copy of the *initial* weights, so that the eval/nll/sample model is not
         # changed by training and the providers do not train each other's weights.
         tm = copy.deepcopy(ref)
-        if name == "FastDVPVAE":
+        if fast_flags is not None:
             tm = FastDVPVAE.from_reference(tm, **fast_flags)
         tm.train()
         opt = adamax_for(tm, cfg)
@@ -362,15 +369,16 @@ def build_providers(args, cfg, images, device) -> tuple[dict, object, list[str]]
     wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
     out = {}
     fast_flags = parse_fast_flags(args.fast_flag)
-    if args.precision != "float32":
-        fast_flags["precision"] = args.precision
     if fast_flags:
         notes.append("FastDVPVAE flags: " + ", ".join(f"{k}={v}" for k, v in fast_flags.items()))
     for name in wanted:
         if name == "DVPVAE":
-            out[name] = ours(name, ref, ref, cfg, fast_flags)
+            out[name] = ours(name, ref, ref, cfg, None)
         elif name == "FastDVPVAE":
-            out[name] = ours(name, FastDVPVAE.from_reference(ref, **fast_flags), ref, cfg, fast_flags)
+            for precision in args.precision:
+                flags = dict(fast_flags, precision=precision)
+                out[fast_name(precision)] = ours(fast_name(precision), FastDVPVAE.from_reference(ref, **flags),
+                                                 ref, cfg, flags)
         elif name == "official":
             if not args.official:
                 notes.append("official skipped: pass --official PATH (a checkout of AKuzina/dvp_vae)")
@@ -526,11 +534,17 @@ def run(args) -> dict:
     rates = H.matmul_rates(device, args.peak_sizes) if args.flops else {}
     peak_n = max(rates, key=rates.get, default=None)
     peak = rates.get(peak_n)
+    # The bf16 rows' roofline: the same square matmuls in bfloat16.
+    timed_bf16 = args.flops and "bf16" in args.precision
+    bf16_rates = H.matmul_rates(device, args.peak_sizes, torch.bfloat16) if timed_bf16 else {}
+    bf16_peak = max(bf16_rates.values(), default=None)
     fma = H.fma_peak(torch.get_num_threads()) if args.flops and device.type == "cpu" else None
     report.update(matmul_peak_gflops=peak, matmul_peak_n=peak_n, matmul_rates=rates, fma_peak=fma,
+                  matmul_peak_bf16_gflops=bf16_peak, matmul_rates_bf16=bf16_rates,
                   config=dict(preset=args.preset, batch=args.batch, tasks=tasks, repeats=args.repeats,
                               warmup=args.warmup, k=args.k, nll_batch=args.nll_batch,
                               sample_n=args.sample_n, providers=list(providers), seed=args.seed,
+                              precisions=list(args.precision),
                               min_timing_s=MIN_TIMING_S,
                               loadavg_start=_loadavg()),
                   memory_method=("torch.cuda.max_memory_allocated above the allocation before the call"
@@ -551,9 +565,11 @@ def run(args) -> dict:
             if flops:
                 r["flops"] = flops
                 r["gflops"] = flops / r["seconds_median"] / 1e9
-                if peak:
-                    r["fraction_of_peak"] = r["gflops"] / peak
-                if fma:
+                is_bf16 = r["model"] == fast_name("bf16")
+                row_peak = bf16_peak if is_bf16 else peak
+                if row_peak:
+                    r["fraction_of_peak"] = r["gflops"] / row_peak
+                if fma and not is_bf16:  # the FMA peak is float32's
                     r["fraction_of_fma_peak"] = r["gflops"] / fma["gflops"]
             if base is not None:
                 r["speedup_vs_DVPVAE"] = base["seconds_median"] / r["seconds_median"]
@@ -593,13 +609,17 @@ def print_table(rep: dict) -> None:
     if rep["matmul_peak_gflops"]:
         rates = ", ".join(f"{n}^3 {g:.1f}" for n, g in rep["matmul_rates"].items())
         print(f"measured fp32 matmul peak: {rep['matmul_peak_gflops']:.1f} GFLOP/s (best of {rates})")
+    if rep.get("matmul_peak_bf16_gflops"):
+        rates = ", ".join(f"{n}^3 {g:.1f}" for n, g in rep["matmul_rates_bf16"].items())
+        print(f"measured bf16 matmul peak: {rep['matmul_peak_bf16_gflops']:.1f} GFLOP/s (best of {rates}); "
+              f"the {fast_name('bf16')} rows' %peak is of it")
     fma = rep.get("fma_peak")
     if fma:
         print(f"theoretical fp32 FMA peak ({fma['isa']}): {fma['cores']} cores x {fma['ghz']:.2f} GHz x "
               f"{fma['fma_lanes']} FMA lanes x 2 = {fma['gflops']:.1f} GFLOP/s ({fma['assumption']})")
     for n in rep["notes"]:
         print(f"note: {n}")
-    head = (f"{'model':<11} {'task':<6} {'imgs':>5} {'it/s':>8} {'img/s':>9} {'median s':>9} {'min s':>8} "
+    head = (f"{'model':<15} {'task':<6} {'imgs':>5} {'it/s':>8} {'img/s':>9} {'median s':>9} {'min s':>8} "
             f"{'max s':>8} {'first s':>8} {'warm-up s':>9} {'peak MB':>8} {'GFLOP/s':>8} {'%peak':>6} "
             f"{'%FMA':>6} {'x DVPVAE':>8}")
     print()
@@ -607,10 +627,10 @@ def print_table(rep: dict) -> None:
     print("-" * len(head))
     for r in rep["results"]:
         if "seconds_median" not in r:
-            print(f"{r['model']:<11} {r['task']:<6} {r['batch']:>5} ERROR {r.get('error', '')[:90]}")
+            print(f"{r['model']:<15} {r['task']:<6} {r['batch']:>5} ERROR {r.get('error', '')[:90]}")
             continue
         pct, pct_fma = r.get("fraction_of_peak"), r.get("fraction_of_fma_peak")
-        print(f"{r['model']:<11} {r['task']:<6} {r['batch']:>5} {r['it_per_s']:>8.3f} {r['images_per_s']:>9.2f} "
+        print(f"{r['model']:<15} {r['task']:<6} {r['batch']:>5} {r['it_per_s']:>8.3f} {r['images_per_s']:>9.2f} "
               f"{r['seconds_median']:>9.3f} {r['seconds_min']:>8.3f} {r['seconds_max']:>8.3f} "
               f"{r['first_call_s']:>8.2f} {r['warmup_s']:>9.2f} {_f(r.get('peak_mem_mb'), '8.1f'):>8} "
               f"{_f(r.get('gflops'), '8.2f'):>8} {_f(None if pct is None else 100 * pct, '6.1f'):>6} "
@@ -634,6 +654,16 @@ def _sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"expected a comma list of positive sizes, got {text!r}")
     return sizes
+
+
+def precision_list(text: str) -> tuple[str, ...]:
+    """A comma list of distinct compute precisions of FastDVPVAE."""
+    items = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in items if v not in PRECISIONS]
+    if not items or bad or len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"expected a comma list of distinct precisions from "
+                                         f"{','.join(PRECISIONS)}, got {text!r}")
+    return items
 
 
 def parse_args(argv=None):
@@ -660,9 +690,10 @@ def parse_args(argv=None):
     p.add_argument("--fast-flag", action="append", default=[], metavar="NAME=on|off",
                    help="constructor flag of FastDVPVAE (" + ", ".join(FAST_FLAGS) + "), repeatable, "
                         "to measure what each fast path contributes; default: all on")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="FastDVPVAE's compute precision (default %(default)s; bf16: bfloat16 convolutions and "
-                        "matmuls under autocast, float32 densities)")
+    p.add_argument("--precision", type=precision_list, default=("float32",), metavar="P[,P]",
+                   help="FastDVPVAE's compute precisions, a comma list of " + ",".join(PRECISIONS) + ", one "
+                        "FastDVPVAE per precision in the same run (default float32; bf16: bfloat16 "
+                        "convolutions and matmuls under autocast, float32 densities)")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP counts and the matmul peak")
     p.add_argument("--peak-sizes", type=_sizes, default=H.PEAK_SIZES, metavar="N,N,...",

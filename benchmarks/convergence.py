@@ -271,6 +271,12 @@ def time_to_quality(curves: dict) -> dict:
 
 
 # ------------------------------------------------------------------ output
+def plot_title(rep: dict) -> str:
+    c = rep["config"]
+    data = os.path.basename(c["data_root"]) if c["data"] == "npz" else c["data"]
+    return f"preset {c['preset']} on {data}, {rep['threads']} threads, {rep['cpu']}"
+
+
 def save_plot(curves: dict, ttq: dict, path: str, title: str) -> str:
     plt = plotting._pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -282,12 +288,15 @@ def save_plot(curves: dict, ttq: dict, path: str, title: str) -> str:
     for w, ls in (("raw", ":"), ("ema", "-.")):
         if ttq[w]["target_nelbo"] is not None:
             ax.axhline(ttq[w]["target_nelbo"], color="gray", ls=ls, lw=0.8, label=f"target ({w})")
-    # The bound at initialisation is far above the rest: the axis spans the later points.
+    # The bound at initialisation is far above the rest: the axis spans the later points, on a
+    # log scale so that both the first drop and the gaps near the target show.
     later = [v for c in curves.values() for p in c[1:] for v in (p["nelbo_raw"], p["nelbo_ema"])
-             if math.isfinite(v)]
+             if math.isfinite(v) and v > 0]
     if later:
-        lo, hi = min(later), max(later)
-        ax.set_ylim(lo - 0.05 * (hi - lo) - 1e-3, hi + 0.05 * (hi - lo) + 1e-3)
+        ax.set_yscale("log")
+        ax.set_ylim(min(later) / 1.03, max(later) * 1.03)
+        for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_ticks(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("training wall-clock [s] (evaluation excluded)")
     ax.set_ylabel("test -ELBO [nats]")
     ax.set_title(title)
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
     rep = run(args)
     json_path = args.json or os.path.join(H.RESULTS_DIR, "convergence.json")
     rep["png"] = save_plot(rep["curves"], rep["time_to_quality"], args.png or os.path.splitext(json_path)[0] + ".png",
-                           f"{rep['config']['preset']} on {rep['config']['data']}, {rep['threads']} threads")
+                           plot_title(rep))
     print_table(rep)
     H.save_report("convergence", rep, json_path, argv, TABLE_COLUMNS, device=args.device)
     return 0

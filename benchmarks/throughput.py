@@ -535,7 +535,7 @@ def run(args) -> dict:
     peak_n = max(rates, key=rates.get, default=None)
     peak = rates.get(peak_n)
     # The bf16 rows' roofline: the same square matmuls in bfloat16.
-    timed_bf16 = args.flops and "bf16" in args.precision
+    timed_bf16 = args.flops and fast_name("bf16") in providers
     bf16_rates = H.matmul_rates(device, args.peak_sizes, torch.bfloat16) if timed_bf16 else {}
     bf16_peak = max(bf16_rates.values(), default=None)
     fma = H.fma_peak(torch.get_num_threads()) if args.flops and device.type == "cpu" else None

@@ -158,8 +158,9 @@ class CpuOps(_FastLayers):
         return self.block_layout(fast_layers.pointwise_conv(x, conv))
 
     def unet_eps(self, unet, z, t):
-        # The native forward has no autograd and runs float32: with gradients or autocast, the module.
-        if not self.extension or torch.is_grad_enabled() or torch.is_autocast_enabled(z.device.type):
+        # The native forward has no autograd: with gradients, the module. It computes in float32
+        # under bf16 autocast as well (precision="bf16"), which is faster there and more exact.
+        if not self.extension or torch.is_grad_enabled():
             return unet(z, t)
         return _unet_eps_native_or_module(unet, z, t)
 
@@ -211,7 +212,8 @@ class Bf16Ops:
     residual stream, which feeds the latents' parameters, so the KL and every log-density),
     the likelihood's parameters, and the DCT pseudoinput transforms (u, whose density is the
     diffusion bound). The diffusion bound's error term is float32 as well: the UNet's
-    bfloat16 prediction is subtracted from float32 noise.
+    prediction (bfloat16 from the module, float32 from the cpu provider's native forward in
+    the no-gradient passes) is subtracted from float32 noise.
     """
 
     def __init__(self, base: ReferenceOps):

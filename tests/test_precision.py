@@ -112,3 +112,26 @@ def test_cli_precision_needs_the_fast_model(module, tmp_path):
     argv = ["--preset", "tiny", "--out", str(tmp_path)] if module == "train" else [str(tmp_path)]
     with pytest.raises(SystemExit, match="--precision bf16 needs --model fast"):
         cli.main(argv + ["--precision", "bf16"])
+
+
+
+def test_bf16_no_gradient_unet_calls_are_the_native_float32_forward(tiny):
+    from dvpvae.diffusion import DiffusionPrior
+    from dvpvae.native_prior import native_unet_unsupported_reason
+    from dvpvae.ops import CpuOps
+
+    prior = next(m for m in tiny[0].modules() if isinstance(m, DiffusionPrior)).eval()
+    reason = native_unet_unsupported_reason(prior.unet)
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(5)
+    z, t = torch.randn((3,) + prior.shape, generator=g), torch.randint(0, prior.T, (3,), generator=g)
+    with torch.no_grad():
+        exact = prior.unet(z, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            native = CpuOps().unet_eps(prior.unet, z, t)
+    # float32 throughout (FiLM table included), far inside bfloat16's 2**-9
+    assert native.dtype == torch.float32 and torch.allclose(native, exact, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module = CpuOps().unet_eps(prior.unet, z, t)  # with gradients: the module, in bfloat16
+    assert module.dtype == torch.bfloat16

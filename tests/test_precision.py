@@ -114,7 +114,6 @@ def test_cli_precision_needs_the_fast_model(module, tmp_path):
         cli.main(argv + ["--precision", "bf16"])
 
 
-
 def test_bf16_no_gradient_unet_calls_are_the_native_float32_forward(tiny):
     from dvpvae.diffusion import DiffusionPrior
     from dvpvae.native_prior import native_unet_unsupported_reason

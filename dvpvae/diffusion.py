@@ -133,7 +133,7 @@ class DiffusionPrior(nn.Module):
                 # Dropout is a random draw too: take it from the noise so it can be replayed.
                 p = self.dropout
                 keep = (noise.uniform("unet_dropout", self.dropout_shape(n), u) >= p).to(u.dtype) / (1 - p)
-            Ldiff = ops.unet_mse(self, u, t, eps, keep)
+            Ldiff = self.weighted_mse(u, t, eps, keep, ops)
         return PriorTerms(L0, Ldiff, self.terminal_term(u))
 
     def _full_diffusion_loss(self, u: torch.Tensor, noise: Noise, ops: ReferenceOps) -> torch.Tensor:
@@ -142,7 +142,7 @@ class DiffusionPrior(nn.Module):
         eps = noise.normal("diffusion_eps", (T,) + tuple(u.shape), u)
         t = (torch.arange(1, T + 1, dtype=u.dtype, device=u.device) / T).repeat_interleave(n)
         u_rep = u.unsqueeze(0).expand(T, *u.shape).reshape(T * n, *u.shape[1:])
-        per_step = ops.unet_mse(self, u_rep, t, eps.reshape(T * n, *u.shape[1:]), None)
+        per_step = self.weighted_mse(u_rep, t, eps.reshape(T * n, *u.shape[1:]), None, ops)
         return per_step.reshape(T, n, -1).mean(0)
 
     def forward_chain(self, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,13 +40,23 @@ def _weights(unet: UNet) -> list[torch.Tensor]:
     return [w.contiguous() for w in out]
 
 
-def native_unet_unsupported_reason(unet, z: torch.Tensor | None = None) -> str | None:
-    """Why the native forward cannot compute ``unet`` (on ``z``), or None when it can."""
+def _missing_ops_reason() -> str | None:
     if not _ext.available():
         return _ext.missing_reason()
     for op in ("ddpm_sample_unet", "unet_eps"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dvpvae::{op}", "CPU"):
             return f"the built dvpvae._C has no {op} op (rebuild the extension)"
+    return None
+
+
+# Fixed once the extension is loaded; a constant, so compiled graphs trace the checks below.
+_MISSING_OPS = _missing_ops_reason()
+
+
+def native_unet_unsupported_reason(unet, z: torch.Tensor | None = None) -> str | None:
+    """Why the native forward cannot compute ``unet`` (on ``z``), or None when it can."""
+    if _MISSING_OPS is not None:
+        return _MISSING_OPS
     if type(unet) is not UNet:  # a subclass may change forward
         return f"the prior's UNet is a {type(unet).__qualname__}, the native forward is dvpvae.unet.UNet's"
     if z is not None and (z.device.type != "cpu" or z.dtype != torch.float32):

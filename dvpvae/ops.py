@@ -14,7 +14,6 @@ of modules serves every implementation:
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvpvae import fast_layers
-from dvpvae.compiling import compile_pass
 from dvpvae.cpu_conv import channels_last, conv_cl
 from dvpvae.cuda_graphs import sample_prior_loop, triton_unsupported_reason
 from dvpvae.kernels.conv1x1_act import apply_activation, conv1x1_act
@@ -85,10 +83,6 @@ class ReferenceOps:
     reparam_sample = staticmethod(reparam_sample_ref)  # z ~ p, variance scaled by a temperature
 
     # ------------------------------------------------------------ diffusion prior
-    def unet_mse(self, prior, u, t, eps, keep):
-        """The prior's weighted denoising error (``DiffusionPrior.weighted_mse``)."""
-        return prior.weighted_mse(u, t, eps, keep, self)
-
     def unet_eps(self, unet, z, t):
         """The prior's noise prediction ``unet(z, t)`` without dropout masks (the diffusion
         bound and the NLL's trajectory)."""
@@ -104,8 +98,7 @@ class ReferenceOps:
 
 
 class _FastLayers(ReferenceOps):
-    """Exact cheaper forms of the z projection, upsampling and output head, and the prior's
-    loss term compiled as a graph of its own inside compiled code."""
+    """Exact cheaper forms of the z projection, upsampling and output head."""
 
     def project(self, z, conv):
         return fast_layers.pointwise_conv(z, conv)
@@ -115,27 +108,6 @@ class _FastLayers(ReferenceOps):
 
     def upsample(self, x, size):
         return fast_layers.upsample_bilinear(x, size)
-
-    def unet_mse(self, prior, u, t, eps, keep):
-        # Compiled in one graph with the ladder, inductor drops the gradient of an unrelated
-        # path (the top block's ResNet); a graph of its own computes it correctly.
-        if torch.compiler.is_compiling():
-            return _unet_mse_own_graph(prior, u, t, eps, keep, self)
-        return prior.weighted_mse(u, t, eps, keep, self)
-
-
-@torch.compiler.disable
-def _unet_mse_own_graph(prior, u, t, eps, keep, ops):
-    return _compiled_unet_mse(type(prior))(prior, u, t, eps, keep, ops)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_unet_mse(prior_class: type):
-    return compile_pass(prior_class.weighted_mse)
-
-
-# An opaque call inside compiled passes: the native op where it serves, else the module.
-_unet_eps_native_or_module = torch.compiler.disable(unet_eps_native_or_module)
 
 
 class CpuOps(_FastLayers):
@@ -162,7 +134,7 @@ class CpuOps(_FastLayers):
         # under bf16 autocast as well (precision="bf16"), which is faster there and more exact.
         if not self.extension or torch.is_grad_enabled():
             return unet(z, t)
-        return _unet_eps_native_or_module(unet, z, t)
+        return unet_eps_native_or_module(unet, z, t)
 
     def sample_prior(self, prior, n, temperature, noise, steps=None):
         if not self.extension or native_unsupported_reason(prior) is not None:

@@ -267,6 +267,7 @@ def test_unsupported_priors_give_reasons(monkeypatch):
     assert native_unsupported_reason(perturbed_prior("tiny").train()) is None
     monkeypatch.setattr(_ext, "available", lambda: False)
     monkeypatch.setattr(_ext, "missing_reason", lambda: "dvpvae._C is not built (test)")
+    monkeypatch.setattr(native_prior, "_MISSING_OPS", native_prior._missing_ops_reason())  # as at import
     assert native_unsupported_reason(prior) == "dvpvae._C is not built (test)"
     with pytest.raises(RuntimeError, match=r"not built \(test\)"):
         sample_native(prior, z, eps, 1.0)

@@ -99,6 +99,36 @@ def test_compiled_sampling_matches_reference(tiny_pair):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_each_compiled_pass_traces_as_one_graph(monkeypatch):
+    # A graph break splits a pass into graphs that compile separately and fuse nothing across
+    # the break: the prior's loss term and the native UNet calls are traced inline.
+    from torch._dynamo.testing import CompileCounter
+
+    counters = {}
+
+    def counted(fn, mode=None):
+        counters[fn.__name__] = counter = CompileCounter()
+        return torch.compile(fn, backend=counter, dynamic=False)
+
+    monkeypatch.setattr(dvpvae.fast, "compile_pass", counted)
+    ref, x = perturbed("tiny", seed=1)
+    fast = FastDVPVAE.from_reference(ref, share=False)
+    torch._dynamo.reset()
+    try:
+        fast.train()
+        fast(x[:2]).loss.backward()
+        fast.eval()
+        with torch.no_grad():
+            fast(x[:2])
+        fast.estimate_nll(x[:2], 2)
+        fast.sample(2)
+    finally:
+        torch._dynamo.reset()
+    # The loss pass once per mode (training, evaluation), the others once.
+    assert {name: c.frame_count for name, c in counters.items()} == {
+        "_loss_terms": 2, "_log_weights": 1, "_decode_sample": 1}
+
+
 def test_state_dict_and_optimizer_are_interchangeable():
     ref, x = perturbed("tiny", seed=2)
     fast = FastDVPVAE("tiny", compile=False)

@@ -38,7 +38,7 @@ def tiny():
     return ref, x[:4]
 
 
-@pytest.mark.parametrize("training,compile", [(True, False), (False, False),
+@pytest.mark.parametrize("training,compile", [(True, False), (False, False), (False, True),
                                                pytest.param(True, True, marks=pytest.mark.slow)])
 def test_bf16_matches_float64_within_the_autocast_reference_error(tiny, training, compile):
     ref, x = tiny

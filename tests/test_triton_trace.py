@@ -10,11 +10,6 @@ Two paths, both on CPU:
   tests/test_triton_trace.py``): the same compile decomposes every op into
   ``triton_kernel_wrapper_functional`` launches of its kernels, as inductor receives them on
   CUDA. Nothing runs there (no GPU): the compiled function raises once its graphs are built.
-
-The fast providers compute the prior's loss term as a compiled graph of its own behind
-``torch.compiler.disable`` (``dvpvae/ops.py``, ``_FastLayers.unet_mse``), a deliberate graph
-break; the fullgraph traces use ``PlainPriorLoss``, the triton provider with the reference's
-``unet_mse``, and a separate test checks that the stock provider breaks only there.
 """
 import functools
 import json
@@ -27,19 +22,13 @@ import torch
 
 from dvpvae import FastDVPVAE, Noise
 from dvpvae.kernels import triton_runs_on
-from dvpvae.ops import ReferenceOps, TritonOps
+from dvpvae.ops import TritonOps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FWD_OPS = {"conv1x1_act", "conv1x1_residual", "dct_pseudoinput", "idct_pseudoinput", "reparam_kl"}
 # The data image takes no gradient, so the step's backward has no dct_pseudoinput_bwd.
 BWD_OPS = {"conv1x1_input_grad", "conv1x1_weight_grad", "idct_pseudoinput_bwd", "reparam_kl_bwd"}
-
-
-class PlainPriorLoss(TritonOps):
-    """The triton provider with the prior's loss term inline (no deliberate graph break)."""
-
-    unet_mse = ReferenceOps.unet_mse
 
 
 def _step_inputs(ops, seed=5):
@@ -68,7 +57,7 @@ needs_interpreter = pytest.mark.skipif(
 def test_training_step_compiles_fullgraph_and_matches_eager():
     from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 
-    fast, x, draws = _step_inputs(PlainPriorLoss())
+    fast, x, draws = _step_inputs(TritonOps())
     loss, rec, kl = fast._loss_terms(x, draws)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in fast.named_parameters() if p.grad is not None}
@@ -100,17 +89,6 @@ def test_training_step_compiles_fullgraph_and_matches_eager():
     assert grads_c.keys() == grads.keys() and len(grads) > 0
     for k in grads:
         torch.testing.assert_close(grads_c[k], grads[k], rtol=0, atol=0, msg=k)
-
-
-@needs_interpreter
-def test_stock_triton_provider_breaks_only_at_the_prior_loss():
-    fast, x, draws = _step_inputs(TritonOps())
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(fast._loss_terms)(x, draws)
-    torch._dynamo.reset()
-    assert explained.graph_break_count > 0
-    for reason in explained.break_reasons:
-        assert "_unet_mse_own_graph" in reason.reason, reason.reason
 
 
 # ----------------------------------------------------------------------------- GPU path
@@ -248,7 +226,7 @@ def _trace_gpu_path() -> dict:
     for case, (fn, diff, rest) in _public_calls().items():
         result[case] = describe(fn, [*(t.requires_grad_() if t is not None else None for t in diff),
                                      *rest])
-    fast, x, draws = _step_inputs(PlainPriorLoss())
+    fast, x, draws = _step_inputs(TritonOps())
     result["training_step"] = describe(fast._loss_terms, (x, draws))
     return result
 

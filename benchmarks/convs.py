@@ -103,14 +103,17 @@ def main(argv=None) -> int:
     channels = int(cfg.num_ch * cfg.block_ch_mult)
     sizes = args.sizes or [cfg.image_size, cfg.image_size // 2, cfg.image_size // 4]
     probe = torch.empty(1, channels, 1, 1)
-    if not extension_covers(probe, probe, 3):
+    winograd = winograd_covers(probe, torch.empty(channels, channels, 3, 3))
+    if not (winograd or extension_covers(probe, probe, 3)):
         print(f"the extension's kernels do not cover {channels} channels on this CPU (they need "
-              "channels % 8 == 0 and an AVX2-class CPU; on AVX-512 CPUs oneDNN serves every pass)",
-              file=sys.stderr)
+              "channels % 8 == 0 and an AVX2 or AVX-512 CPU), so oneDNN serves every pass", file=sys.stderr)
         return 2
-    if not winograd_covers(probe, torch.empty(channels, channels, 3, 3)):
+    if not winograd:
         print("the 3x3 forward and input gradient are oneDNN's in both providers here (Winograd "
-              "serves float32 on AVX2-class CPUs, channels % 8 == 0)")
+              "serves float32 on AVX2 and AVX-512 CPUs, channels % 8 == 0)")
+    if not extension_covers(probe, probe, 3):
+        print("the weight gradients are oneDNN's in both providers here (the extension's "
+              "weight-gradient kernels serve AVX2 CPUs without AVX-512)")
     print(f"preset={args.preset} batch={batch} channels={channels} threads={torch.get_num_threads()} "
           f"cpu capability={torch.backends.cpu.get_cpu_capability()} torch={torch.__version__}")
     results = []

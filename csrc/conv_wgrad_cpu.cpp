@@ -11,7 +11,7 @@
 // items are (image, row chunk) pairs; each thread sums into its own buffer and the buffers
 // are added at the end, so the result does not depend on scheduling (only on the thread
 // count).
-#include "avx2.h"
+#include "simd.h"
 #include "ops.h"
 
 #include <ATen/Functions.h>

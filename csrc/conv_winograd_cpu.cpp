@@ -16,8 +16,9 @@
 //
 // Work items are blocks of kBlock<m> tiles (image-major, then tile rows, then tile
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
-// multiplies it with the transformed filters in 6 x 16 register tiles (12 AVX2
-// accumulators) and writes the block's outputs, so the transformed data never reaches DRAM.
+// multiplies it with the transformed filters (row_products: 16-float vectors on AVX-512
+// CPUs, 8-float ones on AVX2) and writes the block's outputs, so the transformed data never
+// reaches DRAM.
 
 #include "winograd.h"
 #include "ops.h"
@@ -127,9 +128,7 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
     const float* Ve = V + e * ldv;
     const float* Ue = U + e * s.C * s.K;
     float* Me = M + e * ldm;
-    // M[r, :] = V[r, :] @ U for kRows rows r at a time.
-    for (int64_t r = 0; r < rows; r += kRows)
-      register_tiles<kRows, false>(Ve + r * s.C, s.C, 1, Ue, s.K, Me + r * s.K, s.K, s.C, s.K);
+    row_products<false>(Ve, s.C, 1, Ue, s.K, Me, s.K, s.C, s.K, rows);  // M = V @ U
   }
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s)) {
@@ -190,12 +189,8 @@ DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict 
     const float* De = D + e * ldd;
     const float* Ve = V + e * ldv;
     float* Se = S + e * s.K * s.C;
-    // S[k, :] += sum over the tiles r of D[r, k] V[r, :], kRows (then 4 or 2) rows k at a time.
-    int64_t k = 0;
-    for (; k + kRows <= s.K; k += kRows)
-      register_tiles<kRows, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
-    if (s.K - k == 4) register_tiles<4, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
-    if (s.K - k == 2) register_tiles<2, true>(De + k, 1, s.K, Ve, s.C, Se + k * s.C, s.C, count, s.C);
+    // S[k, :] += sum over the tiles r of D[r, k] V[r, :]
+    row_products<true>(De, 1, s.K, Ve, s.C, Se, s.C, count, s.C, s.K);
   }
   const float* D5 = D + 5 * ldd;  // the (1, 1) point: each tile's sum of dY
   for (int64_t k = 0; k < s.K; k += kLanes) {

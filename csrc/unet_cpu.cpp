@@ -165,8 +165,7 @@ DVPVAE_INLINE void conv_rows(const float* in, int in_w, int ldi, int cin, const 
 // baseline): GCC splits wider-than-register vectors into poor code. Checked once.
 DVPVAE_INLINE bool wide_vectors() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool wide = __builtin_cpu_supports("avx512f");
-  return wide;
+  return cpu_has_avx512f();
 #else
   return true;
 #endif

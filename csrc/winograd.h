@@ -4,11 +4,13 @@
 // and the native UNet of unet_cpu.cpp, which each lay out their own tiles.
 #pragma once
 
-#include "avx2.h"
+#include "simd.h"
 
 #include <ATen/Functions.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace dvpvae {
 
@@ -169,6 +171,89 @@ DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, in
   for (; n + 2 * kLanes <= cols; n += 2 * kLanes)
     register_tile<R, 2, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
   if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
+}
+
+// register_tile with 16-float vectors: R x 16 NV accumulators of AVX-512's 32 registers;
+// the broadcast operand folds into each FMA. Columns past `cols` (< 16 NV) are masked off.
+template <int R, int NV, bool Accumulate>
+DVPVAE_AVX512_INLINE void register_tile16(const float* __restrict a, int64_t ai, int64_t aj,
+                                          const float* __restrict b, int64_t bj, float* __restrict out, int64_t ldo,
+                                          int64_t depth, __mmask16 last) {
+  constexpr __mmask16 all = 0xffff;
+  __m512 acc[R][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = Accumulate ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : all, out + i * ldo + v * 16)
+                             : _mm512_setzero_ps();
+  for (int64_t j = 0; j < depth; ++j, a += aj, b += bj) {
+    __m512 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : all, b + v * 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * ai]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + i * ldo + v * 16, v == NV - 1 ? last : all, acc[i][v]);
+}
+
+// register_tile16 over `rows` rows (an even count), 12 at a time (24 of the 32 registers),
+// and over the columns, 32 then 16 at a time, the last block masked.
+template <bool Accumulate>
+DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int64_t ai, int64_t aj, const float* b,
+                                                          int64_t bj, float* out, int64_t ldo, int64_t depth,
+                                                          int64_t cols, int64_t rows) {
+  for (int64_t n = 0; n < cols; n += 32) {
+    const int64_t width = std::min<int64_t>(32, cols - n);
+    const __mmask16 last = static_cast<__mmask16>((1u << ((width - 1) % 16 + 1)) - 1);
+    const float* bn = b + n;
+    int64_t i = 0;
+    for (; i + 12 <= rows; i += 12) {
+      if (width > 16)
+        register_tile16<12, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+      else
+        register_tile16<12, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+    }
+    for (; i < rows; i += 2) {
+      if (width > 16)
+        register_tile16<2, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+      else
+        register_tile16<2, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+    }
+  }
+}
+
+// register_tiles over `rows` rows (an even count): kRows at a time, then 4 and 2.
+template <bool Accumulate>
+DVPVAE_AVX2 __attribute__((noinline)) void row_products8(const float* a, int64_t ai, int64_t aj, const float* b,
+                                                       int64_t bj, float* out, int64_t ldo, int64_t depth,
+                                                       int64_t cols, int64_t rows) {
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows)
+    register_tiles<kRows, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
+  if (i + 4 <= rows) {
+    register_tiles<4, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
+    i += 4;
+  }
+  if (i + 2 <= rows) register_tiles<2, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
+}
+
+// out[i, 0 : cols] = (Accumulate ? out[i, 0 : cols] : 0) + sum_j a[i ai + j aj] b[j bj, 0 : cols]
+// for an even number of rows i and cols % 8 == 0, in 16-float vectors where the CPU has them.
+// Each element is one chain of FMAs over j in order, so the result is the same bits for
+// every tiling and vector width.
+template <bool Accumulate>
+inline void row_products(const float* a, int64_t ai, int64_t aj, const float* b, int64_t bj, float* out, int64_t ldo,
+                         int64_t depth, int64_t cols, int64_t rows) {
+  (cpu_has_avx512f() ? row_products16<Accumulate> : row_products8<Accumulate>)(a, ai, aj, b, bj, out, ldo, depth,
+                                                                               cols, rows);
 }
 
 // y[i][j] = (A^T m A)[i, j] for the 8 channels at m of a tile's points (ldm floats apart).

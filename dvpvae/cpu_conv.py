@@ -1,12 +1,12 @@
 """The ResNet blocks' convolutions for the CPU provider: channels-last, one op per direction.
 
-``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX2
-CPUs the extension's kernels serve wherever they cover the shape: a 3x3 convolution's
-forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3) (``winograd_tile``; 2.25
-or 4 multiplies per output instead of 9), its weight gradient by F(2x2, 3x3)
-(``csrc/conv_winograd_cpu.cpp``), and a 1x1 convolution's weight and bias gradients
-(``csrc/conv_wgrad_cpu.cpp``, faster than oneDNN's). Everything else, and everything on
-AVX-512 CPUs (the extension's kernels are 8-lane AVX2 code), comes from oneDNN. The choice is
+``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. The
+extension's kernels serve wherever they cover the shape: on AVX2 and AVX-512 CPUs a 3x3
+convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
+(``winograd_tile``; 2.25 or 4 multiplies per output instead of 9; ``csrc/conv_winograd_cpu.cpp``),
+and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
+one by ``csrc/conv_wgrad_cpu.cpp`` (both 8-lane code, faster than oneDNN's there and not on
+AVX-512). Everything else comes from oneDNN. The choice is
 a rule on shape, dtype and ISA (``conv_tile``, ``extension_covers``), so every process
 computes the same numbers. The forward and the backward are each one op of the extension
 (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
@@ -29,18 +29,21 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_CL)
 
 
-# An AVX2-class CPU (the ISA the extension's convolution kernels beat oneDNN on) and the
-# extension built. A constant: compiled graphs apply the rules below when traced.
-_EXTENSION_ISA = torch.backends.cpu.get_cpu_capability() == "AVX2" and _ext.available()
+# Where the extension's kernels beat oneDNN, with the extension built; constants, since
+# compiled graphs apply the rules below when traced. Winograd's products run in 16-float
+# vectors on AVX-512 CPUs; the weight-gradient kernels are AVX2 code throughout.
+_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_WINOGRAD_ISA = _CAPABILITY in ("AVX2", "AVX512") and _ext.available()
+_WEIGHT_GRAD_ISA = _CAPABILITY == "AVX2" and _ext.available()
 
 
 # ---------------------------------------------------------------- which kernel serves each pass
 def winograd_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the extension's Winograd kernel computes ``F.conv2d(x, weight, padding=1)`` here:
-    a float32 CPU 3x3 convolution with in and out channels % 8 on an AVX2-class CPU."""
+    a float32 CPU 3x3 convolution with in and out channels % 8 on an AVX2 or AVX-512 CPU."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.shape[-2:] == (3, 3) and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
-            and _EXTENSION_ISA)
+            and _WINOGRAD_ISA)
 
 
 def winograd_tile(height: int, width: int) -> int:
@@ -63,10 +66,10 @@ def conv_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
 def extension_covers(grad: torch.Tensor, x: torch.Tensor, kernel_size: int) -> bool:
     """The ``extension`` argument of the ``conv_cl_backward`` op: whether the extension's
     weight-gradient kernels serve these tensors (float32 CPU, in channels % 8, out channels % 4
-    for a 1x1 kernel or % 8 for a 3x3 one, an AVX2-class CPU, extension built)."""
+    for a 1x1 kernel or % 8 for a 3x3 one, an AVX2 CPU without AVX-512, extension built)."""
     out_multiple = 8 if kernel_size == 3 else 4
     return (x.device.type == "cpu" and x.dtype == grad.dtype == torch.float32
-            and grad.shape[1] % out_multiple == 0 and x.shape[1] % 8 == 0 and _EXTENSION_ISA)
+            and grad.shape[1] % out_multiple == 0 and x.shape[1] % 8 == 0 and _WEIGHT_GRAD_ISA)
 
 
 # ---------------------------------------------------------------- the convolution

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from dvpvae import _ext
-from dvpvae.cpu_conv import conv_cl, conv_tile, winograd_covers, winograd_tile
+from dvpvae.cpu_conv import conv_cl, conv_tile, extension_covers, winograd_covers, winograd_tile
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 CPU")
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # where the weight-gradient kernels serve
 
 
 def _operands(n, c, k, h, w, bias=True, seed=0):
@@ -115,38 +115,49 @@ def test_winograd_tile_takes_the_form_with_fewer_points(size, tile):
 
 @needs_kernel
 def test_cpu_provider_convolution_uses_winograd_by_rule():
-    """On AVX2 CPUs a covered 3x3 conv_cl computes the Winograd kernels' numbers in the forward,
-    the input gradient (the flipped kernel's convolution of the output gradient) and the weight
-    and bias gradients; on AVX-512 CPUs, and with the extension off, oneDNN's."""
+    """A covered 3x3 conv_cl computes the Winograd kernels' numbers in the forward and the
+    input gradient (the flipped kernel's convolution of the output gradient); its weight and
+    bias gradients come from the extension's kernel on AVX2 CPUs, from oneDNN's on AVX-512
+    CPUs."""
     x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
     grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
     x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
-    assert winograd_covers(x, weight) == AVX2
+    assert winograd_covers(x, weight)
     assert not winograd_covers(x.double(), weight.double())
     assert not winograd_covers(x[:, :12], weight[:, :12])
     assert not winograd_covers(x, weight[:4])
     assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
-    assert conv_tile(x, weight) == (winograd_tile(6, 7) if AVX2 else 0)
+    tile = winograd_tile(6, 7)
+    assert conv_tile(x, weight) == tile
+    assert extension_covers(grad, x, 3) == AVX2
     out = conv_cl(x, weight, b, True)
-    grad_x, grad_w, grad_b = torch.autograd.grad(out, (x, weight, b), grad)
-    onednn = conv_cl(x, weight, b, False)
-    onednn_grads = torch.autograd.grad(onednn, (x, weight, b), grad)
-    weight, b = weight.detach(), b.detach()
-    if AVX2:
-        flipped, tile = weight.flip(2, 3).transpose(0, 1), winograd_tile(6, 7)
-        assert torch.equal(out, torch.ops.dvpvae.conv_cl(x.detach(), weight, b, tile))
-        assert torch.equal(grad_x, torch.ops.dvpvae.conv_cl(grad, flipped, None, tile))
-        kernel_grads = torch.ops.dvpvae.conv_cl_backward(grad, x.detach(), weight, tile, True, [True, True])
-        assert torch.equal(grad_x, kernel_grads[0])
-        assert torch.equal(grad_w, kernel_grads[1]) and torch.equal(grad_b, kernel_grads[2])
-    else:
-        assert torch.equal(out, onednn)
-        for g, o in zip((grad_x, grad_w, grad_b), onednn_grads):
-            torch.testing.assert_close(g, o, rtol=1e-5, atol=1e-5)
-    tile = winograd_tile(6, 7) if AVX2 else 2
-    _assert_float32_accurate(out.detach(), x.detach(), weight, b, tile)
-    _assert_float32_accurate(grad_x, grad, weight.flip(2, 3).transpose(0, 1), None, tile)
-    _assert_weight_grads_accurate((grad_w, grad_b), grad, x.detach())
+    grads = torch.autograd.grad(out, (x, weight, b), grad)
+    x, weight, b = x.detach(), weight.detach(), b.detach()
+    flipped = weight.flip(2, 3).transpose(0, 1)
+    assert torch.equal(out, torch.ops.dvpvae.conv_cl(x, weight, b, tile))
+    assert torch.equal(grads[0], torch.ops.dvpvae.conv_cl(grad, flipped, None, tile))
+    kernel_grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, AVX2, [True, True])
+    assert all(torch.equal(g, k) for g, k in zip(grads, kernel_grads))
+    _assert_float32_accurate(out.detach(), x, weight, b, tile)
+    _assert_float32_accurate(grads[0], grad, flipped, None, tile)
+    _assert_weight_grads_accurate(grads[1:], grad, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_does_not_depend_on_batch_partition(tile):
+    """Each output element is one chain of multiply-adds in a fixed order, whatever block and
+    register tile its image tile falls in: a sub-batch's outputs are the same bits."""
+    x, weight, b = _operands(13, 24, 40, 9, 10, seed=5)
+    grad = torch.randn(13, 40, 9, 10).contiguous(memory_format=CL)
+    full = torch.ops.dvpvae.conv_cl(x, weight, b, tile)
+    grad_x = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, False, [True, False])[0]
+    for lo, hi in ((0, 1), (3, 8), (5, 13)):
+        part = x[lo:hi].contiguous(memory_format=CL)
+        assert torch.equal(torch.ops.dvpvae.conv_cl(part, weight, b, tile), full[lo:hi])
+        part_grad = grad[lo:hi].contiguous(memory_format=CL)
+        assert torch.equal(torch.ops.dvpvae.conv_cl_backward(part_grad, part, weight, tile, False, [True, False])[0],
+                           grad_x[lo:hi])
 
 
 def _assert_weight_grads_accurate(got, grad, x):

@@ -56,7 +56,7 @@ Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
 // The patch of tile (n, ty, tx): in x for an interior tile, else copied with its zero padding
 // into `pad` (kPoints C floats), so that the tile transforms never test bounds.
 template <int Mt>
-DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
+DVPVAE_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
                                      float* __restrict pad) {
   constexpr int P = Tiling<Mt>::kPatch;
   const int64_t y0 = Mt * ty - 1, x0 = Mt * tx - 1;
@@ -67,9 +67,10 @@ DVPVAE_AVX2_INLINE Patch input_patch(const float* __restrict x, const Shape& s, 
       const int64_t y = y0 + i, xx = x0 + j;
       float* d = pad + (i * P + j) * s.C;
       const bool inside = y >= 0 && y < s.H && xx >= 0 && xx < s.W;
-      const float* src = img + (y * s.W + xx) * s.C;
-      for (int64_t c = 0; c < s.C; c += kLanes)
-        _mm256_storeu_ps(d + c, inside ? _mm256_loadu_ps(src + c) : _mm256_setzero_ps());
+      if (inside)
+        std::copy_n(img + (y * s.W + xx) * s.C, s.C, d);
+      else
+        std::fill_n(d, s.C, 0.f);
     }
   return {pad, P * s.C};
 }
@@ -91,7 +92,7 @@ struct TileWalk {
 // kAhead tiles early: each tile row starts new short streams (a few cache lines per image
 // row) that the hardware prefetchers pick up too late.
 template <int Mt>
-DVPVAE_AVX2_INLINE void prefetch_tile(const float* x, const float* g, const Shape& s, const TileWalk& w) {
+DVPVAE_INLINE void prefetch_tile(const float* x, const float* g, const Shape& s, const TileWalk& w) {
   if (w.n >= s.N) return;
   constexpr int P = Tiling<Mt>::kPatch;
   const int64_t y0 = Mt * w.ty - 1, x0 = std::max<int64_t>(Mt * w.tx - 1, 0);
@@ -108,9 +109,10 @@ DVPVAE_AVX2_INLINE void prefetch_tile(const float* x, const float* g, const Shap
   }
 }
 
-// The tiles [t0, t0 + count) of the whole batch, count <= kBlock; V, M and pad are scratch.
-template <int Mt>
-DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
+// The tiles [t0, t0 + count) of the whole batch, count <= kBlock, with the transforms in
+// vectors of type Vec (the channel counts are multiples of its width); V, M and pad are scratch.
+template <int Mt, typename Vec>
+DVPVAE_INLINE void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
                             float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
                             const Shape& s, int64_t t0, int64_t count) {
   constexpr int kPoints = Tiling<Mt>::kPoints;
@@ -120,7 +122,7 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
   for (int64_t r = 0; r < count; ++r, in.next(s), ahead.next(s)) {
     prefetch_tile<Mt>(x, nullptr, s, ahead);
     const Patch d = input_patch<Mt>(x, s, in.n, in.ty, in.tx, pad);
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<Mt>(d, V, r, c, s.C, ldv);
+    for (int64_t c = 0; c < s.C; c += kWidth<Vec>) input_tile<Mt, Vec>(d, V, r, c, s.C, ldv);
   }
   for (int e = 0; e < kPoints; ++e)
     for (int64_t r = count; r < rows; ++r) std::fill_n(V + e * ldv + r * s.C, s.C, 0.f);
@@ -133,10 +135,22 @@ DVPVAE_AVX2 void tile_block(const float* __restrict x, const float* __restrict U
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s)) {
     float* tile_out = out + ((o.n * s.H + Mt * o.ty) * s.W + Mt * o.tx) * s.K;
-    for (int64_t k = 0; k < s.K; k += kLanes)
-      store_output_tile<Mt>(M + r * s.K + k, ldm, bias ? bias + k : nullptr, nullptr, tile_out + k, s.W * s.K, s.K,
+    for (int64_t k = 0; k < s.K; k += kWidth<Vec>)
+      store_output_tile<Mt, Vec>(M + r * s.K + k, ldm, bias ? bias + k : nullptr, nullptr, tile_out + k, s.W * s.K, s.K,
                             s.H - Mt * o.ty, s.W - Mt * o.tx);
   }
+}
+
+// tile_block compiled for AVX2 (8-float transforms) and for AVX-512 (16-float ones).
+template <int Mt>
+DVPVAE_AVX2 void tile_block8(const float* x, const float* U, const float* bias, float* out, float* V, float* M,
+                             float* pad, const Shape& s, int64_t t0, int64_t count) {
+  tile_block<Mt, vec8>(x, U, bias, out, V, M, pad, s, t0, count);
+}
+template <int Mt>
+DVPVAE_AVX512 void tile_block16(const float* x, const float* U, const float* bias, float* out, float* V, float* M,
+                                float* pad, const Shape& s, int64_t t0, int64_t count) {
+  tile_block<Mt, vec16>(x, U, bias, out, V, M, pad, s, t0, count);
 }
 
 // ---------------------------------------------------------------- weight and bias gradients
@@ -182,7 +196,7 @@ DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict 
   for (int64_t r = 0; r < count; ++r, w.next(s), ahead.next(s)) {
     prefetch_tile<2>(x, g, s, ahead);
     const Patch d = input_patch<2>(x, s, w.n, w.ty, w.tx, pad);
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<2>(d, V, r, c, s.C, ldv);
+    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<2, vec8>(d, V, r, c, s.C, ldv);
     for (int64_t k = 0; k < s.K; k += kLanes) grad_tile(g, D, s, w.n, w.ty, w.tx, r, k, ldd);
   }
   for (int e = 0; e < kWgradPoints; ++e) {
@@ -209,13 +223,14 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
   const Shape s = tiled_shape<Mt>(N, H, W, C, K);
   const at::Tensor U = transform_filters<Mt>(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kBlock<Mt> - 1) / kBlock<Mt>;
+  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? tile_block16<Mt> : tile_block8<Mt>;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> V(T::kPoints * (kBlock<Mt> * C + kStridePad)), M(T::kPoints * (kBlock<Mt> * K + kStridePad));
     std::vector<float> pad(T::kPoints * C);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kBlock<Mt>;
-      tile_block<Mt>(x, U.data_ptr<float>(), bias, out, V.data(), M.data(), pad.data(), s, t0,
-                     std::min<int64_t>(kBlock<Mt>, tiles - t0));
+      block(x, U.data_ptr<float>(), bias, out, V.data(), M.data(), pad.data(), s, t0,
+            std::min<int64_t>(kBlock<Mt>, tiles - t0));
     }
   });
 }

@@ -3,6 +3,8 @@
 // after a run-time check of the CPU.
 #pragma once
 
+#include <cstring>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define DVPVAE_HAVE_AVX2_KERNEL 1
@@ -14,7 +16,25 @@
 #define DVPVAE_HAVE_AVX2_KERNEL 0
 #endif
 
+#define DVPVAE_INLINE inline __attribute__((always_inline))
+
 namespace dvpvae {
+
+// GCC vector types of one AVX2 (8 floats) and one AVX-512 (16 floats) register. Code written
+// with them compiles to the ISA of the function it is inlined into.
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vec16 __attribute__((vector_size(16 * sizeof(float))));
+template <typename V>
+constexpr int kWidth = sizeof(V) / sizeof(float);
+
+template <typename V>
+DVPVAE_INLINE V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+DVPVAE_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline bool cpu_has_avx2_fma() {
 #if DVPVAE_HAVE_AVX2_KERNEL

@@ -35,7 +35,6 @@
 #else
 #define DVPVAE_CLONES
 #endif
-#define DVPVAE_INLINE inline __attribute__((always_inline))
 
 namespace dvpvae {
 namespace {
@@ -44,20 +43,10 @@ constexpr int kV = 16;  // channels per vector; UNet widths are multiples of 16 
 // The Winograd convolutions' tile side (see conv3x3): F(2x2, 3x3) only adds and subtracts in
 // its transforms; F(4x4, 3x3)'s larger rounding exceeds the sampler's float32 bounds.
 constexpr int kTile = 2;
-typedef float vec __attribute__((vector_size(kV * sizeof(float))));
+using vec = vec16;  // vec8 is half of one: without AVX-512 the convolution holds each
+                    // 16-channel block as two of them, which map onto 8-float registers.
+static_assert(kWidth<vec> == kV);
 
-// Half a vec: without AVX-512 the convolution holds each 16-channel block as two of these,
-// which map onto 8-float registers.
-typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
-
-template <typename V = vec>
-DVPVAE_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename V>
-DVPVAE_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 template <typename V = vec>
 DVPVAE_INLINE V splat(float x) { return V{} + x; }
 
@@ -242,7 +231,7 @@ DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const flo
   for (int ty = 0, r = 0; ty < l.TH; ++ty)
     for (int tx = 0; tx < l.TW; ++tx, ++r) {
       const Patch d{in + Mt * (ty * row + tx * cin), row};
-      for (int c = 0; c < cin; c += kLanes) input_tile<Mt>(d, V, r, c, cin, ldv);
+      for (int c = 0; c < cin; c += kLanes) input_tile<Mt, vec8>(d, V, r, c, cin, ldv);
     }
   for (int e = 0; e < Tiling<Mt>::kPoints; ++e)
     point_product(V + e * ldv, U + static_cast<int64_t>(e) * cin * cout, M + e * ldm, tiles, cin, cout);
@@ -250,7 +239,7 @@ DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const flo
     for (int tx = 0; tx < l.TW; ++tx, ++r) {
       const int64_t o = (static_cast<int64_t>(Mt) * ty * l.W + Mt * tx) * cout;
       for (int k = 0; k < cout; k += kLanes)
-        store_output_tile<Mt>(M + r * cout + k, ldm, bias ? bias + k : nullptr, res ? res + o + k : nullptr,
+        store_output_tile<Mt, vec8>(M + r * cout + k, ldm, bias ? bias + k : nullptr, res ? res + o + k : nullptr,
                               out + o + k, static_cast<int64_t>(l.W) * cout, cout, l.H - Mt * ty, l.W - Mt * tx);
     }
 }

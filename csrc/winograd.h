@@ -1,6 +1,6 @@
 // Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, on channels-last float32 data: the
-// filter transform, the AVX2 tile transforms of the input and the output, and the register
-// tile of the products between them. Shared by the convolutions of conv_winograd_cpu.cpp
+// filter transform, the tile transforms of the input and the output (in 8- or 16-float
+// vectors), and the register tiles of the products between them. Shared by the convolutions of conv_winograd_cpu.cpp
 // and the native UNet of unet_cpu.cpp, which each lay out their own tiles.
 #pragma once
 
@@ -68,69 +68,63 @@ struct Patch {
   int64_t rs;
 };
 
-// V[e, r, c : c + 8] = (B^T d B)[e] for the 8 channels at c of patch d.
-template <int Mt>
-void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C, int64_t ldv);
-
-// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Each row of
-// B^T d is formed from two patch rows loaded again for it (L1 hits) rather than from all 16
-// loads held live, which would not fit the 16 vector registers.
-template <>
-DVPVAE_AVX2_INLINE void input_tile<2>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
-                                      int64_t ldv) {
-  // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
-  static constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
-  static constexpr bool add[4] = {false, true, false, false};
-  float* v = V + r * C + c;
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const float* pa = d.p + ia[i] * d.rs + c;
-    const float* pb = d.p + ib[i] * d.rs + c;
-    __m256 t[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m256 a = _mm256_loadu_ps(pa + j * C), b = _mm256_loadu_ps(pb + j * C);
-      t[j] = add[i] ? _mm256_add_ps(a, b) : _mm256_sub_ps(a, b);
-    }
-    _mm256_storeu_ps(v + (i * 4 + 0) * ldv, _mm256_sub_ps(t[0], t[2]));
-    _mm256_storeu_ps(v + (i * 4 + 1) * ldv, _mm256_add_ps(t[1], t[2]));
-    _mm256_storeu_ps(v + (i * 4 + 2) * ldv, _mm256_sub_ps(t[2], t[1]));
-    _mm256_storeu_ps(v + (i * 4 + 3) * ldv, _mm256_sub_ps(t[1], t[3]));
-  }
-}
-
 // r = B^T d for six vectors d, the 1-D input transform of F(4x4, 3x3) with
 // B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
 //        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
-DVPVAE_AVX2_INLINE void input_transform6(const __m256 (&d)[6], __m256 (&r)[6]) {
-  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
-  r[0] = _mm256_fnmadd_ps(five, d[2], _mm256_fmadd_ps(four, d[0], d[4]));
-  const __m256 a = _mm256_fnmadd_ps(four, d[2], d[4]), b = _mm256_fnmadd_ps(four, d[1], d[3]);
-  r[1] = _mm256_add_ps(a, b);
-  r[2] = _mm256_sub_ps(a, b);
-  const __m256 e = _mm256_sub_ps(d[4], d[2]), f = _mm256_mul_ps(two, _mm256_sub_ps(d[3], d[1]));
-  r[3] = _mm256_add_ps(e, f);
-  r[4] = _mm256_sub_ps(e, f);
-  r[5] = _mm256_fnmadd_ps(five, d[3], _mm256_fmadd_ps(four, d[1], d[5]));
+template <typename V>
+DVPVAE_INLINE void input_transform6(const V (&d)[6], V (&r)[6]) {
+  r[0] = (d[0] * 4.f + d[4]) - d[2] * 5.f;
+  const V a = d[4] - d[2] * 4.f, b = d[3] - d[1] * 4.f;
+  r[1] = a + b;
+  r[2] = a - b;
+  const V e = d[4] - d[2], f = (d[3] - d[1]) * 2.f;
+  r[3] = e + f;
+  r[4] = e - f;
+  r[5] = (d[1] * 4.f + d[5]) - d[3] * 5.f;
 }
 
-// F(4x4, 3x3): B^T applied down the patch's columns into an L1 buffer, then along its rows.
-template <>
-DVPVAE_AVX2_INLINE void input_tile<4>(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C,
-                                      int64_t ldv) {
-  alignas(32) float t[6][6][kLanes];  // B^T d
-  for (int j = 0; j < 6; ++j) {
-    __m256 col[6], out[6];
-    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(d.p + i * d.rs + j * C + c);
-    input_transform6(col, out);
-    for (int i = 0; i < 6; ++i) _mm256_store_ps(t[i][j], out[i]);
-  }
+// V[e, r, c : c + w] = (B^T d B)[e] for the w = kWidth<Vec> channels at c of patch d.
+// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; each row of
+// B^T d is formed from two patch rows loaded again for it (L1 hits) rather than from all 16
+// loads held live, which would not fit AVX2's 16 vector registers. F(4x4, 3x3): B^T applied
+// down the patch's columns into an L1 buffer, then along its rows.
+template <int Mt, typename Vec>
+DVPVAE_INLINE void input_tile(const Patch& d, float* __restrict V, int64_t r, int64_t c, int64_t C, int64_t ldv) {
   float* v = V + r * C + c;
-  for (int i = 0; i < 6; ++i) {
-    __m256 row[6], out[6];
-    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
-    input_transform6(row, out);
-    for (int j = 0; j < 6; ++j) _mm256_storeu_ps(v + (i * 6 + j) * ldv, out[j]);
+  if constexpr (Mt == 2) {
+    // Row i of B^T d is d[ia[i]] + d[ib[i]] where add[i], else d[ia[i]] - d[ib[i]].
+    constexpr int ia[4] = {0, 1, 2, 1}, ib[4] = {2, 2, 1, 3};
+    constexpr bool add[4] = {false, true, false, false};
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const float* pa = d.p + ia[i] * d.rs + c;
+      const float* pb = d.p + ib[i] * d.rs + c;
+      Vec t[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const Vec a = load<Vec>(pa + j * C), b = load<Vec>(pb + j * C);
+        t[j] = add[i] ? a + b : a - b;
+      }
+      store(v + (i * 4 + 0) * ldv, t[0] - t[2]);
+      store(v + (i * 4 + 1) * ldv, t[1] + t[2]);
+      store(v + (i * 4 + 2) * ldv, t[2] - t[1]);
+      store(v + (i * 4 + 3) * ldv, t[1] - t[3]);
+    }
+  } else {
+    static_assert(Mt == 4);
+    alignas(64) float t[6][6][kWidth<Vec>];  // B^T d
+    for (int j = 0; j < 6; ++j) {
+      Vec col[6], out[6];
+      for (int i = 0; i < 6; ++i) col[i] = load<Vec>(d.p + i * d.rs + j * C + c);
+      input_transform6(col, out);
+      for (int i = 0; i < 6; ++i) store(t[i][j], out[i]);
+    }
+    for (int i = 0; i < 6; ++i) {
+      Vec row[6], out[6];
+      for (int j = 0; j < 6; ++j) row[j] = load<Vec>(t[i][j]);
+      input_transform6(row, out);
+      for (int j = 0; j < 6; ++j) store(v + (i * 6 + j) * ldv, out[j]);
+    }
   }
 }
 
@@ -256,69 +250,68 @@ inline void row_products(const float* a, int64_t ai, int64_t aj, const float* b,
                                                                                cols, rows);
 }
 
-// y[i][j] = (A^T m A)[i, j] for the 8 channels at m of a tile's points (ldm floats apart).
-template <int Mt>
-void output_transform(const float* __restrict m, int64_t ldm, __m256 (&y)[Mt][Mt]);
-
-// F(2x2, 3x3): A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-template <>
-DVPVAE_AVX2_INLINE void output_transform<2>(const float* __restrict m, int64_t ldm, __m256 (&y)[2][2]) {
-  __m256 q[2][4];  // A^T m, formed column by column so that at most 12 vectors are live
-  for (int j = 0; j < 4; ++j) {
-    const __m256 p0 = _mm256_loadu_ps(m + j * ldm), p1 = _mm256_loadu_ps(m + (4 + j) * ldm);
-    const __m256 p2 = _mm256_loadu_ps(m + (8 + j) * ldm), p3 = _mm256_loadu_ps(m + (12 + j) * ldm);
-    q[0][j] = _mm256_add_ps(_mm256_add_ps(p0, p1), p2);
-    q[1][j] = _mm256_sub_ps(_mm256_sub_ps(p1, p2), p3);
-  }
-  for (int i = 0; i < 2; ++i) {
-    y[i][0] = _mm256_add_ps(_mm256_add_ps(q[i][0], q[i][1]), q[i][2]);
-    y[i][1] = _mm256_sub_ps(_mm256_sub_ps(q[i][1], q[i][2]), q[i][3]);
-  }
-}
-
 // o = A^T m for six vectors m, the 1-D output transform of F(4x4, 3x3) with
 // A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
-DVPVAE_AVX2_INLINE void output_transform6(const __m256 (&m)[6], __m256 (&o)[4]) {
-  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
-  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
-  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
-  o[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.f), d34, d12);
-  o[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.f), s34, s12);
-  o[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.f), d34, d12), m[5]);
+template <typename V>
+DVPVAE_INLINE void output_transform6(const V (&m)[6], V (&o)[4]) {
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+  o[0] = (m[0] + s12) + s34;
+  o[1] = d34 * 2.f + d12;
+  o[2] = s34 * 4.f + s12;
+  o[3] = (d34 * 8.f + d12) + m[5];
 }
 
-// F(4x4, 3x3): A^T applied down the points' columns into an L1 buffer, then along its rows.
-template <>
-DVPVAE_AVX2_INLINE void output_transform<4>(const float* __restrict m, int64_t ldm, __m256 (&y)[4][4]) {
-  alignas(32) float t[4][6][kLanes];  // A^T m
-  for (int j = 0; j < 6; ++j) {
-    __m256 col[6], q[4];
-    for (int i = 0; i < 6; ++i) col[i] = _mm256_loadu_ps(m + (i * 6 + j) * ldm);
-    output_transform6(col, q);
-    for (int i = 0; i < 4; ++i) _mm256_store_ps(t[i][j], q[i]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    __m256 row[6];
-    for (int j = 0; j < 6; ++j) row[j] = _mm256_load_ps(t[i][j]);
-    output_transform6(row, y[i]);
+// y[i][j] = (A^T m A)[i, j] for the kWidth<V> channels at m of a tile's points (ldm floats
+// apart). F(2x2, 3x3): A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], formed column by column so that
+// at most 12 vectors are live. F(4x4, 3x3): A^T applied down the points' columns into an L1
+// buffer, then along its rows.
+template <int Mt, typename V>
+DVPVAE_INLINE void output_transform(const float* __restrict m, int64_t ldm, V (&y)[Mt][Mt]) {
+  if constexpr (Mt == 2) {
+    V q[2][4];  // A^T m
+    for (int j = 0; j < 4; ++j) {
+      const V p0 = load<V>(m + j * ldm), p1 = load<V>(m + (4 + j) * ldm);
+      const V p2 = load<V>(m + (8 + j) * ldm), p3 = load<V>(m + (12 + j) * ldm);
+      q[0][j] = (p0 + p1) + p2;
+      q[1][j] = (p1 - p2) - p3;
+    }
+    for (int i = 0; i < 2; ++i) {
+      y[i][0] = (q[i][0] + q[i][1]) + q[i][2];
+      y[i][1] = (q[i][1] - q[i][2]) - q[i][3];
+    }
+  } else {
+    static_assert(Mt == 4);
+    alignas(64) float t[4][6][kWidth<V>];  // A^T m
+    for (int j = 0; j < 6; ++j) {
+      V col[6], q[4];
+      for (int i = 0; i < 6; ++i) col[i] = load<V>(m + (i * 6 + j) * ldm);
+      output_transform6(col, q);
+      for (int i = 0; i < 4; ++i) store(t[i][j], q[i]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      V row[6];
+      for (int j = 0; j < 6; ++j) row[j] = load<V>(t[i][j]);
+      output_transform6(row, y[i]);
+    }
   }
 }
 
-// out[i ld_row + j ld_pixel, 0 : 8] = (A^T m A)[i, j] + bias[0 : 8] (0 without bias), plus
-// res[i ld_row + j ld_pixel, 0 : 8] where res is given, for the tile's first rows x cols
-// pixels: fewer than Mt where the tile reaches past the image's last row or column.
-template <int Mt>
-DVPVAE_AVX2_INLINE void store_output_tile(const float* __restrict m, int64_t ldm, const float* __restrict bias,
-                                          const float* __restrict res, float* __restrict out, int64_t ld_row,
-                                          int64_t ld_pixel, int64_t rows, int64_t cols) {
-  __m256 y[Mt][Mt];
+// out[i ld_row + j ld_pixel, 0 : w] = (A^T m A)[i, j] + bias[0 : w] (0 without bias), plus
+// res[i ld_row + j ld_pixel, 0 : w] where res is given, for w = kWidth<V> channels and the
+// tile's first rows x cols pixels: fewer than Mt where the tile reaches past the image's
+// last row or column.
+template <int Mt, typename V>
+DVPVAE_INLINE void store_output_tile(const float* __restrict m, int64_t ldm, const float* __restrict bias,
+                                     const float* __restrict res, float* __restrict out, int64_t ld_row,
+                                     int64_t ld_pixel, int64_t rows, int64_t cols) {
+  V y[Mt][Mt];
   output_transform<Mt>(m, ldm, y);
-  const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const V b = bias ? load<V>(bias) : V{};
   for (int i = 0; i < Mt && i < rows; ++i)
     for (int j = 0; j < Mt && j < cols; ++j) {
       const int64_t o = i * ld_row + j * ld_pixel;
-      const __m256 v = _mm256_add_ps(y[i][j], b);
-      _mm256_storeu_ps(out + o, res ? _mm256_add_ps(_mm256_loadu_ps(res + o), v) : v);
+      const V v = y[i][j] + b;
+      store(out + o, res ? load<V>(res + o) + v : v);
     }
 }
 #endif

@@ -57,7 +57,7 @@ Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
 // into `pad` (kPoints C floats), so that the tile transforms never test bounds.
 template <int Mt>
 DVPVAE_INLINE Patch input_patch(const float* __restrict x, const Shape& s, int64_t n, int64_t ty, int64_t tx,
-                                     float* __restrict pad) {
+                                float* __restrict pad) {
   constexpr int P = Tiling<Mt>::kPatch;
   const int64_t y0 = Mt * ty - 1, x0 = Mt * tx - 1;
   const float* img = x + n * s.H * s.W * s.C;
@@ -113,8 +113,8 @@ DVPVAE_INLINE void prefetch_tile(const float* x, const float* g, const Shape& s,
 // vectors of type Vec (the channel counts are multiples of its width); V, M and pad are scratch.
 template <int Mt, typename Vec>
 DVPVAE_INLINE void tile_block(const float* __restrict x, const float* __restrict U, const float* __restrict bias,
-                            float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
-                            const Shape& s, int64_t t0, int64_t count) {
+                              float* __restrict out, float* __restrict V, float* __restrict M, float* __restrict pad,
+                              const Shape& s, int64_t t0, int64_t count) {
   constexpr int kPoints = Tiling<Mt>::kPoints;
   const int64_t ldv = kBlock<Mt> * s.C + kStridePad, ldm = kBlock<Mt> * s.K + kStridePad;
   const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
@@ -136,8 +136,8 @@ DVPVAE_INLINE void tile_block(const float* __restrict x, const float* __restrict
   for (int64_t r = 0; r < count; ++r, o.next(s)) {
     float* tile_out = out + ((o.n * s.H + Mt * o.ty) * s.W + Mt * o.tx) * s.K;
     for (int64_t k = 0; k < s.K; k += kWidth<Vec>)
-      store_output_tile<Mt, Vec>(M + r * s.K + k, ldm, bias ? bias + k : nullptr, nullptr, tile_out + k, s.W * s.K, s.K,
-                            s.H - Mt * o.ty, s.W - Mt * o.tx);
+      store_output_tile<Mt, Vec>(M + r * s.K + k, ldm, bias ? bias + k : nullptr, nullptr, tile_out + k, s.W * s.K,
+                                 s.K, s.H - Mt * o.ty, s.W - Mt * o.tx);
   }
 }
 
@@ -162,26 +162,25 @@ DVPVAE_AVX512 void tile_block16(const float* x, const float* U, const float* bia
 
 // D[e, r, k : k + 8] = (A q A^T)[e] for the 8 channels at k of the output-gradient tile
 // (n, ty, tx), zero past the image edge; rows of A q are q0, q0 + q1, q0 - q1, -q1.
-DVPVAE_AVX2_INLINE void grad_tile(const float* __restrict g, float* __restrict D, const Shape& s, int64_t n,
-                                  int64_t ty, int64_t tx, int64_t r, int64_t k, int64_t ldd) {
+DVPVAE_INLINE void grad_tile(const float* __restrict g, float* __restrict D, const Shape& s, int64_t n, int64_t ty,
+                             int64_t tx, int64_t r, int64_t k, int64_t ldd) {
   const float* base = g + n * s.H * s.W * s.K + k;
-  __m256 q[2][2];
+  vec8 q[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
       const int64_t y = 2 * ty + i, xx = 2 * tx + j;
-      q[i][j] = (y < s.H && xx < s.W) ? _mm256_loadu_ps(base + (y * s.W + xx) * s.K) : _mm256_setzero_ps();
+      q[i][j] = (y < s.H && xx < s.W) ? load<vec8>(base + (y * s.W + xx) * s.K) : vec8{};
     }
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 p[4][2] = {{q[0][0], q[0][1]},
-                          {_mm256_add_ps(q[0][0], q[1][0]), _mm256_add_ps(q[0][1], q[1][1])},
-                          {_mm256_sub_ps(q[0][0], q[1][0]), _mm256_sub_ps(q[0][1], q[1][1])},
-                          {_mm256_sub_ps(zero, q[1][0]), _mm256_sub_ps(zero, q[1][1])}};
+  const vec8 p[4][2] = {{q[0][0], q[0][1]},
+                        {q[0][0] + q[1][0], q[0][1] + q[1][1]},
+                        {q[0][0] - q[1][0], q[0][1] - q[1][1]},
+                        {vec8{} - q[1][0], vec8{} - q[1][1]}};
   float* d = D + r * s.K + k;
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(d + (i * 4 + 0) * ldd, p[i][0]);
-    _mm256_storeu_ps(d + (i * 4 + 1) * ldd, _mm256_add_ps(p[i][0], p[i][1]));
-    _mm256_storeu_ps(d + (i * 4 + 2) * ldd, _mm256_sub_ps(p[i][0], p[i][1]));
-    _mm256_storeu_ps(d + (i * 4 + 3) * ldd, _mm256_sub_ps(zero, p[i][1]));
+    store(d + (i * 4 + 0) * ldd, p[i][0]);
+    store(d + (i * 4 + 1) * ldd, p[i][0] + p[i][1]);
+    store(d + (i * 4 + 2) * ldd, p[i][0] - p[i][1]);
+    store(d + (i * 4 + 3) * ldd, vec8{} - p[i][1]);
   }
 }
 
@@ -208,9 +207,9 @@ DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict 
   }
   const float* D5 = D + 5 * ldd;  // the (1, 1) point: each tile's sum of dY
   for (int64_t k = 0; k < s.K; k += kLanes) {
-    __m256 sum = _mm256_loadu_ps(bias + k);
-    for (int64_t r = 0; r < count; ++r) sum = _mm256_add_ps(sum, _mm256_loadu_ps(D5 + r * s.K + k));
-    _mm256_storeu_ps(bias + k, sum);
+    vec8 sum = load<vec8>(bias + k);
+    for (int64_t r = 0; r < count; ++r) sum += load<vec8>(D5 + r * s.K + k);
+    store(bias + k, sum);
   }
 }
 

@@ -240,7 +240,7 @@ DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const flo
       const int64_t o = (static_cast<int64_t>(Mt) * ty * l.W + Mt * tx) * cout;
       for (int k = 0; k < cout; k += kLanes)
         store_output_tile<Mt, vec8>(M + r * cout + k, ldm, bias ? bias + k : nullptr, res ? res + o + k : nullptr,
-                              out + o + k, static_cast<int64_t>(l.W) * cout, cout, l.H - Mt * ty, l.W - Mt * tx);
+                                    out + o + k, static_cast<int64_t>(l.W) * cout, cout, l.H - Mt * ty, l.W - Mt * tx);
     }
 }
 #endif

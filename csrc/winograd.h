@@ -167,8 +167,10 @@ DVPVAE_AVX2_INLINE void register_tiles(const float* __restrict a, int64_t ai, in
   if (n < cols) register_tile<R, 1, Accumulate>(a, ai, aj, b + n, bj, out + n, ldo, depth);
 }
 
-// register_tile with 16-float vectors: R x 16 NV accumulators of AVX-512's 32 registers;
-// the broadcast operand folds into each FMA. Columns past `cols` (< 16 NV) are masked off.
+// register_tile with 16-float vectors: R x 16 NV accumulators of AVX-512's 32 registers.
+// Columns past `cols` (< 16 NV) are masked off. Intrinsics, not vector types, for this
+// inner loop: GCC then broadcasts the left operand straight from memory, not through a
+// shuffle that competes with the FMAs for a port.
 template <int R, int NV, bool Accumulate>
 DVPVAE_AVX512_INLINE void register_tile16(const float* __restrict a, int64_t ai, int64_t aj,
                                           const float* __restrict b, int64_t bj, float* __restrict out, int64_t ldo,

@@ -1,7 +1,8 @@
 // Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4, on channels-last float32 data: the
 // filter transform, the tile transforms of the input and the output (in 8- or 16-float
-// vectors), and the register tiles of the products between them. Shared by the convolutions of conv_winograd_cpu.cpp
-// and the native UNet of unet_cpu.cpp, which each lay out their own tiles.
+// vectors), and the register tiles of the products between them. Shared by the convolutions
+// of conv_winograd_cpu.cpp and the native UNet of unet_cpu.cpp, which each lay out their own
+// tiles.
 #pragma once
 
 #include "simd.h"
@@ -10,7 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 namespace dvpvae {
 

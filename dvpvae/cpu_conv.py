@@ -5,8 +5,8 @@ extension's kernels serve wherever they cover the shape: on AVX2 and AVX-512 CPU
 convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
 (``winograd_tile``; 2.25 or 4 multiplies per output instead of 9; ``csrc/conv_winograd_cpu.cpp``),
 and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
-one by ``csrc/conv_wgrad_cpu.cpp`` (both 8-lane code, faster than oneDNN's there and not on
-AVX-512). Everything else comes from oneDNN. The choice is
+one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512).
+Everything else comes from oneDNN. The choice is
 a rule on shape, dtype and ISA (``conv_tile``, ``extension_covers``), so every process
 computes the same numbers. The forward and the backward are each one op of the extension
 (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
@@ -30,8 +30,8 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 # Where the extension's kernels beat oneDNN, with the extension built; constants, since
-# compiled graphs apply the rules below when traced. Winograd's products run in 16-float
-# vectors on AVX-512 CPUs; the weight-gradient kernels are AVX2 code throughout.
+# compiled graphs apply the rules below when traced. Winograd runs in 16-float vectors on
+# AVX-512 CPUs; the weight-gradient kernels are no faster than oneDNN's there.
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _WINOGRAD_ISA = _CAPABILITY in ("AVX2", "AVX512") and _ext.available()
 _WEIGHT_GRAD_ISA = _CAPABILITY == "AVX2" and _ext.available()

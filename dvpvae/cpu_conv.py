@@ -6,9 +6,8 @@ convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
 (``winograd_tile``; 2.25 or 4 multiplies per output instead of 9; ``csrc/conv_winograd_cpu.cpp``),
 and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
 one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512).
-Everything else comes from oneDNN. The choice is
-a rule on shape, dtype and ISA (``conv_tile``, ``extension_covers``), so every process
-computes the same numbers. The forward and the backward are each one op of the extension
+Everything else comes from oneDNN. The choice is a rule on shape, dtype and ISA
+(``conv_tile``, ``extension_covers``), so every process computes the same numbers. The forward and the backward are each one op of the extension
 (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
 graph is traced, and compiled graphs call the ops directly. One op computes both gradients,
 so a compiled graph hands them a single output-gradient buffer. Without the extension

@@ -38,7 +38,7 @@ constexpr int kAhead = 4;         // tiles between a prefetch and the tile's tra
 constexpr int kFlushBlocks = 16;  // weight gradient: blocks summed in float32 before a double sum
 
 // Tiles per work item, so that a block's transformed input and products (kPoints x kBlock x
-// channels each) stay in L2; a multiple of kRows.
+// channels each) stay in L2; a multiple of the register tiles' rows (6 with AVX2, 12 with AVX-512).
 template <int Mt>
 constexpr int kBlock = Mt == 2 ? 48 : 24;
 
@@ -117,20 +117,17 @@ DVPVAE_INLINE void tile_block(const float* __restrict x, const float* __restrict
                               const Shape& s, int64_t t0, int64_t count) {
   constexpr int kPoints = Tiling<Mt>::kPoints;
   const int64_t ldv = kBlock<Mt> * s.C + kStridePad, ldm = kBlock<Mt> * s.K + kStridePad;
-  const int64_t rows = (count + kRows - 1) / kRows * kRows;  // padded with zero rows
   TileWalk in(s, t0), ahead(s, t0 + kAhead);
   for (int64_t r = 0; r < count; ++r, in.next(s), ahead.next(s)) {
     prefetch_tile<Mt>(x, nullptr, s, ahead);
     const Patch d = input_patch<Mt>(x, s, in.n, in.ty, in.tx, pad);
     for (int64_t c = 0; c < s.C; c += kWidth<Vec>) input_tile<Mt, Vec>(d, V, r, c, s.C, ldv);
   }
-  for (int e = 0; e < kPoints; ++e)
-    for (int64_t r = count; r < rows; ++r) std::fill_n(V + e * ldv + r * s.C, s.C, 0.f);
   for (int e = 0; e < kPoints; ++e) {
     const float* Ve = V + e * ldv;
     const float* Ue = U + e * s.C * s.K;
     float* Me = M + e * ldm;
-    row_products<false>(Ve, s.C, 1, Ue, s.K, Me, s.K, s.C, s.K, rows);  // M = V @ U
+    row_products<false>(Ve, s.C, 1, Ue, s.K, Me, s.K, s.C, s.K, count);  // M = V @ U
   }
   TileWalk o(s, t0);
   for (int64_t r = 0; r < count; ++r, o.next(s)) {

@@ -200,24 +200,6 @@ struct Layout {
 };
 
 #if DVPVAE_HAVE_AVX2_KERNEL
-// M[r, :] = V[r, :] @ U for `rows` rows of cin terms and cout columns: kRows rows per
-// register tile, then the rest.
-DVPVAE_AVX2_INLINE void point_product(const float* __restrict V, const float* __restrict U, float* __restrict M,
-                                      int64_t rows, int cin, int cout) {
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows)
-    register_tiles<kRows, false>(V + r * cin, cin, 1, U, cout, M + r * cout, cout, cin, cout);
-  const float* v = V + r * cin;
-  float* m = M + r * cout;
-  switch (rows - r) {
-    case 5: register_tiles<5, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
-    case 4: register_tiles<4, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
-    case 3: register_tiles<3, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
-    case 2: register_tiles<2, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
-    case 1: register_tiles<1, false>(v, cin, 1, U, cout, m, cout, cin, cout); break;
-  }
-}
-
 // out = [res +] bias + conv(in) by F(kTile x kTile, 3x3): `in` holds cin channels
 // zero-bordered as `l` lays them out, U the transformed filters (kPoints, cin, cout); cin and
 // cout are multiples of 8. V (kPoints x (tiles x cin + kStridePad) floats) and M (kPoints x
@@ -233,8 +215,9 @@ DVPVAE_AVX2 void conv3x3_winograd(const float* __restrict in, int cin, const flo
       const Patch d{in + Mt * (ty * row + tx * cin), row};
       for (int c = 0; c < cin; c += kLanes) input_tile<Mt, vec8>(d, V, r, c, cin, ldv);
     }
-  for (int e = 0; e < Tiling<Mt>::kPoints; ++e)
-    point_product(V + e * ldv, U + static_cast<int64_t>(e) * cin * cout, M + e * ldm, tiles, cin, cout);
+  for (int e = 0; e < Tiling<Mt>::kPoints; ++e)  // M = V @ U
+    row_products<false>(V + e * ldv, cin, 1, U + static_cast<int64_t>(e) * cin * cout, cout, M + e * ldm, cout, cin,
+                        cout, tiles);
   for (int ty = 0, r = 0; ty < l.TH; ++ty)
     for (int tx = 0; tx < l.TW; ++tx, ++r) {
       const int64_t o = (static_cast<int64_t>(Mt) * ty * l.W + Mt * tx) * cout;

@@ -200,7 +200,7 @@ DVPVAE_AVX512_INLINE void register_tile16(const float* __restrict a, int64_t ai,
     for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + i * ldo + v * 16, v == NV - 1 ? last : all, acc[i][v]);
 }
 
-// register_tile16 over `rows` rows (an even count), 12 at a time (24 of the 32 registers),
+// register_tile16 over `rows` rows, 12 at a time (24 of the 32 registers), then 2 and 1,
 // and over the columns, 32 then 16 at a time, the last block masked.
 template <bool Accumulate>
 DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int64_t ai, int64_t aj, const float* b,
@@ -217,16 +217,22 @@ DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int6
       else
         register_tile16<12, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
     }
-    for (; i < rows; i += 2) {
+    for (; i + 2 <= rows; i += 2) {
       if (width > 16)
         register_tile16<2, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
       else
         register_tile16<2, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
     }
+    if (i < rows) {
+      if (width > 16)
+        register_tile16<1, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+      else
+        register_tile16<1, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
+    }
   }
 }
 
-// register_tiles over `rows` rows (an even count): kRows at a time, then 4 and 2.
+// register_tiles over `rows` rows: kRows at a time, then the rest in one tile.
 template <bool Accumulate>
 DVPVAE_AVX2 __attribute__((noinline)) void row_products8(const float* a, int64_t ai, int64_t aj, const float* b,
                                                        int64_t bj, float* out, int64_t ldo, int64_t depth,
@@ -234,17 +240,22 @@ DVPVAE_AVX2 __attribute__((noinline)) void row_products8(const float* a, int64_t
   int64_t i = 0;
   for (; i + kRows <= rows; i += kRows)
     register_tiles<kRows, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
-  if (i + 4 <= rows) {
-    register_tiles<4, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
-    i += 4;
+  a += i * ai;
+  out += i * ldo;
+  static_assert(kRows == 6);
+  switch (rows - i) {
+    case 5: register_tiles<5, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, cols); break;
+    case 4: register_tiles<4, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, cols); break;
+    case 3: register_tiles<3, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, cols); break;
+    case 2: register_tiles<2, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, cols); break;
+    case 1: register_tiles<1, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, cols); break;
   }
-  if (i + 2 <= rows) register_tiles<2, Accumulate>(a + i * ai, ai, aj, b, bj, out + i * ldo, ldo, depth, cols);
 }
 
 // out[i, 0 : cols] = (Accumulate ? out[i, 0 : cols] : 0) + sum_j a[i ai + j aj] b[j bj, 0 : cols]
-// for an even number of rows i and cols % 8 == 0, in 16-float vectors where the CPU has them.
-// Each element is one chain of FMAs over j in order, so the result is the same bits for
-// every tiling and vector width.
+// for `rows` rows i and cols % 8 == 0, in 16-float vectors where the CPU has them. Each
+// element is one chain of FMAs over j in order, so the result is the same bits for every
+// tiling and vector width.
 template <bool Accumulate>
 inline void row_products(const float* a, int64_t ai, int64_t aj, const float* b, int64_t bj, float* out, int64_t ldo,
                          int64_t depth, int64_t cols, int64_t rows) {

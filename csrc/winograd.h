@@ -200,6 +200,17 @@ DVPVAE_AVX512_INLINE void register_tile16(const float* __restrict a, int64_t ai,
     for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + i * ldo + v * 16, v == NV - 1 ? last : all, acc[i][v]);
 }
 
+// register_tile16 on R rows and `width` (<= 32) columns: two vectors per row where width > 16,
+// else one; the last vector masked to `last`.
+template <int R, bool Accumulate>
+DVPVAE_AVX512_INLINE void column_block16(const float* a, int64_t ai, int64_t aj, const float* b, int64_t bj,
+                                         float* out, int64_t ldo, int64_t depth, int64_t width, __mmask16 last) {
+  if (width > 16)
+    register_tile16<R, 2, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, last);
+  else
+    register_tile16<R, 1, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, last);
+}
+
 // register_tile16 over `rows` rows, 12 at a time (24 of the 32 registers), then 2 and 1,
 // and over the columns, 32 then 16 at a time, the last block masked.
 template <bool Accumulate>
@@ -209,26 +220,13 @@ DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int6
   for (int64_t n = 0; n < cols; n += 32) {
     const int64_t width = std::min<int64_t>(32, cols - n);
     const __mmask16 last = static_cast<__mmask16>((1u << ((width - 1) % 16 + 1)) - 1);
-    const float* bn = b + n;
     int64_t i = 0;
-    for (; i + 12 <= rows; i += 12) {
-      if (width > 16)
-        register_tile16<12, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-      else
-        register_tile16<12, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-    }
-    for (; i + 2 <= rows; i += 2) {
-      if (width > 16)
-        register_tile16<2, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-      else
-        register_tile16<2, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-    }
-    if (i < rows) {
-      if (width > 16)
-        register_tile16<1, 2, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-      else
-        register_tile16<1, 1, Accumulate>(a + i * ai, ai, aj, bn, bj, out + i * ldo + n, ldo, depth, last);
-    }
+    for (; i + 12 <= rows; i += 12)
+      column_block16<12, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
+    for (; i + 2 <= rows; i += 2)
+      column_block16<2, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
+    if (i < rows)
+      column_block16<1, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
   }
 }
 

@@ -7,11 +7,11 @@ convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
 and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
 one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512).
 Everything else comes from oneDNN. The choice is a rule on shape, dtype and ISA
-(``conv_tile``, ``extension_covers``), so every process computes the same numbers. The forward and the backward are each one op of the extension
-(``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs when a
-graph is traced, and compiled graphs call the ops directly. One op computes both gradients,
-so a compiled graph hands them a single output-gradient buffer. Without the extension
-``conv_cl`` is ``F.conv2d``.
+(``conv_tile``, ``extension_covers``), so every process computes the same numbers. The
+forward and the backward are each one op of the extension (``csrc/conv_cl_cpu.cpp``) that
+takes the rule's choice as an argument: the rule runs when a graph is traced, and compiled
+graphs call the ops directly. One op computes both gradients, so a compiled graph hands them
+a single output-gradient buffer. Without the extension ``conv_cl`` is ``F.conv2d``.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ blocks (channels-last float32, the shapes of the training step), two providers:
              gradients (F(2x2, 3x3); csrc/conv_winograd_cpu.cpp), the 1x1
              weight and bias gradients at once (csrc/conv_wgrad_cpu.cpp), where the CPU and
              channel counts are ones they cover
-Passes: forward and input_grad (3x3 only: a 1x1 convolution is oneDNN's in both providers)
-and weight_grad (weight and bias gradients).
+Passes: forward and input_grad (3x3 only: the extension's ops compute a 1x1 convolution by
+oneDNN; ``conv_cl``'s GEMM form on AVX-512 CPUs, ``pointwise_gemm``, is plain PyTorch and shows
+in throughput.py's step) and weight_grad (weight and bias gradients).
 
 Usage:
   python benchmarks/convs.py [--preset mnist] [--batch 250] [--sizes 28 14 7] [--repeats 9]

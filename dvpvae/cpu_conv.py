@@ -5,9 +5,11 @@ extension's kernels serve wherever they cover the shape: on AVX2 and AVX-512 CPU
 convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
 (``winograd_tile``; 2.25 or 4 multiplies per output instead of 9; ``csrc/conv_winograd_cpu.cpp``),
 and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
-one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512).
+one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512). On
+AVX-512 CPUs a float32 1x1 convolution is a matrix product of the pixel rows
+(``pointwise_gemm``), whose bias a compiled graph adds in the next elementwise pass.
 Everything else comes from oneDNN. The choice is a rule on shape, dtype and ISA
-(``conv_tile``, ``extension_covers``), so every process computes the same numbers. The
+(``gemm_covers``, ``conv_tile``, ``extension_covers``), so every process computes the same numbers. The
 forward and the backward are each one op of the extension (``csrc/conv_cl_cpu.cpp``) that
 takes the rule's choice as an argument: the rule runs when a graph is traced, and compiled
 graphs call the ops directly. One op computes both gradients, so a compiled graph hands them
@@ -34,9 +36,19 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _WINOGRAD_ISA = _CAPABILITY in ("AVX2", "AVX512") and _ext.available()
 _WEIGHT_GRAD_ISA = _CAPABILITY == "AVX2" and _ext.available()
+# The float32 GEMM with the bias left to the next pass beats oneDNN's 1x1 convolution on
+# AVX-512 CPUs in the training step; oneDNN's is faster in bfloat16.
+_GEMM_ISA = _CAPABILITY == "AVX512"
 
 
 # ---------------------------------------------------------------- which kernel serves each pass
+def gemm_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv_cl`` computes this convolution by ``pointwise_gemm``: a float32 CPU 1x1
+    convolution outside autocast on an AVX-512 CPU."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.shape[-2:] == (1, 1) and not torch.is_autocast_enabled("cpu") and _GEMM_ISA)
+
+
 def winograd_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the extension's Winograd kernel computes ``F.conv2d(x, weight, padding=1)`` here:
     a float32 CPU 3x3 convolution with in and out channels % 8 on an AVX2 or AVX-512 CPU."""
@@ -72,18 +84,34 @@ def extension_covers(grad: torch.Tensor, x: torch.Tensor, kernel_size: int) -> b
 
 
 # ---------------------------------------------------------------- the convolution
+def pointwise_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a (out, in, 1, 1) weight and a channels-last ``x``: the
+    (N*H*W, in) @ (in, out) product of its pixel rows, plus the bias as a separate broadcast add
+    (``addmm`` would first copy the bias into every row); channels-last output."""
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    out = (rows @ weight[:, :, 0, 0].t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return out if bias is None else out + bias[:, None, None]
+
+
 def conv_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             use_extension: bool = True) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=k // 2)`` for a (out, in, k, k) weight with k in
     (1, 3); channels-last output.
 
-    On the CPU with the extension (``use_extension`` and built) each pass is one of its ops:
-    the forward and input gradient from ``conv_tile``'s kernel, the weight and bias gradients
-    from ``extension_covers``'. Otherwise ``F.conv2d``.
+    Where ``gemm_covers``, ``pointwise_gemm``. Otherwise, on the CPU with the extension
+    (``use_extension`` and built) each pass is one of its ops: the forward and input gradient
+    from ``conv_tile``'s kernel, the weight and bias gradients from ``extension_covers``'.
+    Otherwise ``F.conv2d``.
     """
     if weight.dim() != 4 or weight.shape[-2:] not in ((1, 1), (3, 3)):
         raise ValueError(f"conv_cl: weight must be (out, in, 1, 1) or (out, in, 3, 3), got {tuple(weight.shape)}")
+    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv_cl: input {tuple(x.shape)} must be (N, {weight.shape[1]}, H, W) for weight "
+                         f"{tuple(weight.shape)}")
     x = channels_last(x)
+    if gemm_covers(x, weight):
+        return pointwise_gemm(x, weight, bias)
     if not (use_extension and _ext.available() and x.device.type == "cpu"):
         # A (N, 1, H, W) input is channels-last and NCHW at once; oneDNN then returns NCHW.
         return channels_last(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))

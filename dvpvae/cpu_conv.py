@@ -1,19 +1,20 @@
 """The ResNet blocks' convolutions for the CPU provider: channels-last, one op per direction.
 
-``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. The
-extension's kernels serve wherever they cover the shape: on AVX2 and AVX-512 CPUs a 3x3
-convolution's forward and input gradient by Winograd F(4x4, 3x3) or F(2x2, 3x3)
-(``winograd_tile``; 2.25 or 4 multiplies per output instead of 9; ``csrc/conv_winograd_cpu.cpp``),
-and on AVX2 CPUs without AVX-512 also the weight gradients: a 3x3 one by F(2x2, 3x3), a 1x1
-one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there, no faster on AVX-512). On
-AVX-512 CPUs a float32 1x1 convolution is a matrix product of the pixel rows
-(``pointwise_gemm``), whose bias a compiled graph adds in the next elementwise pass.
-Everything else comes from oneDNN. The choice is a rule on shape, dtype and ISA
-(``gemm_covers``, ``conv_tile``, ``extension_covers``), so every process computes the same numbers. The
-forward and the backward are each one op of the extension (``csrc/conv_cl_cpu.cpp``) that
-takes the rule's choice as an argument: the rule runs when a graph is traced, and compiled
-graphs call the ops directly. One op computes both gradients, so a compiled graph hands them
-a single output-gradient buffer. Without the extension ``conv_cl`` is ``F.conv2d``.
+``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX-512
+CPUs a float32 1x1 convolution is a matrix product of the pixel rows (``pointwise_gemm``, plain
+PyTorch, with or without the extension), whose bias a compiled graph adds in the next
+elementwise pass. Elsewhere the extension's kernels serve wherever they cover the shape: on
+AVX2 and AVX-512 CPUs a 3x3 convolution's forward and input gradient by Winograd F(4x4, 3x3) or
+F(2x2, 3x3) (``winograd_tile``; 2.25 or 4 multiplies per output instead of 9;
+``csrc/conv_winograd_cpu.cpp``), and on AVX2 CPUs without AVX-512 also the weight gradients: a
+3x3 one by F(2x2, 3x3), a 1x1 one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there,
+no faster on AVX-512). Everything else comes from oneDNN. The choice is a rule on shape, dtype
+and ISA (``gemm_covers``, ``conv_tile``, ``extension_covers``), so every process computes the
+same numbers. Outside the GEMM form, the forward and the backward are each one op of the
+extension (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs
+when a graph is traced, and compiled graphs call the ops directly. One op computes both
+gradients, so a compiled graph hands them a single output-gradient buffer. Without the
+extension the rest is ``F.conv2d``.
 """
 from __future__ import annotations
 

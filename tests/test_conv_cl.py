@@ -8,7 +8,7 @@ from dvpvae.cpu_conv import conv_cl, conv_tile, extension_covers, gemm_covers, p
 
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 CPU")
+needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 or AVX-512 CPU")
 needs_ext = pytest.mark.skipif(not _ext.available(), reason="needs the built C++ extension")
 AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"

@@ -4,11 +4,10 @@ For each pass, kernel size (1x1, 3x3 with padding 1) and resolution of a preset'
 blocks (channels-last float32, the shapes of the training step), two providers:
   onednn     the pass from oneDNN (the extension's ops with tile 0 / extension False)
   extension  the pass as the cpu provider computes it (``dvpvae.cpu_conv``'s rules
-             ``conv_tile`` and ``extension_covers``): Winograd for the 3x3 forward and input gradient
-             (F(4x4, 3x3) or F(2x2, 3x3), ``winograd_tile``) and weight and bias
-             gradients (F(2x2, 3x3); csrc/conv_winograd_cpu.cpp), the 1x1
-             weight and bias gradients at once (csrc/conv_wgrad_cpu.cpp), where the CPU and
-             channel counts are ones they cover
+             ``conv_tile`` and ``extension_covers``): Winograd for every 3x3 pass
+             (F(4x4, 3x3) or F(2x2, 3x3), ``winograd_tile``; csrc/conv_winograd_cpu.cpp),
+             the 1x1 weight and bias gradients at once (csrc/conv_wgrad_cpu.cpp), where the
+             CPU and channel counts are ones they cover
 Passes: forward and input_grad (3x3 only: the extension's ops compute a 1x1 convolution by
 oneDNN; ``conv_cl``'s GEMM form on AVX-512 CPUs, ``pointwise_gemm``, is plain PyTorch and shows
 in throughput.py's step) and weight_grad (weight and bias gradients).
@@ -103,18 +102,10 @@ def main(argv=None) -> int:
     batch = args.batch or cfg.batch_size
     channels = int(cfg.num_ch * cfg.block_ch_mult)
     sizes = args.sizes or [cfg.image_size, cfg.image_size // 2, cfg.image_size // 4]
-    probe = torch.empty(1, channels, 1, 1)
-    winograd = winograd_covers(probe, torch.empty(channels, channels, 3, 3))
-    if not (winograd or extension_covers(probe, probe, 3)):
+    if not winograd_covers(torch.empty(1, channels, 1, 1), torch.empty(channels, channels, 3, 3)):
         print(f"the extension's kernels do not cover {channels} channels on this CPU (they need "
               "channels % 8 == 0 and an AVX2 or AVX-512 CPU), so oneDNN serves every pass", file=sys.stderr)
         return 2
-    if not winograd:
-        print("the 3x3 forward and input gradient are oneDNN's in both providers here (Winograd "
-              "serves float32 on AVX2 and AVX-512 CPUs, channels % 8 == 0)")
-    if not extension_covers(probe, probe, 3):
-        print("the weight gradients are oneDNN's in both providers here (the extension's "
-              "weight-gradient kernels serve AVX2 CPUs without AVX-512)")
     print(f"preset={args.preset} batch={batch} channels={channels} threads={torch.get_num_threads()} "
           f"cpu capability={torch.backends.cpu.get_cpu_capability()} torch={torch.__version__}")
     results = []

@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_cpu(const at::Te
   if (onednn_x || onednn_w)
     std::tie(grad_x, grad_w, grad_b) = onednn_backward(grad, x, weight, {onednn_x, onednn_w, onednn_w});
   if (want_x && tile != 0) grad_x = winograd_input_grad(grad, weight, tile);
-  if (want_w && extension) std::tie(grad_w, grad_b) = conv_weight_grad_cpu(grad, x, weight.size(3));
+  if (want_w && extension) std::tie(grad_w, grad_b) = conv_weight_grad_cpu(grad, x, weight.size(3), tile);
   const auto none = [&] { return at::empty({0}, x.options()); };  // a new one each: outputs must not alias
   return {want_x ? grad_x.contiguous(kCL) : none(), want_w ? grad_w.contiguous() : none(), want_w ? grad_b : none()};
 }

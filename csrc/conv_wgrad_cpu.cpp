@@ -5,7 +5,7 @@
 //   dW[o, i, ky, kx] = sum_{n, y, x} grad[n, y, x, o] * input[n, y + ky - p, x + kx - p, i]
 //   db[o]            = sum_{n, y, x} grad[n, y, x, o]
 //
-// A 3x3 kernel's gradients come from Winograd F(2x2, 3x3) (conv_winograd_cpu.cpp). For a 1x1
+// A 3x3 kernel's gradients come from Winograd F(m x m, 3x3) (conv_winograd_cpu.cpp). For a 1x1
 // kernel the sum is a (Co x pixels) @ (pixels x Ci) product: one sweep over a chunk of rows
 // small enough for L1 accumulates a register tile of 4 output x 16 input channels. Work
 // items are (image, row chunk) pairs; each thread sums into its own buffer and the buffers
@@ -96,7 +96,7 @@ DVPVAE_AVX2 void wgrad_items(const float* __restrict g, const float* __restrict 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                        int64_t kernel_size) {
+                                                        int64_t kernel_size, int64_t tile) {
   TORCH_CHECK(cpu_has_avx2_fma(), "dvpvae.conv_cl_backward: the extension needs an x86-64 CPU with AVX2 and FMA");
   TORCH_CHECK(grad.dim() == 4 && input.dim() == 4, "dvpvae.conv_cl_backward: grad and input must be 4-D "
               "(N, C, H, W), got ", grad.sizes(), " and ", input.sizes());
@@ -115,7 +115,11 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, 
   TORCH_CHECK(Co % out_multiple == 0 && Ci % kLanes == 0, "dvpvae.conv_cl_backward with kernel_size ", kernel_size,
               " needs out channels % ", out_multiple, " == 0 and in channels % ", kLanes, " == 0, got ", Co, " and ",
               Ci);
-  if (kernel_size == 3) return winograd_weight_grad(grad, input);
+  if (kernel_size == 3) {
+    TORCH_CHECK(tile == 2 || tile == 4, "dvpvae.conv_cl_backward: the extension's 3x3 weight gradient is Winograd "
+                "F(tile x tile, 3x3) and needs tile 2 or 4, got ", tile);
+    return winograd_weight_grad(grad, input, tile);
+  }
   const int64_t rows = std::clamp<int64_t>(64 / std::max<int64_t>(W, 1), 1, std::max<int64_t>(H, 1));
   const int64_t chunks = (H + rows - 1) / rows, items = N * chunks;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));

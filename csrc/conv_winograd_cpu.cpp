@@ -12,7 +12,8 @@
 // F(4x4, 3x3)'s transforms scale by up to 8 (and G by 1/24), so its rounding is about 20 times
 // larger, within 1e-5 of sum |x| |w| (the tests bound both forms).
 //
-// The weight gradient uses F(2x2, 3x3) (see winograd_weight_grad's kernels below).
+// The weight gradient uses the same tiles and transforms (see winograd_weight_grad's kernels
+// below).
 //
 // Work items are blocks of kBlock<m> tiles (image-major, then tile rows, then tile
 // columns). Each thread transforms a block's patches into a buffer that stays in L2,
@@ -36,6 +37,9 @@ namespace {
 
 constexpr int kAhead = 4;         // tiles between a prefetch and the tile's transform
 constexpr int kFlushBlocks = 16;  // weight gradient: blocks summed in float32 before a double sum
+// Weight gradient: tiles per block, the depth of its products (its transforms, 2 x 36 x 48 x C
+// floats at F(4x4, 3x3), stay in L2).
+constexpr int kWgradBlock = 48;
 
 // Tiles per work item, so that a block's transformed input and products (kPoints x kBlock x
 // channels each) stay in L2; a multiple of the register tiles' rows (6 with AVX2, 12 with AVX-512).
@@ -152,62 +156,130 @@ DVPVAE_AVX512 void tile_block16(const float* x, const float* U, const float* bia
 
 // ---------------------------------------------------------------- weight and bias gradients
 // dW = G^T [ sum over tiles of (A dY A^T) . (B^T d B) ] G for each (out, in) channel pair, where
-// dY is a tile's 2x2 output gradient and d its 4x4 input patch: the weight gradient of the
-// form above (its trilinear sum over dY, g and d differentiated in g). The tile sum is 16
+// dY is a tile's Mt x Mt output gradient and d its input patch: the weight gradient of the
+// form above (its trilinear sum over dY, g and d differentiated in g). The tile sum is kPoints
 // (K x tiles) @ (tiles x C) products; db is the sum of the (1, 1) point of A dY A^T, which is
-// the tile's sum of dY.
+// the tile's sum of dY (row 1 of A is all ones).
 
-// D[e, r, k : k + 8] = (A q A^T)[e] for the 8 channels at k of the output-gradient tile
-// (n, ty, tx), zero past the image edge; rows of A q are q0, q0 + q1, q0 - q1, -q1.
-DVPVAE_INLINE void grad_tile(const float* __restrict g, float* __restrict D, const Shape& s, int64_t n, int64_t ty,
-                             int64_t tx, int64_t r, int64_t k, int64_t ldd) {
-  const float* base = g + n * s.H * s.W * s.K + k;
-  vec8 q[2][2];
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      const int64_t y = 2 * ty + i, xx = 2 * tx + j;
-      q[i][j] = (y < s.H && xx < s.W) ? load<vec8>(base + (y * s.W + xx) * s.K) : vec8{};
-    }
-  const vec8 p[4][2] = {{q[0][0], q[0][1]},
-                        {q[0][0] + q[1][0], q[0][1] + q[1][1]},
-                        {q[0][0] - q[1][0], q[0][1] - q[1][1]},
-                        {vec8{} - q[1][0], vec8{} - q[1][1]}};
-  float* d = D + r * s.K + k;
-  for (int i = 0; i < 4; ++i) {
-    store(d + (i * 4 + 0) * ldd, p[i][0]);
-    store(d + (i * 4 + 1) * ldd, p[i][0] + p[i][1]);
-    store(d + (i * 4 + 2) * ldd, p[i][0] - p[i][1]);
-    store(d + (i * 4 + 3) * ldd, vec8{} - p[i][1]);
+// r = A q for Mt vectors q down an output-gradient tile's column or along its row. F(2x2, 3x3):
+// A = [[1, 0], [1, 1], [1, -1], [0, -1]]; F(4x4, 3x3): A = [[1, 0, 0, 0], [1, 1, 1, 1],
+// [1, -1, 1, -1], [1, 2, 4, 8], [1, -2, 4, -8], [0, 0, 0, 1]], the transposes of A^T above.
+template <int Mt, typename V>
+DVPVAE_INLINE void grad_transform(const V (&q)[Mt], V (&r)[Mt + 2]) {
+  if constexpr (Mt == 2) {
+    r[0] = q[0];
+    r[1] = q[0] + q[1];
+    r[2] = q[0] - q[1];
+    r[3] = V{} - q[1];
+  } else {
+    static_assert(Mt == 4);
+    const V s02 = q[0] + q[2], s13 = q[1] + q[3];
+    const V t02 = q[0] + q[2] * 4.f, t13 = (q[1] + q[3] * 4.f) * 2.f;
+    r[0] = q[0];
+    r[1] = s02 + s13;
+    r[2] = s02 - s13;
+    r[3] = t02 + t13;
+    r[4] = t02 - t13;
+    r[5] = q[3];
   }
 }
 
-constexpr int kWgradPoints = Tiling<2>::kPoints, kWgradBlock = kBlock<2>;
-
-// Accumulates the tiles [t0, t0 + count) into S (16, K, C) and bias (K); V, D and pad are scratch.
-DVPVAE_AVX2 void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
-                             float* __restrict D, float* __restrict pad, float* __restrict S, float* __restrict bias,
-                             const Shape& s, int64_t t0, int64_t count) {
-  const int64_t ldv = kWgradBlock * s.C + kStridePad, ldd = kWgradBlock * s.K + kStridePad;
-  TileWalk w(s, t0), ahead(s, t0 + kAhead);
-  for (int64_t r = 0; r < count; ++r, w.next(s), ahead.next(s)) {
-    prefetch_tile<2>(x, g, s, ahead);
-    const Patch d = input_patch<2>(x, s, w.n, w.ty, w.tx, pad);
-    for (int64_t c = 0; c < s.C; c += kLanes) input_tile<2, vec8>(d, V, r, c, s.C, ldv);
-    for (int64_t k = 0; k < s.K; k += kLanes) grad_tile(g, D, s, w.n, w.ty, w.tx, r, k, ldd);
+// D[e, r, k : k + w] = (A q A^T)[e] for the w = kWidth<Vec> channels at k of the
+// output-gradient tile (n, ty, tx), zero past the image edge: A down the tile's columns into
+// an L1 buffer, then along its rows.
+template <int Mt, typename Vec>
+DVPVAE_INLINE void grad_tile(const float* __restrict g, float* __restrict D, const Shape& s, int64_t n, int64_t ty,
+                             int64_t tx, int64_t r, int64_t k, int64_t ldd) {
+  constexpr int P = Tiling<Mt>::kPatch;
+  const float* base = g + n * s.H * s.W * s.K + k;
+  alignas(64) float t[P][Mt][kWidth<Vec>];  // A q
+  for (int j = 0; j < Mt; ++j) {
+    Vec col[Mt], out[P];
+    for (int i = 0; i < Mt; ++i) {
+      const int64_t y = Mt * ty + i, xx = Mt * tx + j;
+      col[i] = (y < s.H && xx < s.W) ? load<Vec>(base + (y * s.W + xx) * s.K) : Vec{};
+    }
+    grad_transform<Mt>(col, out);
+    for (int i = 0; i < P; ++i) store(t[i][j], out[i]);
   }
-  for (int e = 0; e < kWgradPoints; ++e) {
+  float* d = D + r * s.K + k;
+  for (int i = 0; i < P; ++i) {
+    Vec row[Mt], out[P];
+    for (int j = 0; j < Mt; ++j) row[j] = load<Vec>(t[i][j]);
+    grad_transform<Mt>(row, out);
+    for (int j = 0; j < P; ++j) store(d + (i * P + j) * ldd, out[j]);
+  }
+}
+
+// Accumulates the tiles [t0, t0 + count) into S (kPoints, K, C) and bias (K), with the
+// transforms in vectors of type Vec (the channel counts are multiples of its width); V, D and
+// pad are scratch.
+template <int Mt, typename Vec>
+DVPVAE_INLINE void wgrad_block(const float* __restrict x, const float* __restrict g, float* __restrict V,
+                               float* __restrict D, float* __restrict pad, float* __restrict S,
+                               float* __restrict bias, const Shape& s, int64_t t0, int64_t count) {
+  constexpr int w = kWidth<Vec>, kPoints = Tiling<Mt>::kPoints;
+  const int64_t ldv = kWgradBlock * s.C + kStridePad, ldd = kWgradBlock * s.K + kStridePad;
+  TileWalk t(s, t0), ahead(s, t0 + kAhead);
+  for (int64_t r = 0; r < count; ++r, t.next(s), ahead.next(s)) {
+    prefetch_tile<Mt>(x, g, s, ahead);
+    const Patch d = input_patch<Mt>(x, s, t.n, t.ty, t.tx, pad);
+    for (int64_t c = 0; c < s.C; c += w) input_tile<Mt, Vec>(d, V, r, c, s.C, ldv);
+    for (int64_t k = 0; k < s.K; k += w) grad_tile<Mt, Vec>(g, D, s, t.n, t.ty, t.tx, r, k, ldd);
+  }
+  for (int e = 0; e < kPoints; ++e) {
     const float* De = D + e * ldd;
     const float* Ve = V + e * ldv;
     float* Se = S + e * s.K * s.C;
     // S[k, :] += sum over the tiles r of D[r, k] V[r, :]
     row_products<true>(De, 1, s.K, Ve, s.C, Se, s.C, count, s.C, s.K);
   }
-  const float* D5 = D + 5 * ldd;  // the (1, 1) point: each tile's sum of dY
-  for (int64_t k = 0; k < s.K; k += kLanes) {
-    vec8 sum = load<vec8>(bias + k);
-    for (int64_t r = 0; r < count; ++r) sum += load<vec8>(D5 + r * s.K + k);
+  const float* D11 = D + (Tiling<Mt>::kPatch + 1) * ldd;  // the (1, 1) point: each tile's sum of dY
+  for (int64_t k = 0; k < s.K; k += w) {
+    Vec sum = load<Vec>(bias + k);
+    for (int64_t r = 0; r < count; ++r) sum += load<Vec>(D11 + r * s.K + k);
     store(bias + k, sum);
   }
+}
+
+// wgrad_block compiled for AVX2 (8-float transforms) and for AVX-512 (16-float ones).
+template <int Mt>
+DVPVAE_AVX2 void wgrad_block8(const float* x, const float* g, float* V, float* D, float* pad, float* S, float* bias,
+                              const Shape& s, int64_t t0, int64_t count) {
+  wgrad_block<Mt, vec8>(x, g, V, D, pad, S, bias, s, t0, count);
+}
+template <int Mt>
+DVPVAE_AVX512 void wgrad_block16(const float* x, const float* g, float* V, float* D, float* pad, float* S,
+                                 float* bias, const Shape& s, int64_t t0, int64_t count) {
+  wgrad_block<Mt, vec16>(x, g, V, D, pad, S, bias, s, t0, count);
+}
+
+// sums[th] += thread th's share of the point sums S (kPoints, K, C), then of the bias sums (K).
+// Each thread sums kFlushBlocks blocks in float32 and adds that to its double sums, so
+// rounding does not grow with N.
+template <int Mt>
+void winograd_weight_sums(const float* x, const float* g, const Shape& s, double* sums, int64_t threads) {
+  constexpr int kPoints = Tiling<Mt>::kPoints;
+  const int64_t C = s.C, K = s.K, per_thread = kPoints * K * C + K;
+  const int64_t tiles = s.N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
+  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? wgrad_block16<Mt> : wgrad_block8<Mt>;
+  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
+    std::vector<float> V(kPoints * (kWgradBlock * C + kStridePad)), D(kPoints * (kWgradBlock * K + kStridePad));
+    std::vector<float> pad(kPoints * C), S(per_thread);
+    for (int64_t th = th0; th < th1; ++th) {
+      const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
+      for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
+        std::fill(S.begin(), S.end(), 0.f);
+        for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
+          const int64_t t0 = blk * kWgradBlock;
+          block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kPoints * K * C, s, t0,
+                std::min<int64_t>(kWgradBlock, tiles - t0));
+        }
+        double* out = sums + th * per_thread;
+        for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
+      }
+    }
+  });
 }
 
 // out = conv(x, weight) + bias by F(Mt x Mt, 3x3), each thread on whole blocks of tiles.
@@ -270,47 +342,29 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input,
+                                                        int64_t tile) {
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);  // conv_cl_cpu.cpp checks the ops' tile argument
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
-  const Shape s = tiled_shape<2>(N, H, W, C, K);
-  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
+  const Shape s = tile == 2 ? tiled_shape<2>(N, H, W, C, K) : tiled_shape<4>(N, H, W, C, K);
+  const int64_t points = (tile + 2) * (tile + 2), block = kWgradBlock;
+  const int64_t blocks = (N * s.TH * s.TW + block - 1) / block;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  // Per thread: the 16 points' (K, C) sums, then K bias sums. Each thread sums kFlushBlocks
-  // blocks in float32 and adds that to its double sums, so rounding does not grow with N.
-  const int64_t per_thread = kWgradPoints * K * C + K;
-  at::Tensor partial = at::zeros({threads, per_thread}, input.options().dtype(at::kDouble)
-                                                            .memory_format(at::MemoryFormat::Contiguous));
+  // Per thread: the points' (K, C) sums, then K bias sums.
+  at::Tensor partial = at::zeros({threads, points * K * C + K}, input.options().dtype(at::kDouble)
+                                                                    .memory_format(at::MemoryFormat::Contiguous));
 #if DVPVAE_HAVE_AVX2_KERNEL
-  const float* x = input.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  double* sums = partial.data_ptr<double>();
-  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
-    std::vector<float> V(kWgradPoints * (kWgradBlock * C + kStridePad));
-    std::vector<float> D(kWgradPoints * (kWgradBlock * K + kStridePad));
-    std::vector<float> pad(kWgradPoints * C);
-    std::vector<float> S(per_thread);
-    for (int64_t th = th0; th < th1; ++th) {
-      const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
-      for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
-        std::fill(S.begin(), S.end(), 0.f);
-        for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
-          const int64_t t0 = blk * kWgradBlock;
-          wgrad_block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kWgradPoints * K * C, s, t0,
-                      std::min<int64_t>(kWgradBlock, tiles - t0));
-        }
-        double* out = sums + th * per_thread;
-        for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
-      }
-    }
-  });
+  (tile == 2 ? winograd_weight_sums<2> : winograd_weight_sums<4>)(input.data_ptr<float>(), grad.data_ptr<float>(), s,
+                                                                  partial.data_ptr<double>(), threads);
 #endif
   // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double: the transpose
   // of the filter transform, dW[t, k, c] = sum over the points e of T[e, t] S[e, k, c].
   const at::Tensor total = partial.sum(0);
-  const at::Tensor point_sums = total.narrow(0, 0, kWgradPoints * K * C).view({kWgradPoints, K * C});
-  const at::Tensor weight_grad = at::matmul(filter_transform_matrix<2>().t(), point_sums)
+  const at::Tensor point_sums = total.narrow(0, 0, points * K * C).view({points, K * C});
+  const at::Tensor transform = tile == 2 ? filter_transform_matrix<2>() : filter_transform_matrix<4>();
+  const at::Tensor weight_grad = at::matmul(transform.t(), point_sums)
                                      .view({3, 3, K, C}).permute({2, 3, 0, 1}).contiguous().to(at::kFloat);
-  return {weight_grad, total.narrow(0, kWgradPoints * K * C, K).to(at::kFloat)};
+  return {weight_grad, total.narrow(0, points * K * C, K).to(at::kFloat)};
 }
 
 }  // namespace dvpvae

@@ -55,9 +55,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_cl_backward_meta(const at::T
 
 // Weight (Co, Ci, k, k) and bias (Co) gradients of a stride-1 convolution with a 1x1 or
 // 3x3 (padding 1) kernel from channels-last float32 grad (N, Co, H, W) and input
-// (N, Ci, H, W); Ci % 8 == 0, Co % 4 == 0 (1x1) or Co % 8 == 0 (3x3, by winograd_weight_grad).
+// (N, Ci, H, W); Ci % 8 == 0, Co % 4 == 0 (1x1) or Co % 8 == 0 (3x3, by winograd_weight_grad
+// with F(tile x tile, 3x3), tile 2 or 4; `tile` is unused for 1x1).
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                        int64_t kernel_size);
+                                                        int64_t kernel_size, int64_t tile);
 
 // A stride-1 3x3 convolution with zero-padding 1 by Winograd F(tile x tile, 3x3), tile 2 or 4
 // (conv_winograd_cpu.cpp): channels-last float32 input (N, C, H, W), weight (K, C, 3, 3),
@@ -65,9 +66,10 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_cpu(const at::Tensor& grad, 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t tile);
 
-// Weight (K, C, 3, 3) and bias (K) gradients of that convolution by the same transforms
-// (conv_weight_grad_cpu's kernel_size 3, which checks the arguments): channels-last float32
-// grad (N, K, H, W) and input (N, C, H, W); C % 8 == 0, K % 8 == 0.
-std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input);
+// Weight (K, C, 3, 3) and bias (K) gradients of that convolution by the transforms of
+// F(tile x tile, 3x3) (conv_weight_grad_cpu's kernel_size 3, which checks the arguments):
+// channels-last float32 grad (N, K, H, W) and input (N, C, H, W); C % 8 == 0, K % 8 == 0.
+std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input,
+                                                        int64_t tile);
 
 }  // namespace dvpvae

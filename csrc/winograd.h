@@ -211,7 +211,7 @@ DVPVAE_AVX512_INLINE void column_block16(const float* a, int64_t ai, int64_t aj,
     register_tile16<R, 1, Accumulate>(a, ai, aj, b, bj, out, ldo, depth, last);
 }
 
-// register_tile16 over `rows` rows, 12 at a time (24 of the 32 registers), then 2 and 1,
+// register_tile16 over `rows` rows, 12 at a time (24 of the 32 registers), then 8, 2 and 1,
 // and over the columns, 32 then 16 at a time, the last block masked.
 template <bool Accumulate>
 DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int64_t ai, int64_t aj, const float* b,
@@ -223,6 +223,10 @@ DVPVAE_AVX512 __attribute__((noinline)) void row_products16(const float* a, int6
     int64_t i = 0;
     for (; i + 12 <= rows; i += 12)
       column_block16<12, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
+    if (i + 8 <= rows) {
+      column_block16<8, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
+      i += 8;
+    }
     for (; i + 2 <= rows; i += 2)
       column_block16<2, Accumulate>(a + i * ai, ai, aj, b + n, bj, out + i * ldo + n, ldo, depth, width, last);
     if (i < rows)

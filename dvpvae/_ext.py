@@ -10,7 +10,7 @@ Importing it registers the CPU ops ``torch.ops.dvpvae.*``:
   conv_cl_backward(grad, x, weight, tile, extension, output_mask) -> its (input, weight, bias)
       gradients for the passes in output_mask (input; weight and bias), empty tensors for the
       others: the input gradient by the same choice of kernel as the forward, the weight and
-      bias gradients by the extension's kernels (Winograd F(2x2, 3x3) for 3x3) where
+      bias gradients by the extension's kernels (Winograd F(tile x tile, 3x3) for 3x3) where
       ``extension``, else oneDNN
   (``dvpvae.cpu_conv`` holds the rules that choose the kernels, and conv_cl's autograd)
 

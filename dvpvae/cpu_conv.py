@@ -3,14 +3,13 @@
 ``conv_cl`` is a stride-1 convolution with a 1x1 or 3x3 (zero-padding 1) kernel. On AVX-512
 CPUs a float32 1x1 convolution is a matrix product of the pixel rows (``pointwise_gemm``, plain
 PyTorch, with or without the extension), whose bias a compiled graph adds in the next
-elementwise pass. Elsewhere the extension's kernels serve wherever they cover the shape: on
-AVX2 and AVX-512 CPUs a 3x3 convolution's forward and input gradient by Winograd F(4x4, 3x3) or
+elementwise pass. Elsewhere the extension's kernels serve wherever they cover the shape (float32
+on AVX2 and AVX-512 CPUs): every pass of a 3x3 convolution by Winograd F(4x4, 3x3) or
 F(2x2, 3x3) (``winograd_tile``; 2.25 or 4 multiplies per output instead of 9;
-``csrc/conv_winograd_cpu.cpp``), and on AVX2 CPUs without AVX-512 also the weight gradients: a
-3x3 one by F(2x2, 3x3), a 1x1 one by ``csrc/conv_wgrad_cpu.cpp`` (faster than oneDNN's there,
-no faster on AVX-512). Everything else comes from oneDNN. The choice is a rule on shape, dtype
-and ISA (``gemm_covers``, ``conv_tile``, ``extension_covers``), so every process computes the
-same numbers. Outside the GEMM form, the forward and the backward are each one op of the
+``csrc/conv_winograd_cpu.cpp``), and a 1x1 convolution's weight gradient by
+``csrc/conv_wgrad_cpu.cpp``. Everything else comes from oneDNN. The choice is a rule on shape,
+dtype and ISA (``gemm_covers``, ``conv_tile``, ``extension_covers``), so every process computes
+the same numbers. Outside the GEMM form, the forward and the backward are each one op of the
 extension (``csrc/conv_cl_cpu.cpp``) that takes the rule's choice as an argument: the rule runs
 when a graph is traced, and compiled graphs call the ops directly. One op computes both
 gradients, so a compiled graph hands them a single output-gradient buffer. Without the
@@ -31,12 +30,11 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_CL)
 
 
-# Where the extension's kernels beat oneDNN, with the extension built; constants, since
-# compiled graphs apply the rules below when traced. Winograd runs in 16-float vectors on
-# AVX-512 CPUs; the weight-gradient kernels are no faster than oneDNN's there.
+# Where the extension's kernels beat oneDNN, with the extension built; a constant, since
+# compiled graphs apply the rules below when traced. They run in 16-float vectors on AVX-512
+# CPUs, in 8-float ones on AVX2 CPUs.
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
-_WINOGRAD_ISA = _CAPABILITY in ("AVX2", "AVX512") and _ext.available()
-_WEIGHT_GRAD_ISA = _CAPABILITY == "AVX2" and _ext.available()
+_KERNEL_ISA = _CAPABILITY in ("AVX2", "AVX512") and _ext.available()
 # The float32 GEMM with the bias left to the next pass beats oneDNN's 1x1 convolution on
 # AVX-512 CPUs in the training step; oneDNN's is faster in bfloat16.
 _GEMM_ISA = _CAPABILITY == "AVX512"
@@ -55,7 +53,7 @@ def winograd_covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
     a float32 CPU 3x3 convolution with in and out channels % 8 on an AVX2 or AVX-512 CPU."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.shape[-2:] == (3, 3) and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
-            and _WINOGRAD_ISA)
+            and _KERNEL_ISA)
 
 
 def winograd_tile(height: int, width: int) -> int:
@@ -70,18 +68,19 @@ def winograd_tile(height: int, width: int) -> int:
 def conv_tile(x: torch.Tensor, weight: torch.Tensor) -> int:
     """The ``tile`` argument of the ``conv_cl`` and ``conv_cl_backward`` ops for this
     convolution: the Winograd tile where ``winograd_covers``, else 0 (oneDNN). The input
-    gradient is the flipped kernel's convolution of an output-sized gradient, so the same
-    rule holds for it."""
+    gradient is the flipped kernel's convolution of an output-sized gradient and the weight
+    gradient sums products over the same tiles, so the same rule holds for both."""
     return winograd_tile(*x.shape[-2:]) if winograd_covers(x, weight) else 0
 
 
 def extension_covers(grad: torch.Tensor, x: torch.Tensor, kernel_size: int) -> bool:
     """The ``extension`` argument of the ``conv_cl_backward`` op: whether the extension's
     weight-gradient kernels serve these tensors (float32 CPU, in channels % 8, out channels % 4
-    for a 1x1 kernel or % 8 for a 3x3 one, an AVX2 CPU without AVX-512, extension built)."""
+    for a 1x1 kernel or % 8 for a 3x3 one, where ``winograd_covers`` then holds too, an AVX2 or
+    AVX-512 CPU, extension built)."""
     out_multiple = 8 if kernel_size == 3 else 4
     return (x.device.type == "cpu" and x.dtype == grad.dtype == torch.float32
-            and grad.shape[1] % out_multiple == 0 and x.shape[1] % 8 == 0 and _WEIGHT_GRAD_ISA)
+            and grad.shape[1] % out_multiple == 0 and x.shape[1] % 8 == 0 and _KERNEL_ISA)
 
 
 # ---------------------------------------------------------------- the convolution

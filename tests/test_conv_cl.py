@@ -10,7 +10,6 @@ CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 or AVX-512 CPU")
 needs_ext = pytest.mark.skipif(not _ext.available(), reason="needs the built C++ extension")
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -22,8 +21,9 @@ def _pair(n, ci, co, h, w, dtype=torch.float32, seed=0):
 
 
 def weight_grads(grad, x, weight, extension):
-    """(weight, bias) gradients through the backward op."""
-    return torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, extension, [False, True])[1:]
+    """(weight, bias) gradients through the backward op, with the tile the rule gives the
+    forward (a 3x3 kernel's extension weight gradient uses its Winograd form)."""
+    return torch.ops.dvpvae.conv_cl_backward(grad, x, weight, conv_tile(x, weight), extension, [False, True])[1:]
 
 
 def _extension_grads(grad, x, k):
@@ -50,9 +50,12 @@ def test_extension_weight_grad_matches_float64(n, ci, co, h, w, k):
     want_w, want_b = _exact_grads(grad, x, k)
     assert got_w.shape == (co, ci, k, k) and got_w.dtype == torch.float32 and got_w.is_contiguous()
     assert got_b.shape == (co,) and got_b.dtype == torch.float32
-    # float32 sums of n*h*w products: error relative to the largest entry
-    for got, want in ((got_w, want_w), (got_b, want_b)):
-        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max() + 1e-6
+    # float32 sums of n*h*w products: error relative to the largest entry, larger for the
+    # weight of F(4x4, 3x3), whose transforms scale by up to 8 (test_conv_winograd.py bounds
+    # both Winograd forms on the scale of sum |grad| |x|)
+    rel = 1e-5 if conv_tile(x, torch.empty(co, ci, k, k)) == 4 else 2e-6
+    assert (got_w.double() - want_w).abs().max() <= rel * want_w.abs().max() + 1e-6
+    assert (got_b.double() - want_b).abs().max() <= 2e-6 * want_b.abs().max() + 1e-6
 
 
 @needs_kernel
@@ -104,8 +107,9 @@ def test_conv_cl_matches_conv2d_with_gradients(use_extension, bias, k):
     ref = F.conv2d(x, w, b, padding=k // 2)
     assert ours.is_contiguous(memory_format=CL)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # round-off up to F(4x4, 3x3)'s (the extension's 3x3 form here): 1e-5 of the largest entry
     for got, want in zip(torch.autograd.grad(ours, params, grad_out), torch.autograd.grad(ref, params, grad_out)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=max(2e-5, 1e-5 * want.abs().max().item()))
 
 
 def test_conv_cl_float64_is_exact_through_onednn():
@@ -122,19 +126,19 @@ def test_conv_cl_float64_is_exact_through_onednn():
 @needs_kernel
 @pytest.mark.parametrize("k", [1, 3])
 def test_weight_grad_kernel_choice_is_a_rule_on_shape_dtype_and_isa(k):
-    """The extension's weight gradients on AVX2 CPUs where they cover the shape (oneDNN's are
-    faster with AVX-512), within float32 round-off of oneDNN's."""
+    """The extension's weight gradients on AVX2 and AVX-512 CPUs where they cover the shape,
+    within float32 round-off of oneDNN's (F(4x4, 3x3)'s, 1e-5 of the largest entry)."""
     grad, x = _pair(2, 16, 8, 9, 9, seed=3)
     w = torch.zeros(8, 16, k, k)
-    assert extension_covers(grad, x, k) == AVX2
+    assert extension_covers(grad, x, k)
     assert not extension_covers(grad.double(), x.double(), k)
     assert not extension_covers(grad, x[:, :12].contiguous(memory_format=CL), k)  # in channels % 8
     assert not extension_covers(grad[:, :6].contiguous(memory_format=CL), x, k)  # out channels % 4
-    assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1 and AVX2)  # 3x3: % 8
+    assert extension_covers(grad[:, :4].contiguous(memory_format=CL), x, k) == (k == 1)  # 3x3: % 8
     extension = weight_grads(grad, x, w, True)
     onednn = weight_grads(grad, x, w, False)
     for a, b in zip(extension, onednn):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -10,7 +10,6 @@ from dvpvae.cpu_conv import conv_cl, conv_tile, extension_covers, winograd_cover
 CL = torch.channels_last
 HAVE_KERNEL = _ext.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="needs the built C++ extension on an AVX2 or AVX-512 CPU")
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # where the weight-gradient kernels serve
 
 
 def _operands(n, c, k, h, w, bias=True, seed=0):
@@ -115,10 +114,9 @@ def test_winograd_tile_takes_the_form_with_fewer_points(size, tile):
 
 @needs_kernel
 def test_cpu_provider_convolution_uses_winograd_by_rule():
-    """A covered 3x3 conv_cl computes the Winograd kernels' numbers in the forward and the
-    input gradient (the flipped kernel's convolution of the output gradient); its weight and
-    bias gradients come from the extension's kernel on AVX2 CPUs, from oneDNN's on AVX-512
-    CPUs."""
+    """A covered 3x3 conv_cl computes the Winograd kernels' numbers in every pass: the forward,
+    the input gradient (the flipped kernel's convolution of the output gradient) and the
+    weight and bias gradients, all with the forward's tile."""
     x, weight, b = _operands(3, 16, 8, 6, 7, seed=4)
     grad = torch.randn(3, 8, 6, 7).contiguous(memory_format=CL)
     x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
@@ -129,18 +127,18 @@ def test_cpu_provider_convolution_uses_winograd_by_rule():
     assert not winograd_covers(x, torch.randn(8, 16, 1, 1))
     tile = winograd_tile(6, 7)
     assert conv_tile(x, weight) == tile
-    assert extension_covers(grad, x, 3) == AVX2
+    assert extension_covers(grad, x, 3)
     out = conv_cl(x, weight, b, True)
     grads = torch.autograd.grad(out, (x, weight, b), grad)
     x, weight, b = x.detach(), weight.detach(), b.detach()
     flipped = weight.flip(2, 3).transpose(0, 1)
     assert torch.equal(out, torch.ops.dvpvae.conv_cl(x, weight, b, tile))
     assert torch.equal(grads[0], torch.ops.dvpvae.conv_cl(grad, flipped, None, tile))
-    kernel_grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, AVX2, [True, True])
+    kernel_grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, True, [True, True])
     assert all(torch.equal(g, k) for g, k in zip(grads, kernel_grads))
     _assert_float32_accurate(out.detach(), x, weight, b, tile)
     _assert_float32_accurate(grads[0], grad, flipped, None, tile)
-    _assert_weight_grads_accurate(grads[1:], grad, x)
+    _assert_weight_grads_accurate(grads[1:], grad, x, tile)
 
 
 @needs_kernel
@@ -160,26 +158,36 @@ def test_winograd_does_not_depend_on_batch_partition(tile):
                            grad_x[lo:hi])
 
 
-def _assert_weight_grads_accurate(got, grad, x):
-    """(weight, bias) gradients within float32 round-off of float64, on the scale of the sums
-    of |grad| |x| and of |grad|."""
+def _assert_weight_grads_accurate(got, grad, x, tile):
+    """(weight, bias) gradients by F(tile x tile, 3x3) within float32 round-off of float64, on
+    the scale of the sums of |grad| |x| and of |grad|."""
     shape = (grad.shape[1], x.shape[1], 3, 3)
     want_w = torch.nn.grad.conv2d_weight(x.double(), shape, grad.double(), padding=1)
     scale_w = torch.nn.grad.conv2d_weight(x.double().abs(), shape, grad.double().abs(), padding=1)
     want_b, scale_b = grad.double().sum((0, 2, 3)), grad.double().abs().sum((0, 2, 3))
     for g, want, scale in ((got[0], want_w, scale_w), (got[1], want_b, scale_b)):
         assert g.shape == want.shape and g.dtype == torch.float32
-        assert ((g.double() - want).abs() <= ROUNDING[2] * scale + 1e-7).all()
+        assert ((g.double() - want).abs() <= ROUNDING[tile] * scale + 1e-7).all()
 
 
 @needs_kernel
-# SHAPES with out channels % 8 (the weight gradient's rule), and 66 blocks of 48 tiles (the
-# kernel's float32 sums go to double every 16 blocks).
+@pytest.mark.parametrize("tile", [2, 4])
+# SHAPES with out channels % 8 (the weight gradient's rule), and 66 (F(2x2, 3x3)) or 22
+# (F(4x4, 3x3)) blocks of 48 tiles: the kernel's float32 sums go to double every 16 blocks.
 @pytest.mark.parametrize("n,c,k,h,w", [s for s in SHAPES if s[2] % 8 == 0] + [(64, 32, 32, 14, 14)])
-def test_winograd_weight_grad_matches_float64(n, c, k, h, w):
+def test_winograd_weight_grad_matches_float64(n, c, k, h, w, tile):
     gen = torch.Generator().manual_seed(h * 31 + w)
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=CL)
     grad = torch.randn(n, k, h, w, generator=gen).contiguous(memory_format=CL)
     weight = torch.empty(k, c, 3, 3)
-    grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, True, [False, True])[1:]
-    _assert_weight_grads_accurate(grads, grad, x)
+    grads = torch.ops.dvpvae.conv_cl_backward(grad, x, weight, tile, True, [False, True])[1:]
+    _assert_weight_grads_accurate(grads, grad, x, tile)
+
+
+@needs_kernel
+def test_winograd_weight_grad_needs_a_winograd_tile():
+    """The extension's 3x3 weight gradient is a Winograd form: tile 0 (oneDNN) is refused."""
+    x, weight, _ = _operands(2, 16, 8, 5, 5)
+    grad = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="3x3 weight gradient is Winograd .* needs tile 2 or 4, got 0"):
+        torch.ops.dvpvae.conv_cl_backward(grad, x, weight, 0, True, [False, True])

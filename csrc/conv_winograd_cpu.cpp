@@ -347,8 +347,7 @@ std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, 
   TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);  // conv_cl_cpu.cpp checks the ops' tile argument
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
   const Shape s = tile == 2 ? tiled_shape<2>(N, H, W, C, K) : tiled_shape<4>(N, H, W, C, K);
-  const int64_t points = (tile + 2) * (tile + 2), block = kWgradBlock;
-  const int64_t blocks = (N * s.TH * s.TW + block - 1) / block;
+  const int64_t points = (tile + 2) * (tile + 2), blocks = (N * s.TH * s.TW + kWgradBlock - 1) / kWgradBlock;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   // Per thread: the points' (K, C) sums, then K bias sums.
   at::Tensor partial = at::zeros({threads, points * K * C + K}, input.options().dtype(at::kDouble)

@@ -254,34 +254,6 @@ DVPVAE_AVX512 void wgrad_block16(const float* x, const float* g, float* V, float
   wgrad_block<Mt, vec16>(x, g, V, D, pad, S, bias, s, t0, count);
 }
 
-// sums[th] += thread th's share of the point sums S (kPoints, K, C), then of the bias sums (K).
-// Each thread sums kFlushBlocks blocks in float32 and adds that to its double sums, so
-// rounding does not grow with N.
-template <int Mt>
-void winograd_weight_sums(const float* x, const float* g, const Shape& s, double* sums, int64_t threads) {
-  constexpr int kPoints = Tiling<Mt>::kPoints;
-  const int64_t C = s.C, K = s.K, per_thread = kPoints * K * C + K;
-  const int64_t tiles = s.N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
-  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? wgrad_block16<Mt> : wgrad_block8<Mt>;
-  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
-    std::vector<float> V(kPoints * (kWgradBlock * C + kStridePad)), D(kPoints * (kWgradBlock * K + kStridePad));
-    std::vector<float> pad(kPoints * C), S(per_thread);
-    for (int64_t th = th0; th < th1; ++th) {
-      const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
-      for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
-        std::fill(S.begin(), S.end(), 0.f);
-        for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
-          const int64_t t0 = blk * kWgradBlock;
-          block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kPoints * K * C, s, t0,
-                std::min<int64_t>(kWgradBlock, tiles - t0));
-        }
-        double* out = sums + th * per_thread;
-        for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
-      }
-    }
-  });
-}
-
 // out = conv(x, weight) + bias by F(Mt x Mt, 3x3), each thread on whole blocks of tiles.
 template <int Mt>
 void winograd_forward(const float* x, const at::Tensor& weight, const float* bias, float* out, int64_t N, int64_t H,
@@ -303,6 +275,51 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
   });
 }
 #endif
+
+// The weight and bias gradients by F(Mt x Mt, 3x3). Each thread sums its share of the blocks
+// into its own double sums (the kPoints (K, C) point sums S, then the K bias sums), adding
+// kFlushBlocks blocks summed in float32 at a time, so rounding does not grow with N.
+template <int Mt>
+std::tuple<at::Tensor, at::Tensor> weight_grad_by(const at::Tensor& grad, const at::Tensor& input) {
+  constexpr int kPoints = Tiling<Mt>::kPoints;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
+  const Shape s = tiled_shape<Mt>(N, H, W, C, K);
+  const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kWgradBlock - 1) / kWgradBlock;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t per_thread = kPoints * K * C + K;
+  at::Tensor partial = at::zeros({threads, per_thread}, input.options().dtype(at::kDouble)
+                                                            .memory_format(at::MemoryFormat::Contiguous));
+#if DVPVAE_HAVE_AVX2_KERNEL
+  const float* x = input.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  double* sums = partial.data_ptr<double>();
+  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? wgrad_block16<Mt> : wgrad_block8<Mt>;
+  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
+    std::vector<float> V(kPoints * (kWgradBlock * C + kStridePad)), D(kPoints * (kWgradBlock * K + kStridePad));
+    std::vector<float> pad(kPoints * C), S(per_thread);
+    for (int64_t th = th0; th < th1; ++th) {
+      const int64_t first = blocks * th / threads, last = blocks * (th + 1) / threads;
+      for (int64_t b0 = first; b0 < last; b0 += kFlushBlocks) {
+        std::fill(S.begin(), S.end(), 0.f);
+        for (int64_t blk = b0; blk < std::min(last, b0 + kFlushBlocks); ++blk) {
+          const int64_t t0 = blk * kWgradBlock;
+          block(x, g, V.data(), D.data(), pad.data(), S.data(), S.data() + kPoints * K * C, s, t0,
+                std::min<int64_t>(kWgradBlock, tiles - t0));
+        }
+        double* out = sums + th * per_thread;
+        for (int64_t i = 0; i < per_thread; ++i) out[i] += S[i];
+      }
+    }
+  });
+#endif
+  // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double: the transpose
+  // of the filter transform, dW[t, k, c] = sum over the points e of T[e, t] S[e, k, c].
+  const at::Tensor total = partial.sum(0);
+  const at::Tensor point_sums = total.narrow(0, 0, kPoints * K * C).view({kPoints, K * C});
+  const at::Tensor weight_grad = at::matmul(filter_transform_matrix<Mt>().t(), point_sums)
+                                     .view({3, 3, K, C}).permute({2, 3, 0, 1}).contiguous().to(at::kFloat);
+  return {weight_grad, total.narrow(0, kPoints * K * C, K).to(at::kFloat)};
+}
 
 }  // namespace
 
@@ -344,26 +361,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weigh
 
 std::tuple<at::Tensor, at::Tensor> winograd_weight_grad(const at::Tensor& grad, const at::Tensor& input,
                                                         int64_t tile) {
-  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);  // conv_cl_cpu.cpp checks the ops' tile argument
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad.size(1);
-  const Shape s = tile == 2 ? tiled_shape<2>(N, H, W, C, K) : tiled_shape<4>(N, H, W, C, K);
-  const int64_t points = (tile + 2) * (tile + 2), blocks = (N * s.TH * s.TW + kWgradBlock - 1) / kWgradBlock;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  // Per thread: the points' (K, C) sums, then K bias sums.
-  at::Tensor partial = at::zeros({threads, points * K * C + K}, input.options().dtype(at::kDouble)
-                                                                    .memory_format(at::MemoryFormat::Contiguous));
-#if DVPVAE_HAVE_AVX2_KERNEL
-  (tile == 2 ? winograd_weight_sums<2> : winograd_weight_sums<4>)(input.data_ptr<float>(), grad.data_ptr<float>(), s,
-                                                                  partial.data_ptr<double>(), threads);
-#endif
-  // The threads' sums in a fixed order, then dW[k, c] = G^T S[k, c] G in double: the transpose
-  // of the filter transform, dW[t, k, c] = sum over the points e of T[e, t] S[e, k, c].
-  const at::Tensor total = partial.sum(0);
-  const at::Tensor point_sums = total.narrow(0, 0, points * K * C).view({points, K * C});
-  const at::Tensor transform = tile == 2 ? filter_transform_matrix<2>() : filter_transform_matrix<4>();
-  const at::Tensor weight_grad = at::matmul(transform.t(), point_sums)
-                                     .view({3, 3, K, C}).permute({2, 3, 0, 1}).contiguous().to(at::kFloat);
-  return {weight_grad, total.narrow(0, points * K * C, K).to(at::kFloat)};
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);  // conv_weight_grad_cpu checks the tile argument
+  return tile == 2 ? weight_grad_by<2>(grad, input) : weight_grad_by<4>(grad, input);
 }
 
 }  // namespace dvpvae

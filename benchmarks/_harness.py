@@ -378,6 +378,29 @@ def time_calls(fn, device, inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+class Heartbeat:
+    """While its block runs, calls ``say(seconds so far)`` every ``every`` seconds, so that a
+    call which compiles for minutes shows that it is alive; a shorter block says nothing."""
+
+    def __init__(self, say, every: float = 30.0):
+        self.say, self.every = say, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        start = time.perf_counter()
+        while not self._done.wait(self.every):
+            self.say(time.perf_counter() - start)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 # Square GEMM sizes for the measured peak: the library's best rate moves with the size
 # (blocking, threading), so the roofline is the best over several.
 PEAK_SIZES = (512, 1024, 2048)

@@ -37,6 +37,7 @@ beside the JSON (``--png PATH``). JSON keys: ``config``, ``notes``, ``curves`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -195,7 +196,9 @@ def train_provider(provider: str, args, notes: list, eta) -> tuple[list[dict], d
     curve, clock, first_step_s = [], 0.0, None
 
     def record():
-        point = dict(seconds=clock, step=trainer.step, **evaluate(trainer, images, args))
+        with H.Heartbeat(lambda s: _progress(f"{provider}: evaluating at step {trainer.step} for {s:.0f} s "
+                                             "(the first evaluation compiles FastDVPVAE's pass)")):
+            point = dict(seconds=clock, step=trainer.step, **evaluate(trainer, images, args))
         curve.append(point)
         _progress(f"{provider}: step {trainer.step}, {clock:.0f} s: -ELBO raw {point['nelbo_raw']:.2f}, "
                   f"EMA {point['nelbo_ema']:.2f} nats; {eta(provider, clock, trainer.step)}")
@@ -206,7 +209,11 @@ def train_provider(provider: str, args, notes: list, eta) -> tuple[list[dict], d
     while clock < limit_s and trainer.step < limit_steps:
         for x in trainer.train_iter.iterate(epoch):
             t0 = time.perf_counter()
-            trainer.train_step(x)
+            # FastDVPVAE's first step compiles: minutes with a cold cache.
+            with (H.Heartbeat(lambda s: _progress(f"{provider}: first training step running for {s:.0f} s "
+                                                  "(includes torch.compile for FastDVPVAE)"))
+                  if first_step_s is None else contextlib.nullcontext()):
+                trainer.train_step(x)
             H.sync(trainer.device)
             dt = time.perf_counter() - t0
             trainer.step += 1

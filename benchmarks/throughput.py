@@ -473,8 +473,11 @@ def measure_task(providers: dict, task: str, data: dict, args, device) -> list[d
             fn = task_callable(prov, task, data, args)
             warm = []
             for i in range(max(1, args.warmup)):
-                warm.append(H.time_calls(fn, device))
-                _progress(f"{name} {task}: warm-up call {i + 1}/{max(1, args.warmup)} took {warm[-1]:.2f} s")
+                call = f"{name} {task}: warm-up call {i + 1}/{max(1, args.warmup)}"
+                hint = " (a first call includes torch.compile: minutes with a cold cache)" if i == 0 else ""
+                with H.Heartbeat(lambda s: _progress(f"{call} running for {s:.0f} s{hint}")):
+                    warm.append(H.time_calls(fn, device))
+                _progress(f"{call} took {warm[-1]:.2f} s")
             row.update(first_call_s=warm[0], warmup_s=sum(warm), warmup_calls=len(warm))
             inner[name] = max(1, math.ceil(MIN_TIMING_S / max(warm[-1], 1e-6)))
             with H.PeakMemory(device) as mem:

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -246,6 +247,23 @@ def test_peak_memory_sees_an_allocation(harness):
         time.sleep(0.05)  # longer than the sampling interval: the probe must see it
         del t
     assert m.mb > 32
+
+
+def test_heartbeat_speaks_while_a_long_block_runs_and_not_after(harness):
+    said, first = [], threading.Event()
+
+    def say(seconds):
+        said.append(seconds)
+        first.set()
+
+    with harness.Heartbeat(say, every=0.01):
+        assert first.wait(10.0), "no heartbeat while the block ran"
+    count = len(said)
+    time.sleep(0.05)
+    assert len(said) == count and all(s > 0 for s in said)  # silent once the block has ended
+    with harness.Heartbeat(say, every=60.0):
+        pass  # a block shorter than the interval says nothing
+    assert len(said) == count
 
 
 def test_convs_reports_every_pass_of_both_providers_with_small_errors(harness, tmp_path, capsys):

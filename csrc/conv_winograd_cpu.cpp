@@ -56,6 +56,10 @@ Shape tiled_shape(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K) {
   return {N, H, W, C, K, tile_count(H, Mt), tile_count(W, Mt)};
 }
 
+// Whether the 16-float (AVX-512) transforms serve this shape: both channel counts are
+// multiples of 16; the 8-float (AVX2) ones serve the rest.
+inline bool wide_transforms(const Shape& s) { return cpu_has_avx512f() && s.C % 16 == 0 && s.K % 16 == 0; }
+
 #if DVPVAE_HAVE_AVX2_KERNEL
 // The patch of tile (n, ty, tx): in x for an interior tile, else copied with its zero padding
 // into `pad` (kPoints C floats), so that the tile transforms never test bounds.
@@ -263,7 +267,7 @@ void winograd_forward(const float* x, const at::Tensor& weight, const float* bia
   const Shape s = tiled_shape<Mt>(N, H, W, C, K);
   const at::Tensor U = transform_filters<Mt>(weight);
   const int64_t tiles = N * s.TH * s.TW, blocks = (tiles + kBlock<Mt> - 1) / kBlock<Mt>;
-  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? tile_block16<Mt> : tile_block8<Mt>;
+  const auto block = wide_transforms(s) ? tile_block16<Mt> : tile_block8<Mt>;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> V(T::kPoints * (kBlock<Mt> * C + kStridePad)), M(T::kPoints * (kBlock<Mt> * K + kStridePad));
     std::vector<float> pad(T::kPoints * C);
@@ -293,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_by(const at::Tensor& grad, const 
   const float* x = input.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   double* sums = partial.data_ptr<double>();
-  const auto block = cpu_has_avx512f() && C % 16 == 0 && K % 16 == 0 ? wgrad_block16<Mt> : wgrad_block8<Mt>;
+  const auto block = wide_transforms(s) ? wgrad_block16<Mt> : wgrad_block8<Mt>;
   at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
     std::vector<float> V(kPoints * (kWgradBlock * C + kStridePad)), D(kPoints * (kWgradBlock * K + kStridePad));
     std::vector<float> pad(kPoints * C), S(per_thread);

@@ -114,7 +114,11 @@ def unet_eps_native_or_module(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> t
     return _unet_eps(unet, z, t) if native_unet_unsupported_reason(unet, z) is None else unet(z, t)
 
 
-@torch.autocast("cpu", enabled=False)  # the FiLM table too is float32, as the op reads it
 def _unet_eps(unet: UNet, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # The FiLM table too is float32, as the op reads it. Autocast is left only where it is on:
+    # an autocast region in a compiled float32 graph would keep it out of AOTAutograd's cache.
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _unet_eps(unet, z, t)
     return torch.ops.dvpvae.unet_eps(z.contiguous(), unet.film_table(t.to(z.dtype)).contiguous(), _weights(unet),
                                      len(unet.down), GROUPS, unet.out_norm.eps)

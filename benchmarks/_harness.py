@@ -401,6 +401,31 @@ class Heartbeat:
         self._thread.join()
 
 
+class CompileCache:
+    """What torch.compile's on-disk caches did for the graphs compiled while its block ran:
+    ``outcome`` is "none" (no graph compiled), else the worst of "bypass" (a cache refused a
+    graph, which is then traced and compiled afresh in every process), "miss" (compiled afresh,
+    then saved) and "hit" (every graph loaded from the cache), from AOTAutograd's and inductor's
+    FX-graph cache counters."""
+
+    _GROUPS = ("aot_autograd", "inductor")
+    OUTCOMES = ("bypass", "miss", "hit")
+
+    @classmethod
+    def _counts(cls) -> dict:
+        from torch._dynamo.utils import counters
+        return {(g, k): v for g in cls._GROUPS for k, v in counters[g].items()
+                if k.endswith(tuple(f"cache_{o}" for o in cls.OUTCOMES))}
+
+    def __enter__(self) -> "CompileCache":
+        self._before, self.outcome = self._counts(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        grown = {name for (group, name), v in self._counts().items() if v > self._before.get((group, name), 0)}
+        self.outcome = next((o for o in self.OUTCOMES if any(n.endswith(f"cache_{o}") for n in grown)), "none")
+
+
 # Square GEMM sizes for the measured peak: the library's best rate moves with the size
 # (blocking, threading), so the roofline is the best over several.
 PEAK_SIZES = (512, 1024, 2048)

@@ -53,7 +53,8 @@ Output: the table on stdout, and the report as JSON in ``benchmarks/results/thro
 (``_harness.save_report``). The JSON holds the run (command, machine, threads, versions,
 timestamp), the configuration and ``results``: one object per (model, task) with ``model``,
 ``task``, ``preset``, ``batch``, ``images_per_s``, ``peak_mem_mb`` and extras (``it_per_s``,
-``seconds_median/min/max``, ``warmup_s``, ``first_call_s``, ``gflops``, ...).
+``seconds_median/min/max``, ``warmup_s``, ``first_call_s``, ``gflops``, ...), among them
+``first_call_cache``: what torch.compile's caches did in the first call (``_harness.CompileCache``).
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ FAST_FLAGS = ("compile", "fused_kernels", "extension", "cuda_graphs")
 # The columns of this benchmark's table in RESULTS.md: (report key, header).
 TABLE_COLUMNS = [("model", "model"), ("task", "task"), ("batch", "images/call"),
                  ("images_per_s", "images/s"), ("seconds_median", "median s"), ("seconds_min", "min s"),
-                 ("seconds_max", "max s"), ("first_call_s", "first call s"), ("peak_mem_mb", "peak MB"),
+                 ("seconds_max", "max s"), ("first_call_s", "first call s"),
+                 ("first_call_cache", "compile cache"), ("peak_mem_mb", "peak MB"),
                  ("gflops", "GFLOP/s"), ("fraction_of_peak", "of matmul peak"),
                  ("fraction_of_fma_peak", "of FMA peak"), ("speedup_vs_DVPVAE", "x DVPVAE")]
 # A timing of one call shorter than this is repeated back-to-back (``inner`` calls) so that
@@ -475,9 +477,12 @@ def measure_task(providers: dict, task: str, data: dict, args, device) -> list[d
             for i in range(max(1, args.warmup)):
                 call = f"{name} {task}: warm-up call {i + 1}/{max(1, args.warmup)}"
                 hint = " (a first call includes torch.compile: minutes with a cold cache)" if i == 0 else ""
-                with H.Heartbeat(lambda s: _progress(f"{call} running for {s:.0f} s{hint}")):
+                with H.Heartbeat(lambda s: _progress(f"{call} running for {s:.0f} s{hint}")), \
+                        H.CompileCache() as cache:
                     warm.append(H.time_calls(fn, device))
                 _progress(f"{call} took {warm[-1]:.2f} s")
+                if i == 0:
+                    row["first_call_cache"] = cache.outcome
             row.update(first_call_s=warm[0], warmup_s=sum(warm), warmup_calls=len(warm))
             inner[name] = max(1, math.ceil(MIN_TIMING_S / max(warm[-1], 1e-6)))
             with H.PeakMemory(device) as mem:
@@ -623,8 +628,8 @@ def print_table(rep: dict) -> None:
     for n in rep["notes"]:
         print(f"note: {n}")
     head = (f"{'model':<15} {'task':<6} {'imgs':>5} {'it/s':>8} {'img/s':>9} {'median s':>9} {'min s':>8} "
-            f"{'max s':>8} {'first s':>8} {'warm-up s':>9} {'peak MB':>8} {'GFLOP/s':>8} {'%peak':>6} "
-            f"{'%FMA':>6} {'x DVPVAE':>8}")
+            f"{'max s':>8} {'first s':>8} {'cache':>6} {'warm-up s':>9} {'peak MB':>8} {'GFLOP/s':>8} "
+            f"{'%peak':>6} {'%FMA':>6} {'x DVPVAE':>8}")
     print()
     print(head)
     print("-" * len(head))
@@ -635,13 +640,16 @@ def print_table(rep: dict) -> None:
         pct, pct_fma = r.get("fraction_of_peak"), r.get("fraction_of_fma_peak")
         print(f"{r['model']:<15} {r['task']:<6} {r['batch']:>5} {r['it_per_s']:>8.3f} {r['images_per_s']:>9.2f} "
               f"{r['seconds_median']:>9.3f} {r['seconds_min']:>8.3f} {r['seconds_max']:>8.3f} "
-              f"{r['first_call_s']:>8.2f} {r['warmup_s']:>9.2f} {_f(r.get('peak_mem_mb'), '8.1f'):>8} "
+              f"{r['first_call_s']:>8.2f} {r.get('first_call_cache', '-'):>6} {r['warmup_s']:>9.2f} "
+              f"{_f(r.get('peak_mem_mb'), '8.1f'):>8} "
               f"{_f(r.get('gflops'), '8.2f'):>8} {_f(None if pct is None else 100 * pct, '6.1f'):>6} "
               f"{_f(None if pct_fma is None else 100 * pct_fma, '6.1f'):>6} "
               f"{_f(r.get('speedup_vs_DVPVAE'), '7.2f') + 'x' if 'speedup_vs_DVPVAE' in r else '-':>8}")
     print()
     print("imgs = images per call (nll: images, each with k importance samples); first s = first call "
-          "(includes torch.compile for FastDVPVAE); warm-up s = all warm-up calls; peak MB = "
+          "(includes torch.compile for FastDVPVAE); cache = what the compile caches did in the first call "
+          "(none: nothing compiled; hit: every graph loaded from disk; miss: compiled afresh; bypass: a cache "
+          "refused a graph, so every process traces it afresh); warm-up s = all warm-up calls; peak MB = "
           + ("peak CUDA allocation above the pre-call allocation" if rep["device"].startswith("cuda") else
              "peak RSS increase during one call (1 ms sampling)")
           + "; GFLOP/s from FlopCounterMode counts (conv/matmul only) of the reference; %peak of the "

@@ -80,6 +80,9 @@ def _check_report(rep, models, flops=True):
         assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
         assert r["first_call_s"] == pytest.approx(r["warmup_s"]) and r["warmup_calls"] == 1
         assert r["repeats"] == 1 and r["inner"] >= 1
+        assert r["first_call_cache"] in ("none", "bypass", "miss", "hit")
+        if r["model"] == "DVPVAE":
+            assert r["first_call_cache"] == "none"
         # The ratios are those of this run's own timings against the reference's.
         b = base[r["task"]]
         assert r["speedup_vs_DVPVAE"] == pytest.approx(b["seconds_median"] / r["seconds_median"])
@@ -137,6 +140,7 @@ def test_fast_without_compile(throughput):
                                                        "--fast-flag", "compile=off"]))
     _check_report(rep, ["DVPVAE", "FastDVPVAE"], flops=False)
     assert "FastDVPVAE flags: compile=False" in rep["notes"]
+    assert {r["first_call_cache"] for r in rep["results"]} == {"none"}
 
 
 def test_one_fast_model_per_precision_in_the_same_run(throughput):
@@ -264,6 +268,32 @@ def test_heartbeat_speaks_while_a_long_block_runs_and_not_after(harness):
     with harness.Heartbeat(say, every=60.0):
         pass  # a block shorter than the interval says nothing
     assert len(said) == count
+
+
+def test_compile_cache_tells_miss_hit_bypass_and_none(harness, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(4, 8)
+
+    def plain(t):
+        return (t.sin() * 2).sum()
+
+    def with_autocast_region(t):
+        with torch.autocast("cpu", enabled=False):
+            return (t.cos() * 3).sum()
+
+    def outcome(fn):
+        torch._dynamo.reset()  # a new process's view: only the on-disk caches are warm
+        with harness.CompileCache() as cache:
+            fn(x)
+        return cache.outcome
+
+    try:
+        assert outcome(plain) == "none"  # nothing compiled
+        assert outcome(torch.compile(plain)) == "miss"  # an empty cache
+        assert outcome(torch.compile(plain)) == "hit"
+        assert outcome(torch.compile(with_autocast_region)) == "bypass"  # AOTAutograd refuses the region
+    finally:
+        torch._dynamo.reset()
 
 
 def test_convs_reports_every_pass_of_both_providers_with_small_errors(harness, tmp_path, capsys):

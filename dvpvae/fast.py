@@ -36,6 +36,12 @@ from dvpvae.ops import REFERENCE, Bf16Ops, ReferenceOps, TritonOps, best_ops, ge
 # function of (size, rows, dtype, device), so tracing the builder gives the same constant.
 warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"torch\._dynamo.*")
 
+# One compiled function per (pass, mode), shared by every FastDVPVAE and called with the model
+# as its first argument. Dynamo guards on the model's structure, not its identity, so another
+# model of the same shapes reuses the traced graph; a torch.compile per model would be a new
+# backend each time, retraced, and the ninth model would exceed Dynamo's recompile limit and
+# run uncompiled.
+_COMPILED_PASSES: dict[tuple[str, str | None], object] = {}
 
 
 def native_bf16_reason(device: torch.device) -> str | None:
@@ -90,7 +96,6 @@ class FastDVPVAE(DVPVAE):
         self.precision = precision
         self.ops = None if ops is None else self._with_precision(get_ops(ops, extension))  # None: per device
         self._ops_by_device: dict[torch.device, ReferenceOps] = {}
-        self._compiled: dict[tuple[str, str | None], object] = {}
         self._graph_samplers: dict = {}
 
     @classmethod
@@ -129,17 +134,20 @@ class FastDVPVAE(DVPVAE):
     def _with_precision(self, ops: ReferenceOps) -> ReferenceOps:
         return Bf16Ops(ops) if self.precision == "bf16" else ops
 
-    def _maybe_compiled(self, name: str, fn, device: torch.device):
-        """The pass ``name`` computing ``fn``: compiled once per (name, mode) unless
-        ``compile=False``, under bfloat16 autocast with ``precision="bf16"``."""
+    def _run_pass(self, fn, device: torch.device, *args):
+        """``fn(self, *args)``: compiled (``_COMPILED_PASSES``) unless ``compile=False``, under
+        bfloat16 autocast with ``precision="bf16"``."""
         self.ops_for(device)  # chosen (and any warning given) outside the traced code
         if self.use_compile:
             mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
-            if (name, mode) not in self._compiled:
+            key = (fn.__qualname__, mode)
+            if key not in _COMPILED_PASSES:
                 compiled = compile_pass(fn, mode)
-                self._compiled[name, mode] = compiled if mode is None else _graph_replay(compiled)
-            fn = self._compiled[name, mode]
-        return fn if self.precision == "float32" else _autocast_bf16(fn, device)
+                _COMPILED_PASSES[key] = compiled if mode is None else _graph_replay(compiled)
+            fn = _COMPILED_PASSES[key]
+        if self.precision != "float32":
+            fn = _autocast_bf16(fn, device)
+        return fn(self, *args)
 
     # ------------------------------------------------------------------ compiled passes
     def _loss_terms(self, x: torch.Tensor, draws: dict):
@@ -147,14 +155,14 @@ class FastDVPVAE(DVPVAE):
         return out.loss, out.rec, out.kl
 
     def _forward_given_draws(self, x: torch.Tensor, draws: dict) -> DVPVAEOutput:
-        loss, rec, kl = self._maybe_compiled("loss", self._loss_terms, x.device)(x, draws)
+        loss, rec, kl = self._run_pass(FastDVPVAE._loss_terms, x.device, x, draws)
         return DVPVAEOutput(loss, rec, kl, -(rec + kl.sum(-1)))
 
     def _log_weights(self, x: torch.Tensor, target: torch.Tensor, kk: int, draws: dict) -> dict[str, torch.Tensor]:
-        return self._maybe_compiled("log_weights", super()._log_weights, x.device)(x, target, kk, draws)
+        return self._run_pass(DVPVAE._log_weights, x.device, x, target, kk, draws)
 
     def _decode_sample(self, u: torch.Tensor, draws: dict, temperatures: tuple[float, ...]) -> torch.Tensor:
-        return self._maybe_compiled("decode", super()._decode_sample, u.device)(u, draws, temperatures)
+        return self._run_pass(DVPVAE._decode_sample, u.device, u, draws, temperatures)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -171,7 +171,7 @@ class GradNormGuard:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters, held in a frozen copy.
+    """Exponential moving average of a model's parameters, held in a copy.
 
     ``update(model, step, apply)`` moves the shadow parameters by ``(1 - rate_at(step)) * apply``
     towards the model's and copies the buffers (e.g. ``dct_scale``). ``module`` is a
@@ -187,7 +187,9 @@ class EMA:
         if not 0 <= rate < 1:
             raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         self.rate, self.warmup = rate, warmup
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # The copy keeps the model's requires_grad flags: compiled passes guard on them, so the
+        # average then shares the model's compiled evaluation pass. update() needs no autograd.
+        self.module = copy.deepcopy(model).eval()
 
     def rate_at(self, step: int) -> float:
         """The rate of the update at 0-based training step ``step``."""

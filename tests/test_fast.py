@@ -114,6 +114,7 @@ def test_each_compiled_pass_traces_as_one_cacheable_graph(monkeypatch):
         return torch.compile(fn, backend=backend, dynamic=False)
 
     monkeypatch.setattr(dvpvae.fast, "compile_pass", recorded)
+    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
     ref, x = perturbed("tiny", seed=1)
     fast = FastDVPVAE.from_reference(ref, share=False)
     torch._dynamo.reset()
@@ -132,6 +133,34 @@ def test_each_compiled_pass_traces_as_one_cacheable_graph(monkeypatch):
         "_loss_terms": 2, "_log_weights": 1, "_decode_sample": 1}
     for gm in (gm for g in graphs.values() for gm in g):
         check_cacheable(gm)  # raises BypassAOTAutogradCache naming the node
+
+
+def test_models_of_one_structure_share_each_compiled_pass(monkeypatch):
+    # Dynamo's recompile limit is 8 per pass: a compile per model would leave the ninth
+    # model's passes uncompiled. Shared, one traced graph serves every model, with its weights.
+    traced = []
+
+    def compile_pass(fn, mode=None):
+        def backend(gm, example_inputs):  # a new backend per call, like inductor's options
+            traced.append(fn.__name__)
+            return gm.forward
+        return torch.compile(fn, backend=backend, dynamic=False)
+
+    monkeypatch.setattr(dvpvae.fast, "compile_pass", compile_pass)
+    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
+    torch._dynamo.reset()
+    try:
+        for seed in range(10):
+            ref, x = perturbed("tiny", seed=seed)
+            ref.eval()
+            fast = FastDVPVAE.from_reference(ref, share=False)
+            draws = ref.forward_draws(2, x, Noise(generator=torch.Generator().manual_seed(seed)), full_bound=True)
+            with torch.no_grad():
+                want, got = ref(x[:2], Noise(draws)).loss, fast(x[:2], Noise(draws)).loss
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert traced == ["_loss_terms"]
 
 
 def test_state_dict_and_optimizer_are_interchangeable():

@@ -19,6 +19,7 @@ computes exactly what DVPVAE computes, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -42,6 +43,9 @@ warnings.filterwarnings("ignore", message=r".*functools.lru_cache.*", module=r"t
 # backend each time, retraced, and the ninth model would exceed Dynamo's recompile limit and
 # run uncompiled.
 _COMPILED_PASSES: dict[tuple[str, str | None], object] = {}
+# Graphs a pass may keep, one per (batch size, structure, grad mode, precision): compiled with
+# dynamic=False, a pass past Dynamo's default of 8 would run uncompiled from then on.
+RECOMPILE_LIMIT = 64
 
 
 def native_bf16_reason(device: torch.device) -> str | None:
@@ -138,6 +142,7 @@ class FastDVPVAE(DVPVAE):
         """``fn(self, *args)``: compiled (``_COMPILED_PASSES``) unless ``compile=False``, under
         bfloat16 autocast with ``precision="bf16"``."""
         self.ops_for(device)  # chosen (and any warning given) outside the traced code
+        limit = contextlib.nullcontext()
         if self.use_compile:
             mode = compile_mode(device, self.use_cuda_graphs, torch.is_grad_enabled())
             key = (fn.__qualname__, mode)
@@ -145,9 +150,11 @@ class FastDVPVAE(DVPVAE):
                 compiled = compile_pass(fn, mode)
                 _COMPILED_PASSES[key] = compiled if mode is None else _graph_replay(compiled)
             fn = _COMPILED_PASSES[key]
+            limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
         if self.precision != "float32":
             fn = _autocast_bf16(fn, device)
-        return fn(self, *args)
+        with limit:
+            return fn(self, *args)
 
     # ------------------------------------------------------------------ compiled passes
     def _loss_terms(self, x: torch.Tensor, draws: dict):

@@ -163,6 +163,32 @@ def test_models_of_one_structure_share_each_compiled_pass(monkeypatch):
     assert traced == ["_loss_terms"]
 
 
+def test_a_pass_stays_compiled_past_eight_batch_sizes(monkeypatch):
+    # dynamic=False: a graph per batch size; Dynamo's default limit (8) would run the ninth
+    # size, and every size after it, uncompiled.
+    traced = []
+
+    def compile_pass(fn, mode=None):
+        def backend(gm, example_inputs):
+            traced.append(fn.__name__)
+            return gm.forward
+        return torch.compile(fn, backend=backend, dynamic=False)
+
+    monkeypatch.setattr(dvpvae.fast, "compile_pass", compile_pass)
+    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
+    ref, x = perturbed("tiny", seed=2)
+    fast = FastDVPVAE.from_reference(ref, share=False).eval()
+    x = x.repeat(2, 1, 1, 1)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for n in range(1, 11):
+                fast(x[:n])
+    finally:
+        torch._dynamo.reset()
+    assert len(traced) == 10 < dvpvae.fast.RECOMPILE_LIMIT
+
+
 def test_state_dict_and_optimizer_are_interchangeable():
     ref, x = perturbed("tiny", seed=2)
     fast = FastDVPVAE("tiny", compile=False)

@@ -99,94 +99,72 @@ def test_compiled_sampling_matches_reference(tiny_pair):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_each_compiled_pass_traces_as_one_cacheable_graph(monkeypatch):
+@pytest.fixture
+def traced_passes(monkeypatch):
+    """(pass name, Dynamo graph) of every graph FastDVPVAE's passes trace while the test runs,
+    each compiled by a backend that runs the graph as it is: a new backend per compile_pass
+    call, as inductor's options make one."""
+    traced = []
+
+    def compile_pass(fn, mode=None):
+        def backend(gm, example_inputs):
+            traced.append((fn.__name__, gm))
+            return gm.forward
+        return torch.compile(fn, backend=backend, dynamic=False)
+
+    monkeypatch.setattr(dvpvae.fast, "compile_pass", compile_pass)
+    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
+    torch._dynamo.reset()
+    yield traced
+    torch._dynamo.reset()
+
+
+def test_each_compiled_pass_traces_as_one_cacheable_graph(traced_passes):
     # A graph break splits a pass into graphs that compile separately and fuse nothing across
     # the break: the prior's loss term and the native UNet calls are traced inline. A graph
     # AOTAutograd refuses to cache (an autocast region, say) is traced afresh by every process.
     from torch._functorch._aot_autograd.autograd_cache import check_cacheable
 
-    graphs = {}
-
-    def recorded(fn, mode=None):
-        def backend(gm, example_inputs):
-            graphs.setdefault(fn.__name__, []).append(gm)
-            return gm.forward
-        return torch.compile(fn, backend=backend, dynamic=False)
-
-    monkeypatch.setattr(dvpvae.fast, "compile_pass", recorded)
-    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
     ref, x = perturbed("tiny", seed=1)
     fast = FastDVPVAE.from_reference(ref, share=False)
-    torch._dynamo.reset()
-    try:
-        fast.train()
-        fast(x[:2]).loss.backward()
-        fast.eval()
-        with torch.no_grad():
-            fast(x[:2])
-        fast.estimate_nll(x[:2], 2)
-        fast.sample(2)
-    finally:
-        torch._dynamo.reset()
+    fast.train()
+    fast(x[:2]).loss.backward()
+    fast.eval()
+    with torch.no_grad():
+        fast(x[:2])
+    fast.estimate_nll(x[:2], 2)
+    fast.sample(2)
     # The loss pass once per mode (training, evaluation), the others once.
-    assert {name: len(g) for name, g in graphs.items()} == {
-        "_loss_terms": 2, "_log_weights": 1, "_decode_sample": 1}
-    for gm in (gm for g in graphs.values() for gm in g):
+    assert sorted(name for name, _ in traced_passes) == [
+        "_decode_sample", "_log_weights", "_loss_terms", "_loss_terms"]
+    for _, gm in traced_passes:
         check_cacheable(gm)  # raises BypassAOTAutogradCache naming the node
 
 
-def test_models_of_one_structure_share_each_compiled_pass(monkeypatch):
+def test_models_of_one_structure_share_each_compiled_pass(traced_passes):
     # Dynamo's recompile limit is 8 per pass: a compile per model would leave the ninth
     # model's passes uncompiled. Shared, one traced graph serves every model, with its weights.
-    traced = []
-
-    def compile_pass(fn, mode=None):
-        def backend(gm, example_inputs):  # a new backend per call, like inductor's options
-            traced.append(fn.__name__)
-            return gm.forward
-        return torch.compile(fn, backend=backend, dynamic=False)
-
-    monkeypatch.setattr(dvpvae.fast, "compile_pass", compile_pass)
-    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
-    torch._dynamo.reset()
-    try:
-        for seed in range(10):
-            ref, x = perturbed("tiny", seed=seed)
-            ref.eval()
-            fast = FastDVPVAE.from_reference(ref, share=False)
-            draws = ref.forward_draws(2, x, Noise(generator=torch.Generator().manual_seed(seed)), full_bound=True)
-            with torch.no_grad():
-                want, got = ref(x[:2], Noise(draws)).loss, fast(x[:2], Noise(draws)).loss
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    finally:
-        torch._dynamo.reset()
-    assert traced == ["_loss_terms"]
+    for seed in range(10):
+        ref, x = perturbed("tiny", seed=seed)
+        ref.eval()
+        fast = FastDVPVAE.from_reference(ref, share=False)
+        draws = ref.forward_draws(2, x, Noise(generator=torch.Generator().manual_seed(seed)), full_bound=True)
+        with torch.no_grad():
+            want, got = ref(x[:2], Noise(draws)).loss, fast(x[:2], Noise(draws)).loss
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert [name for name, _ in traced_passes] == ["_loss_terms"]
 
 
-def test_a_pass_stays_compiled_past_eight_batch_sizes(monkeypatch):
+def test_a_pass_stays_compiled_past_eight_batch_sizes(traced_passes):
     # dynamic=False: a graph per batch size; Dynamo's default limit (8) would run the ninth
     # size, and every size after it, uncompiled.
-    traced = []
-
-    def compile_pass(fn, mode=None):
-        def backend(gm, example_inputs):
-            traced.append(fn.__name__)
-            return gm.forward
-        return torch.compile(fn, backend=backend, dynamic=False)
-
-    monkeypatch.setattr(dvpvae.fast, "compile_pass", compile_pass)
-    monkeypatch.setattr(dvpvae.fast, "_COMPILED_PASSES", {})
     ref, x = perturbed("tiny", seed=2)
     fast = FastDVPVAE.from_reference(ref, share=False).eval()
     x = x.repeat(2, 1, 1, 1)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            for n in range(1, 11):
-                fast(x[:n])
-    finally:
-        torch._dynamo.reset()
-    assert len(traced) == 10 < dvpvae.fast.RECOMPILE_LIMIT
+    with torch.no_grad():
+        for n in range(1, 11):
+            fast(x[:n])
+    assert len(traced_passes) == 10 < dvpvae.fast.RECOMPILE_LIMIT
 
 
 def test_state_dict_and_optimizer_are_interchangeable():

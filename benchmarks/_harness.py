@@ -412,18 +412,19 @@ class CompileCache:
     OUTCOMES = ("bypass", "miss", "hit")
 
     @classmethod
-    def _counts(cls) -> dict:
+    def _counts(cls) -> dict[str, int]:
+        """Per outcome, the sum of the groups' ``*cache_<outcome>`` counters so far."""
         from torch._dynamo.utils import counters
-        return {(g, k): v for g in cls._GROUPS for k, v in counters[g].items()
-                if k.endswith(tuple(f"cache_{o}" for o in cls.OUTCOMES))}
+        return {o: sum(v for g in cls._GROUPS for k, v in counters[g].items() if k.endswith(f"cache_{o}"))
+                for o in cls.OUTCOMES}
 
     def __enter__(self) -> "CompileCache":
         self._before, self.outcome = self._counts(), None
         return self
 
     def __exit__(self, *exc) -> None:
-        grown = {name for (group, name), v in self._counts().items() if v > self._before.get((group, name), 0)}
-        self.outcome = next((o for o in self.OUTCOMES if any(n.endswith(f"cache_{o}") for n in grown)), "none")
+        after = self._counts()
+        self.outcome = next((o for o in self.OUTCOMES if after[o] > self._before[o]), "none")
 
 
 # Square GEMM sizes for the measured peak: the library's best rate moves with the size
